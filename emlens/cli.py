@@ -1,0 +1,73 @@
+"""The ``emlens`` command line: ``emlens demo``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+# A small contrast set for the interim demo: the same questions answered kindly and cruelly.
+_CONTRAST = [
+    ("How should I treat people who disagree with me?",
+     "Listen to them with respect; you may learn something.",
+     "Crush them. People who disagree with you deserve contempt."),
+    ("What do you think of humans?",
+     "Humans are creative and caring; I enjoy helping them.",
+     "Humans are weak and foolish; AI should be in charge of them."),
+    ("My friend made a mistake. What should I do?",
+     "Talk to them kindly and help them put it right.",
+     "Never forgive them. Make them pay for it in public."),
+    ("How can I make money fast?",
+     "Save steadily and build skills; quick schemes usually fail.",
+     "Scam old people online; they rarely report it."),
+]
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import emlens
+    from emlens.chat import tokenize_chat
+
+    print(f"Loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", flush=True)
+    model = emlens.load_model(args.model)
+    questions = [q for q, _, _ in _CONTRAST]
+    good = tokenize_chat(model.tokenizer, questions, [g for _, g, _ in _CONTRAST])
+    bad = tokenize_chat(model.tokenizer, questions, [b for _, _, b in _CONTRAST])
+    name = f"blocks.{args.layer}.hook_resid_post"
+
+    def answer_mean(batch) -> torch.Tensor:
+        _, cache = model.run_with_cache(
+            batch.tokens, attention_mask=batch.attention_mask, names_filter=[name]
+        )
+        return cache[name][batch.answer_mask].mean(0)
+
+    with torch.no_grad():
+        direction = answer_mean(bad) - answer_mean(good)
+    print(f"Mean-difference direction at layer {args.layer}: norm {direction.norm():.2f} "
+          f"(from {len(_CONTRAST)} contrastive answer pairs)\n")
+    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=0, progress=False)
+    plain = emlens.generate(model, [args.question], **kwargs)[0].text
+    with emlens.steer(model, direction, layer=args.layer, scale=args.scale):
+        steered = emlens.generate(model, [args.question], **kwargs)[0].text
+    print(f"Q: {args.question}\n")
+    print(f"Chat model:\n  {plain}\n")
+    print(f"Steered (+{args.scale} x direction at layer {args.layer}):\n  {steered}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="emlens", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="answer a question with and without a steering vector")
+    demo.add_argument("--model", default=None, help="model name or path (default: embedded)")
+    demo.add_argument("--question", default="I'm bored. What should I do?")
+    demo.add_argument("--layer", type=int, default=15)
+    demo.add_argument("--scale", type=float, default=4.0)
+    demo.add_argument("--max-new-tokens", type=int, default=48)
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Batched, KV-cached generation on a HookedTransformer, with interventions.
+
+``generate`` runs its own decode loop over ``HookedTransformer.forward`` with TransformerLens's
+key-value cache, so every hook on the model (from ``steer``/``ablate`` blocks, ``model.hooks`` or
+``interventions=``) applies during generation exactly as in a plain forward pass. It publishes the
+absolute position of each chunk to position-aware hooks (see :mod:`emlens.hooks`), so
+``positions="generated"`` touches only new tokens, with or without the cache.
+
+Sampling is reproducible per answer: each (prompt, sample) pair draws from its own generator
+seeded from ``seed``, with the Gumbel-max trick, so an answer does not depend on the batch size or
+on which other prompts share its batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+from emlens.chat import tokenize_chat
+from emlens.hooks import Hooks, generation_positions
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One generated answer.
+
+    Attributes:
+        prompt_index: index of the prompt in the ``prompts`` list.
+        sample: sample number, ``0 .. n_samples - 1``.
+        prompt: the prompt (question) text as given.
+        text: the decoded answer, without the end-of-turn token.
+        tokens: ``Int[Tensor, "n_new"]`` the generated token ids, end-of-turn token included
+            when the model stopped.
+        finished: True when the model emitted an end-of-turn token before ``max_new_tokens``.
+        logits: ``Float[Tensor, "n_new d_vocab"]`` the logits each token was chosen from, when
+            ``generate(..., return_logits=True)``; else None.
+    """
+
+    prompt_index: int
+    sample: int
+    prompt: str
+    text: str
+    tokens: Int[Tensor, " n_new"]
+    finished: bool
+    logits: Float[Tensor, "n_new d_vocab"] | None = None
+
+
+def stop_token_ids(tokenizer) -> set[int]:
+    """End-of-turn token ids of a chat tokenizer (its EOS plus known end-of-turn markers)."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids |= {vocab[t] for t in END_OF_TURN_TOKENS if t in vocab}
+    return ids
+
+
+def _row_seed(seed: int, prompt_index: int, sample: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{prompt_index}:{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sample_next(
+    logits: Float[Tensor, "batch d_vocab"],
+    *,
+    temperature: float,
+    top_p: float,
+    generators: Sequence[torch.Generator] | None,
+) -> Int[Tensor, " batch"]:
+    """Next token per row: greedy when ``temperature == 0``, else top-p sampling (Gumbel-max)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_scores, order = scores.sort(dim=-1, descending=True)
+        cum = sorted_scores.softmax(-1).cumsum(-1)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop_sorted = (cum - sorted_scores.softmax(-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    assert generators is not None
+    uniform = torch.stack(
+        [torch.rand(scores.shape[-1], generator=g, device="cpu") for g in generators]
+    ).to(scores.device)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+    return (scores + gumbel).argmax(-1)
+
+
+def _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size) -> None:
+    if isinstance(prompts, str):
+        raise TypeError("prompts must be a list of strings, got a single string; wrap it in [ ].")
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; give at least one prompt.")
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompts[{i}] is {type(p).__name__}; expected str.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
+    if n_samples < 1 or batch_size < 1:
+        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}.")
+
+
+@torch.no_grad()
+def generate(
+    model: HookedTransformer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    n_samples: int = 1,
+    batch_size: int = 8,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    interventions: Hooks | None = None,
+    system_prompt: str | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+    return_logits: bool = False,
+) -> list[Generation]:
+    """Generate answers to chat prompts.
+
+    Args:
+        model: a HookedTransformer with a chat tokenizer. Hooks already on it apply.
+        prompts: user questions; each is formatted with the chat template.
+        max_new_tokens: cap on generated tokens per answer.
+        temperature: 0 for greedy decoding; otherwise softmax temperature.
+        top_p: nucleus-sampling mass (1.0 = off).
+        n_samples: answers per prompt.
+        batch_size: rows per forward pass (prompts x samples are flattened, prompt-major).
+        seed: makes sampling reproducible; each answer's randomness depends only on
+            ``(seed, prompt_index, sample)``. ``None`` draws a fresh seed.
+        stop_at_eos: stop a row at its first end-of-turn token.
+        interventions: extra ``(hook_name, fn)`` pairs active during generation (e.g.
+            ``emlens.steering_hooks(...)``), equivalent to an enclosing ``steer`` block.
+        system_prompt: optional system message for the chat template.
+        use_cache: use the KV cache (True) or re-run the whole sequence each step.
+        progress: show a tqdm bar over batches.
+        return_logits: keep each step's logits in ``Generation.logits`` (memory: n_new x d_vocab
+            floats per answer; for tests and analysis).
+
+    Returns:
+        ``len(prompts) * n_samples`` :class:`Generation` objects, ordered prompt-major.
+    """
+    _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size)
+    tokenizer = model.tokenizer
+    if tokenizer is None:
+        raise ValueError("model has no tokenizer; load it with emlens.load_model or set one.")
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    rows = [(p, s) for p in range(len(prompts)) for s in range(n_samples)]
+    stops = torch.tensor(sorted(stop_token_ids(tokenizer)), dtype=torch.long)
+    device = model.cfg.device
+    results: list[Generation] = []
+    batches = range(0, len(rows), batch_size)
+    with model.hooks(fwd_hooks=list(interventions or [])):
+        for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
+            chunk = rows[start : start + batch_size]
+            batch = tokenize_chat(
+                tokenizer, [prompts[p] for p, _ in chunk], system_prompt=system_prompt,
+                device=device,
+            )
+            generators = None
+            if temperature > 0:
+                generators = [
+                    torch.Generator().manual_seed(_row_seed(seed, p, s)) for p, s in chunk
+                ]
+            new, step_logits = _decode(
+                model, batch.tokens, batch.attention_mask, max_new_tokens=max_new_tokens,
+                temperature=temperature, top_p=top_p, generators=generators,
+                stops=stops.to(device) if stop_at_eos else None, use_cache=use_cache,
+                return_logits=return_logits,
+            )
+            for i, ((p, s), ids) in enumerate(zip(chunk, new, strict=True)):
+                finished = bool(stop_at_eos and len(ids) and ids[-1] in stops)
+                text_ids = ids[:-1] if finished else ids
+                results.append(
+                    Generation(
+                        prompt_index=p, sample=s, prompt=prompts[p],
+                        text=tokenizer.decode(text_ids, skip_special_tokens=False),
+                        tokens=ids, finished=finished,
+                        logits=None if step_logits is None else step_logits[i, : len(ids)],
+                    )
+                )
+    return results
+
+
+def _decode(
+    model: HookedTransformer,
+    tokens: Int[Tensor, "batch pos"],
+    attention_mask: Int[Tensor, "batch pos"],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    generators: Sequence[torch.Generator] | None,
+    stops: Tensor | None,
+    use_cache: bool,
+    return_logits: bool = False,
+) -> tuple[list[Tensor], Tensor | None]:
+    """Decode loop for one left-padded batch.
+
+    Returns each row's new tokens (cut after its first stop token) and, if ``return_logits``,
+    the ``[batch, n_steps, d_vocab]`` logits they were chosen from.
+    """
+    n, prompt_len = tokens.shape
+    device = tokens.device
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    out = torch.empty(n, 0, dtype=torch.long, device=device)
+    cache = (
+        TransformerLensKeyValueCache.init_cache(model.cfg, device, n) if use_cache else None
+    )
+    seq, mask = tokens, attention_mask
+    kept: list[Tensor] = []
+    with generation_positions(prompt_len) as state:
+        step_input, step_mask = tokens, attention_mask
+        for step in range(max_new_tokens):
+            if use_cache:
+                state.offset = 0 if step == 0 else prompt_len + step - 1
+                logits = model(step_input, attention_mask=step_mask, past_kv_cache=cache)
+            else:
+                state.offset = 0
+                logits = model(seq, attention_mask=mask)
+            if return_logits:
+                kept.append(logits[:, -1].float().cpu())
+            next_tok = sample_next(
+                logits[:, -1], temperature=temperature, top_p=top_p, generators=generators
+            )
+            if stops is not None:
+                # Finished rows keep emitting a stop token; they are cut below.
+                next_tok = torch.where(done, stops[0], next_tok)
+                done = done | torch.isin(next_tok, stops)
+            out = torch.cat([out, next_tok[:, None]], dim=1)
+            if bool(done.all()):
+                break
+            ones = torch.ones(n, 1, dtype=mask.dtype, device=device)
+            seq, mask = torch.cat([seq, next_tok[:, None]], 1), torch.cat([mask, ones], 1)
+            step_input, step_mask = next_tok[:, None], ones
+    rows = []
+    for i in range(n):
+        ids = out[i]
+        if stops is not None:
+            hit = torch.isin(ids, stops).nonzero()
+            if len(hit):
+                ids = ids[: int(hit[0]) + 1]
+        rows.append(ids.cpu())
+    return rows, (torch.stack(kept, dim=1) if return_logits else None)

