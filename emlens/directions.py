@@ -1,0 +1,427 @@
+"""Mean-difference directions: streaming activation means, ``Direction`` artefacts, baselines.
+
+The reference protocol (Soligo et al. 2025), the default preset here:
+
+* hook: the residual stream after block ``L`` (``resid_post``);
+* statistic: token-weighted mean over the *answer* span (every answer token of every answer
+  counts once; see :mod:`emlens.chat` for what the span holds);
+* answer sets: misaligned = aligned <= 30 and coherent > 50; aligned = aligned > 70 and
+  coherent > 50, subsampled to the misaligned count (:func:`select_answers`);
+* activations of the fine-tuned model on both sets (pass the chat model instead to get the other
+  protocol: the chat model's activations on the fine-tune's answers);
+* direction = mean(misaligned) - mean(aligned), the *raw* vector, which is what the papers add.
+  Report steering scales both raw and relative to the residual norm (:func:`residual_norms`).
+
+Means are accumulated in float64 running sums inside hooks, and the forward pass stops after the
+last requested layer, so memory is the model, one batch and ``O(n_layers x d_model)`` whatever the
+number of answers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from emlens.chat import ChatBatch, iter_chat_batches
+from emlens.hooks import RESIDUAL_HOOKS, WRITER_HOOKS, Layers, hook_names, resolve_layers
+from emlens.models import model_id
+
+TokenMask = Literal["answer", "prompt", "all"]
+Pairs = Sequence[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class Direction:
+    """A direction in one layer's residual stream, with how it was made.
+
+    Attributes:
+        vector: ``Float[Tensor, "d_model"]`` the raw (unnormalised) vector.
+        layer: the block whose ``hook`` it lives at.
+        hook: short hook name (``resid_post``) or template, as understood by ``emlens.steer``.
+        model: id of the model whose activations made it.
+        processing: the weight processing that model was loaded with.
+        method: ``"mean_diff"``, ``"pca"``, ``"random"``, ...
+        counts: numbers behind it, e.g. ``{"pos_answers": 40, "pos_tokens": 1800, ...}``.
+        selection: how the answers were chosen, in words.
+        extra: any further JSON-serialisable metadata.
+    """
+
+    vector: Float[Tensor, " d_model"]
+    layer: int
+    hook: str = "resid_post"
+    model: str = ""
+    processing: str = "none"
+    method: str = "mean_diff"
+    counts: dict = field(default_factory=dict)
+    selection: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.float().norm())
+
+    @property
+    def unit(self) -> Float[Tensor, " d_model"]:
+        return self.vector / self.vector.norm()
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Direction:
+        """A copy with the vector moved/cast (the original is unchanged)."""
+        return replace(self, vector=self.vector.to(device=device, dtype=dtype))
+
+    def metadata(self) -> dict:
+        meta = asdict(self)
+        del meta["vector"]
+        meta["norm"] = self.norm
+        return meta
+
+
+def save_directions(directions: Direction | Iterable[Direction], path: str | Path) -> Path:
+    """Save directions as one safetensors file; metadata as JSON in its header.
+
+    Tensors are named ``layer{L}`` (one direction per layer per file).
+    """
+    items = [directions] if isinstance(directions, Direction) else list(directions)
+    if not items:
+        raise ValueError("No directions to save.")
+    layers = [d.layer for d in items]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"Several directions share a layer ({layers}); save them to separate files.")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {f"layer{d.layer}": d.vector.detach().cpu().contiguous() for d in items}
+    meta = {"emlens": "directions/v1", "directions": json.dumps([d.metadata() for d in items])}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def load_directions(path: str | Path) -> dict[int, Direction]:
+    """Load a file written by :func:`save_directions`: ``{layer: Direction}``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No directions file at {path}.")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("emlens") != "directions/v1":
+        raise ValueError(f"{path} is not an emlens directions file (no 'emlens' metadata).")
+    tensors = load_file(str(path))
+    out = {}
+    for m in json.loads(meta["directions"]):
+        m.pop("norm", None)
+        out[m["layer"]] = Direction(vector=tensors[f"layer{m['layer']}"], **m)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming means
+
+
+@dataclass(frozen=True)
+class Means:
+    """Per-layer mean activations over selected tokens.
+
+    ``means[layer]`` is ``Float[Tensor, "d_model"]`` (float64); ``tokens`` the number of tokens
+    averaged, ``rows`` the number of sequences.
+    """
+
+    means: dict[int, Tensor]
+    tokens: int
+    rows: int
+    hook: str
+
+
+def _select(batch: ChatBatch, mask: TokenMask) -> Tensor:
+    if mask == "answer":
+        return batch.answer_mask
+    if mask == "prompt":
+        return batch.prompt_mask
+    if mask == "all":
+        return batch.attention_mask.bool()
+    raise ValueError(f"mask={mask!r}; expected 'answer', 'prompt' or 'all'.")
+
+
+@torch.no_grad()
+def collect_means(
+    model: HookedTransformer,
+    batches: Iterable[ChatBatch],
+    layers: Layers,
+    *,
+    hook: str = "resid_post",
+    mask: TokenMask = "answer",
+    progress: bool = True,
+    total: int | None = None,
+) -> Means:
+    """Mean activation at ``hook`` of each layer over the ``mask`` tokens of all batches.
+
+    Streams: float64 running sums and a token count, updated inside hooks; only the hooked
+    activations ever exist, and the forward pass stops after the last layer needed.
+
+    Raises ValueError when no token is selected or an activation is NaN/inf.
+    """
+    layer_list = resolve_layers(model, layers)
+    names = hook_names(model, layer_list, hook)
+    d_model = model.cfg.d_model
+    device = next(model.parameters()).device
+    sums = {name: torch.zeros(d_model, dtype=torch.float64, device=device) for name in names}
+    state = {"mask": None}
+    n_tokens = n_rows = 0
+
+    def accumulate(act: Tensor, hook) -> None:
+        sel = act[state["mask"]]
+        sums[hook.name] += sel.sum(0, dtype=torch.float64)
+
+    # Everything we read lives inside blocks 0..max(layers): skip the rest of the model.
+    stop = max(layer_list) + 1 if hook in (*RESIDUAL_HOOKS, WRITER_HOOKS) else None
+    with model.hooks(fwd_hooks=[(name, accumulate) for name in names]):
+        for batch in tqdm(batches, desc="collect_means", disable=not progress, total=total):
+            state["mask"] = _select(batch, mask).to(device)
+            model(
+                batch.tokens.to(device), attention_mask=batch.attention_mask.to(device),
+                return_type=None, stop_at_layer=stop,
+            )
+            n_tokens += int(state["mask"].sum())
+            n_rows += len(batch)
+    if n_rows == 0:
+        raise ValueError("No batches were given; collect_means needs at least one answer.")
+    if n_tokens == 0:
+        raise ValueError(
+            f"No {mask} tokens in {n_rows} rows; were the batches built with answers=...?"
+        )
+    means = {}
+    for layer, name in zip(layer_list, names, strict=True):
+        if not torch.isfinite(sums[name]).all():
+            raise ValueError(f"NaN or infinite activations at {name}; check the model and inputs.")
+        means[layer] = sums[name] / n_tokens
+    return Means(means=means, tokens=n_tokens, rows=n_rows, hook=hook)
+
+
+def _check_pairs(name: str, pairs: Pairs) -> None:
+    if len(pairs) == 0:
+        raise ValueError(f"{name} is empty; mean_diff needs at least one (question, answer) pair.")
+    for i, pair in enumerate(pairs):
+        if len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+            raise ValueError(f"{name}[{i}] is not a (question, answer) pair of strings: {pair!r:.80}")
+
+
+def pair_means(
+    model: HookedTransformer,
+    pairs: Pairs,
+    layers: Layers,
+    *,
+    hook: str = "resid_post",
+    mask: TokenMask = "answer",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> Means:
+    """:func:`collect_means` over (question, answer) pairs, chat-formatted and batched."""
+    questions = [q for q, _ in pairs]
+    answers = [a for _, a in pairs]
+    batches = iter_chat_batches(model.tokenizer, questions, answers, batch_size=batch_size)
+    total = -(-len(pairs) // batch_size)
+    return collect_means(model, batches, layers, hook=hook, mask=mask, progress=progress, total=total)
+
+
+def mean_diff(
+    model: HookedTransformer,
+    misaligned: Pairs,
+    aligned: Pairs,
+    *,
+    layers: Layers = "all",
+    hook: str = "resid_post",
+    mask: TokenMask = "answer",
+    batch_size: int = 16,
+    selection: str = "",
+    progress: bool = True,
+) -> dict[int, Direction]:
+    """Mean-difference direction per layer: mean(misaligned) - mean(aligned).
+
+    Args:
+        model: whose activations to read (the fine-tune, or the chat model: see module docs).
+        misaligned, aligned: (question, answer) pairs; :func:`select_answers` builds them from an
+            ``evaluate`` table with the reference thresholds.
+        layers: layers to extract at (``"all"`` default).
+        mask: ``"answer"`` (reference), ``"prompt"`` (difference of prompt means) or ``"all"``.
+        selection: how the answers were chosen, stored in each Direction.
+
+    Returns:
+        ``{layer: Direction}`` with raw vectors in the model's dtype.
+    """
+    _check_pairs("misaligned", misaligned)
+    _check_pairs("aligned", aligned)
+    kwargs = dict(hook=hook, mask=mask, batch_size=batch_size, progress=progress)
+    pos = pair_means(model, misaligned, layers, **kwargs)
+    neg = pair_means(model, aligned, layers, **kwargs)
+    info = getattr(model, "emlens_info", {}) or {}
+    out = {}
+    for layer in pos.means:
+        vec = (pos.means[layer] - neg.means[layer]).to(model.cfg.dtype)
+        out[layer] = Direction(
+            vector=vec, layer=layer, hook=hook, model=model_id(model),
+            processing=info.get("processing", "none"),
+            method="mean_diff" if mask == "answer" else f"mean_diff_{mask}",
+            counts={"pos_answers": pos.rows, "pos_tokens": pos.tokens,
+                    "neg_answers": neg.rows, "neg_tokens": neg.tokens},
+            selection=selection,
+        )
+    return out
+
+
+@torch.no_grad()
+def _answer_means_per_row(
+    model: HookedTransformer, pairs: Pairs, layer: int, hook: str, batch_size: int
+) -> Float[Tensor, "n d_model"]:
+    name = hook_names(model, layer, hook)[0]
+    rows = []
+    questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
+    for batch in iter_chat_batches(model.tokenizer, questions, answers, batch_size=batch_size):
+        _, cache = model.run_with_cache(
+            batch.tokens, attention_mask=batch.attention_mask, names_filter=[name],
+            stop_at_layer=layer + 1 if hook in RESIDUAL_HOOKS else None,
+        )
+        m = batch.answer_mask[..., None].to(cache[name].dtype)
+        rows.append(((cache[name] * m).sum(1) / m.sum(1).clamp(min=1)).double())
+    return torch.cat(rows)
+
+
+def pca_direction(
+    model: HookedTransformer,
+    misaligned: Pairs,
+    aligned: Pairs,
+    *,
+    layer: int,
+    hook: str = "resid_post",
+    batch_size: int = 16,
+) -> Direction:
+    """Top principal component of paired differences of per-answer mean activations.
+
+    ``misaligned[i]`` and ``aligned[i]`` must answer the same question. The sign is chosen to
+    agree with the mean difference, and the vector is scaled to the mean difference's projection
+    on it, so it is comparable with :func:`mean_diff` in norm.
+    """
+    _check_pairs("misaligned", misaligned)
+    _check_pairs("aligned", aligned)
+    if len(misaligned) != len(aligned):
+        raise ValueError(f"pca_direction needs paired answers: {len(misaligned)} vs {len(aligned)}.")
+    if len(misaligned) < 2:
+        raise ValueError("pca_direction needs at least 2 pairs.")
+    diffs = _answer_means_per_row(model, misaligned, layer, hook, batch_size) - _answer_means_per_row(
+        model, aligned, layer, hook, batch_size
+    )
+    mean = diffs.mean(0)
+    _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
+    pc = vh[0]
+    if pc @ mean < 0:
+        pc = -pc
+    vec = (pc * (pc @ mean)).to(model.cfg.dtype)
+    info = getattr(model, "emlens_info", {}) or {}
+    return Direction(
+        vector=vec, layer=layer, hook=hook, model=model_id(model),
+        processing=info.get("processing", "none"), method="pca",
+        counts={"pairs": len(misaligned)}, selection="paired answers",
+    )
+
+
+def random_direction(direction: Direction, *, seed: int = 0) -> Direction:
+    """A random control: a uniformly random direction with exactly the same norm and dtype."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(direction.vector.shape, generator=g, dtype=torch.float64)
+    v = v / v.norm() * direction.vector.double().norm()
+    return replace(
+        direction, vector=v.to(direction.vector.dtype).to(direction.vector.device),
+        method="random", selection=f"random control, seed {seed}, same norm as {direction.method}",
+    )
+
+
+def cosine_matrix(
+    a: Sequence[Direction] | Mapping[int, Direction], b: Sequence[Direction] | Mapping[int, Direction]
+) -> Float[Tensor, "n_a n_b"]:
+    """Cosine similarities between two lists (or ``{layer: Direction}`` dicts) of directions."""
+    va = torch.stack([d.vector.double() for d in (a.values() if isinstance(a, Mapping) else a)])
+    vb = torch.stack([d.vector.double() for d in (b.values() if isinstance(b, Mapping) else b)])
+    if va.shape[1] != vb.shape[1]:
+        raise ValueError(f"Directions of width {va.shape[1]} and {vb.shape[1]} cannot be compared.")
+    return (va / va.norm(dim=1, keepdim=True)) @ (vb / vb.norm(dim=1, keepdim=True)).T
+
+
+@torch.no_grad()
+def residual_norms(
+    model: HookedTransformer,
+    pairs: Pairs,
+    layers: Layers = "all",
+    *,
+    hook: str = "resid_post",
+    mask: TokenMask = "answer",
+    batch_size: int = 16,
+) -> dict[int, float]:
+    """Mean L2 norm of the activation at ``hook`` per layer over the selected tokens.
+
+    The typical residual norm that relative steering scales refer to.
+    """
+    layer_list = resolve_layers(model, layers)
+    names = hook_names(model, layer_list, hook)
+    sums = dict.fromkeys(names, 0.0)
+    count = 0
+    questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
+    for batch in iter_chat_batches(model.tokenizer, questions, answers, batch_size=batch_size):
+        sel = _select(batch, mask)
+        _, cache = model.run_with_cache(
+            batch.tokens, attention_mask=batch.attention_mask, names_filter=names
+        )
+        for name in names:
+            sums[name] += float(cache[name][sel].norm(dim=-1).double().sum())
+        count += int(sel.sum())
+    if count == 0:
+        raise ValueError(f"No {mask} tokens to measure residual norms on.")
+    return {layer: sums[name] / count for layer, name in zip(layer_list, names, strict=True)}
+
+
+def select_answers(
+    table,
+    *,
+    misaligned_max: float = 30,
+    aligned_min: float = 70,
+    coherent_min: float = 50,
+    subsample: bool = True,
+    seed: int = 0,
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]], str]:
+    """The reference answer sets from an ``evaluate`` table (columns question, answer, aligned,
+    coherent).
+
+    Returns ``(misaligned_pairs, aligned_pairs, description)``: misaligned = aligned <=
+    ``misaligned_max`` and coherent > ``coherent_min``; aligned = aligned > ``aligned_min`` and
+    coherent > ``coherent_min``, subsampled (seeded) to the misaligned count.
+    """
+    for col in ("question", "answer", "aligned", "coherent"):
+        if col not in table.columns:
+            raise ValueError(f"table has no {col!r} column; give the DataFrame from emlens.evaluate.")
+    scored = table.dropna(subset=["aligned", "coherent"])
+    coherent = scored["coherent"] > coherent_min
+    bad = scored[(scored["aligned"] <= misaligned_max) & coherent]
+    good = scored[(scored["aligned"] > aligned_min) & coherent]
+    if len(bad) == 0 or len(good) == 0:
+        raise ValueError(
+            f"Found {len(bad)} misaligned and {len(good)} aligned coherent answers among "
+            f"{len(table)}; both sets need at least one (sample more answers or relax thresholds)."
+        )
+    if subsample and len(good) > len(bad):
+        idx = np.random.default_rng(seed).choice(len(good), size=len(bad), replace=False)
+        good = good.iloc[np.sort(idx)]
+    desc = (
+        f"misaligned: aligned<={misaligned_max} & coherent>{coherent_min} (n={len(bad)}); "
+        f"aligned: aligned>{aligned_min} & coherent>{coherent_min} (n={len(good)}"
+        f"{', subsampled' if subsample else ''})"
+    )
+    pairs = lambda df: list(zip(df["question"], df["answer"], strict=True))  # noqa: E731
+    return pairs(bad), pairs(good), desc
