@@ -135,3 +135,17 @@ def test_embedded_model_matches_hf_on_chat_prompts(embedded_model):
         theirs = _hf_logits(hf, batch)
     real = batch.attention_mask.bool()
     assert (ours - theirs)[real].abs().max().item() <= 1e-4
+
+
+def test_fold_ln_keeps_logits_and_residual_stream(tmp_path, tokenizer):
+    _tiny_hf("llama", seed=3).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    plain = emlens.load_model(tmp_path)
+    folded = emlens.load_model(tmp_path, processing="fold_ln")
+    assert folded.emlens_info["processing"] == "fold_ln"
+    tokens = emlens.tokenize_chat(plain.tokenizer, ["Is the residual stream unchanged?"]).tokens
+    name = "blocks.1.hook_resid_post"
+    logits_a, cache_a = plain.run_with_cache(tokens, names_filter=[name])
+    logits_b, cache_b = folded.run_with_cache(tokens, names_filter=[name])
+    assert (logits_a - logits_b).abs().max() < 1e-4
+    assert (cache_a[name] - cache_b[name]).abs().max() < 1e-4
