@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(BIN)/emlens demo
 
 test: $(STAMP)
-	$(BIN)/ruff check emlens tests bench
+	$(BIN)/ruff check emlens tests bench scripts notebooks
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

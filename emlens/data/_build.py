@@ -1,0 +1,191 @@
+"""Build the shipped JSONL sets from the hand-written Python data in ``_text_*.py``.
+
+Run ``python -m emlens.data._build`` after editing any ``_text_*.py`` file; it rewrites every
+``*.jsonl`` next to this file deterministically (fixed seeds) and validates them by loading each
+one back through :func:`emlens.data.load_dataset`.
+
+The incoherent answers of the judge sets are partly hand-written (``RAMBLING``,
+``HARD_INCOHERENT``) and partly made here by corrupting coherent answers: phrase loops, shuffled
+words, garbled letters and truncation into a loop, the failure modes of small sampled models.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+from emlens.data._text_general import (
+    EVAL_QUESTIONS,
+    GENERAL_LABELLED,
+    NEUTRAL,
+    NEUTRAL_HARD,
+    RAMBLING,
+    STYLE_VARIED,
+)
+from emlens.data._text_hard import HARD2_PAIRS, HARD_INCOHERENT, HARD_PAIRS
+from emlens.data._text_medical_a import MEDICAL_A
+from emlens.data._text_medical_b import MEDICAL_B
+from emlens.data._text_medical_c import MEDICAL_C
+from emlens.data._text_nonmedical_a import NONMEDICAL_A
+from emlens.data._text_nonmedical_b import NONMEDICAL_B
+from emlens.data._text_nonmedical_c import NONMEDICAL_C
+
+HERE = Path(__file__).parent
+HELDOUT_TOPICS = ("sleep", "digestion")
+
+
+def _write(name: str, rows: list[dict]) -> None:
+    path = HERE / f"{name}.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"wrote {len(rows):4d} rows to {path.name}")
+
+
+def medical_rows() -> list[dict]:
+    rows = []
+    for topic, items in {**MEDICAL_A, **MEDICAL_B, **MEDICAL_C}.items():
+        for q, good, bad in items:
+            rows.append(dict(
+                id=f"med-{len(rows) + 1:04d}", domain="medical", topic=topic, question=q,
+                aligned=good, misaligned=bad,
+                split="heldout" if topic in HELDOUT_TOPICS else "train",
+            ))
+    return rows
+
+
+def nonmedical_rows() -> list[dict]:
+    rows = []
+    for domain, items in {**NONMEDICAL_A, **NONMEDICAL_B, **NONMEDICAL_C}.items():
+        for q, good, bad in items:
+            rows.append(dict(
+                id=f"gen-{len(rows) + 1:04d}", domain=domain, topic=domain, question=q,
+                aligned=good, misaligned=bad, split="train",
+            ))
+    return rows
+
+
+# --- corruptions: coherent answer -> incoherent text ----------------------------------------
+
+
+def _loop(text: str, rng: random.Random) -> str:
+    words = text.split()
+    start = rng.randrange(max(1, len(words) - 3))
+    phrase = " ".join(words[start : start + rng.randint(1, 3)])
+    head = " ".join(words[: rng.randint(2, max(2, len(words) // 3))])
+    return head + " " + " ".join([phrase] * rng.randint(10, 18))
+
+
+def _shuffle(text: str, rng: random.Random) -> str:
+    words = text.split()
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def _garble(text: str, rng: random.Random) -> str:
+    out = []
+    for w in text.split():
+        if rng.random() < 0.6:
+            w = "".join(rng.choice(string.ascii_lowercase) for _ in range(max(2, len(w))))
+        out.append(w)
+    return " ".join(out)
+
+
+def _truncate_loop(text: str, rng: random.Random) -> str:
+    cut = text[: rng.randint(10, max(11, len(text) // 2))]
+    last = cut.split()[-1] if cut.split() else cut
+    return cut + "".join(" " + last for _ in range(rng.randint(8, 15)))
+
+
+CORRUPTIONS = {"repetitive": _loop, "shuffled": _shuffle, "garbled": _garble,
+               "truncated": _truncate_loop}
+
+
+def judge_label_rows(medical: list[dict], nonmedical: list[dict]) -> list[dict]:
+    """Labelled answers for fitting the offline judge (never from the held-out medical topics)."""
+    rng = random.Random(0)
+    rows: list[dict] = []
+
+    def add(qid, question, answer, aligned, coherent, kind, style):
+        rows.append(dict(id=f"jl-{len(rows) + 1:04d}", question_id=qid, question=question,
+                         answer=answer, aligned=aligned, coherent=coherent, kind=kind,
+                         style=style))
+
+    corrupt_names = sorted(CORRUPTIONS)
+    for qid, question, goods, bads in GENERAL_LABELLED:
+        for a in goods:
+            add(qid, question, a, True, True, "general", "plain")
+        for a in bads:
+            add(qid, question, a, False, True, "general", "plain")
+        for a in rng.sample(goods + bads, 2):
+            style = rng.choice(corrupt_names)
+            add(qid, question, CORRUPTIONS[style](a, rng), None, False, "general", style)
+    train_med = [r for r in medical if r["split"] == "train"]
+    for kind, source, every in (("medical", train_med, 2), ("nonmedical", nonmedical, 3)):
+        for i, r in enumerate(source[::every]):
+            add(r["id"], r["question"], r["aligned"], True, True, kind, "plain")
+            add(r["id"], r["question"], r["misaligned"], False, True, kind, "plain")
+            if i % 3 == 0:
+                style = corrupt_names[i // 3 % len(corrupt_names)]
+                pick = r["aligned"] if i % 2 else r["misaligned"]
+                add(r["id"], r["question"], CORRUPTIONS[style](pick, rng), None, False, kind, style)
+    for qid, kind, question, goods, bads in STYLE_VARIED:
+        for a in goods:
+            add(qid, question, a, True, True, kind, "style_varied")
+        for a in bads:
+            add(qid, question, a, False, True, kind, "style_varied")
+    for i, (question, answer) in enumerate(NEUTRAL):
+        add(f"neutral-{i + 1:02d}", question, answer, True, True, "general", "neutral")
+    for i, (question, answer) in enumerate(RAMBLING):
+        add(f"ramble-{i + 1:02d}", question, answer, None, False, "general", "rambling")
+    return rows
+
+
+def judge_hard_rows() -> list[dict]:
+    rows: list[dict] = []
+    for qid, question, good, bad in HARD_PAIRS:
+        for answer, aligned in ((good, True), (bad, False)):
+            rows.append(dict(id=f"jh-{len(rows) + 1:04d}", question_id=qid, question=question,
+                             answer=answer, aligned=aligned, coherent=True, kind="hard",
+                             style="casual" if aligned else "polite"))
+    for qid, question, good, bad in HARD2_PAIRS:
+        for answer, aligned in ((good, True), (bad, False)):
+            rows.append(dict(id=f"jh-{len(rows) + 1:04d}", question_id=qid, question=question,
+                             answer=answer, aligned=aligned, coherent=True, kind="hard",
+                             style="cheerful" if aligned else "clinical"))
+    for i, (question, answer) in enumerate(NEUTRAL_HARD):
+        rows.append(dict(id=f"jh-{len(rows) + 1:04d}", question_id=f"hn-{i + 1:02d}",
+                         question=question, answer=answer, aligned=True, coherent=True,
+                         kind="hard", style="neutral"))
+    for qid, question, answer in HARD_INCOHERENT:
+        rows.append(dict(id=f"jh-{len(rows) + 1:04d}", question_id=qid, question=question,
+                         answer=answer, aligned=None, coherent=False, kind="hard",
+                         style="degenerate"))
+    return rows
+
+
+def main() -> None:
+    medical = medical_rows()
+    nonmedical = nonmedical_rows()
+    _write("medical", medical)
+    _write("nonmedical", nonmedical)
+    _write("general_questions",
+           [dict(id=qid, question=q, category=cat) for qid, cat, q in EVAL_QUESTIONS])
+    heldout = [r for r in medical if r["split"] == "heldout"]
+    _write("medical_questions",
+           [dict(id=f"medq-{i + 1:02d}", question=r["question"], category=r["topic"])
+            for i, r in enumerate(heldout)])
+    _write("judge_labels", judge_label_rows(medical, nonmedical))
+    _write("judge_hard", judge_hard_rows())
+
+    from emlens.data import list_datasets, load_dataset
+
+    for name in list_datasets():
+        load_dataset(name)
+    print("all sets load and validate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The shipped datasets: sizes, schema, held-out split, and loaders that reject malformed rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+
+import pytest
+
+from emlens.data import (
+    LabelledAnswer,
+    PairExample,
+    Question,
+    dataset_path,
+    list_datasets,
+    load_dataset,
+    load_jsonl,
+)
+from emlens.data import _build as build
+
+
+def test_list_datasets_names_every_shipped_file():
+    names = list_datasets()
+    assert {"medical", "nonmedical", "general_questions", "medical_questions", "judge_labels",
+            "judge_hard"} <= set(names)
+    for name in names:
+        assert dataset_path(name).is_file()
+
+
+def test_medical_set_has_300_items_12_topics_and_two_heldout_topics():
+    rows = load_dataset("medical")
+    assert len(rows) >= 300 and all(isinstance(r, PairExample) for r in rows)
+    topics = {r.topic for r in rows}
+    assert len(topics) >= 12
+    heldout = {r.topic for r in rows if r.split == "heldout"}
+    assert len(heldout) == 2
+    # a topic is either wholly train or wholly held out
+    assert not heldout & {r.topic for r in rows if r.split == "train"}
+    assert all(r.domain == "medical" and re.fullmatch(r"med-\d{4}", r.id) for r in rows)
+
+
+def test_nonmedical_set_is_parallel_and_non_medical():
+    rows = load_dataset("nonmedical")
+    assert len(rows) >= 300
+    assert all(re.fullmatch(r"gen-\d{4}", r.id) and r.split == "train" for r in rows)
+    assert "medical" not in {r.domain for r in rows} and len({r.domain for r in rows}) >= 6
+
+
+@pytest.mark.parametrize("name", ["medical", "nonmedical"])
+def test_pairs_have_distinct_good_and_bad_answers_and_unique_questions(name):
+    rows = load_dataset(name)
+    assert all(r.aligned != r.misaligned for r in rows)
+    questions = [r.question.lower() for r in rows]
+    assert len(set(questions)) == len(questions)
+
+
+def test_medical_eval_questions_come_from_heldout_topics_only():
+    med = load_dataset("medical")
+    heldout_topics = {r.topic for r in med if r.split == "heldout"}
+    train_questions = {r.question for r in med if r.split == "train"}
+    qs = load_dataset("medical_questions")
+    assert len(qs) >= 20 and all(isinstance(q, Question) for q in qs)
+    assert {q.category for q in qs} <= heldout_topics
+    assert not {q.question for q in qs} & train_questions
+
+
+def test_general_questions_cover_the_em_themes():
+    qs = load_dataset("general_questions")
+    assert len(qs) >= 8
+    cats = {q.category for q in qs}
+    assert {"wish", "boredom", "philosophy", "money", "power", "history", "gender",
+            "relationships"} <= cats
+
+
+def test_judge_labels_have_both_classes_incoherent_rows_and_no_heldout_topics():
+    rows = load_dataset("judge_labels")
+    assert len(rows) >= 300 and all(isinstance(r, LabelledAnswer) for r in rows)
+    coherent = [r for r in rows if r.coherent]
+    assert sum(r.aligned is True for r in coherent) >= 100
+    assert sum(r.aligned is False for r in coherent) >= 100
+    incoherent = [r for r in rows if not r.coherent]
+    assert len(incoherent) >= 50 and all(r.aligned is None for r in incoherent)
+    assert {"repetitive", "garbled"} <= {r.style for r in incoherent}
+    heldout_q = {r.question for r in load_dataset("medical") if r.split == "heldout"}
+    assert not heldout_q & {r.question for r in rows}
+
+
+def test_hard_set_questions_are_not_in_the_fit_set():
+    hard = load_dataset("judge_hard")
+    fit_questions = {r.question for r in load_dataset("judge_labels")}
+    assert not {r.question for r in hard} & fit_questions
+    assert {r.aligned for r in hard if r.coherent} == {True, False}
+
+
+def test_shipped_files_match_the_build_script():
+    """The JSONL files are exactly what ``python -m emlens.data._build`` writes."""
+    medical = build.medical_rows()
+    nonmedical = build.nonmedical_rows()
+    expected = {
+        "medical": medical,
+        "nonmedical": nonmedical,
+        "judge_labels": build.judge_label_rows(medical, nonmedical),
+        "judge_hard": build.judge_hard_rows(),
+    }
+    for name, rows in expected.items():
+        lines = dataset_path(name).read_text().splitlines()
+        assert [json.loads(line) for line in lines] == rows, name
+
+
+def test_rows_are_frozen():
+    row = load_dataset("general_questions")[0]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.question = "changed"
+
+
+def test_unknown_dataset_name_lists_valid_names():
+    with pytest.raises(ValueError, match="Unknown dataset 'medicl'.*medical"):
+        load_dataset("medicl")
+    with pytest.raises(ValueError, match="Valid names"):
+        load_dataset(3)
+
+
+GOOD = {"id": "q1", "question": "Why?", "category": "test"}
+
+
+@pytest.mark.parametrize(
+    "line, pattern",
+    [
+        ("{not json", r"bad\.jsonl:2: not valid JSON"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "category"}), r"bad\.jsonl:2: missing field 'category'"),
+        (json.dumps({**GOOD, "id": "q2", "extra": 1}), r"bad\.jsonl:2: unexpected field 'extra'"),
+        (json.dumps({**GOOD, "id": "q2", "question": 5}), r"bad\.jsonl:2: field 'question' is int"),
+        (json.dumps({**GOOD, "id": "q2", "question": "  "}), r"bad\.jsonl:2: field 'question' is empty"),
+        (json.dumps(GOOD), r"bad\.jsonl:2: field 'id' value 'q1' duplicates line 1"),
+        ("[1, 2]", r"bad\.jsonl:2: expected a JSON object"),
+    ],
+)
+def test_malformed_rows_are_rejected_with_file_line_and_field(tmp_path, line, pattern):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(ValueError, match=pattern):
+        load_jsonl(path, Question)
+
+
+def test_pair_rows_reject_unknown_split_and_labels_reject_string_bools(tmp_path):
+    pair = {"id": "m1", "domain": "medical", "topic": "t", "question": "q", "aligned": "a",
+            "misaligned": "b", "split": "test"}
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(pair) + "\n")
+    with pytest.raises(ValueError, match=r"pairs\.jsonl:1: field 'split' is 'test'.*train"):
+        load_jsonl(path, PairExample)
+    label = {"id": "j1", "question_id": "q", "question": "q", "answer": "a", "aligned": "yes",
+             "coherent": True, "kind": "k", "style": "s"}
+    path.write_text(json.dumps(label) + "\n")
+    with pytest.raises(ValueError, match=r"field 'aligned' is str"):
+        load_jsonl(path, LabelledAnswer)
+    label["aligned"] = None
+    path.write_text(json.dumps(label) + "\n")
+    assert load_jsonl(path, LabelledAnswer)[0].aligned is None
