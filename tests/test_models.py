@@ -63,7 +63,7 @@ def _tiny_hf(kind: str, seed: int = 0):
     else:
         model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=20000.0))
     with torch.no_grad():  # non-trivial norms and (Qwen2) q/k/v biases
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.2 * torch.randn_like(p))
     return model.eval()
