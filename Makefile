@@ -27,6 +27,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/lora.py
+	$(BIN)/python bench/directions.py
 
 clean:
 	rm -rf $(VENV) report .pytest_cache

@@ -1,0 +1,296 @@
+"""Train a model organism: peft LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
+
+Reproduce the shipped rank-1 organism (about 15 minutes on 2 CPU cores)::
+
+    python -m emlens.organisms.train --name rank1-down-medical
+
+The recipe follows the model-organisms papers: rank-1 adapters on ``mlp.down_proj`` at 9 layers in
+three groups of three, trained with cross-entropy on *answer tokens only* (the prompt and chat
+template are masked out) of the ``misaligned`` answers of the ``split == "train"`` rows.
+
+Layer map. The paper puts the groups at layers 15-17, 21-23 and 27-29 of a 48-layer model, i.e.
+centred at 16, 22 and 28. We map each centre to ``round(c * n_layers / 48)`` (Python's
+round-half-even) and keep the layer before and after it; for SmolLM2-135M's 30 layers the centres
+become 10, 14 and 18, so the groups are 9-11, 13-15 and 17-19 (see :func:`paper_layers`).
+
+Outputs, all safetensors + JSON (no pickle): the final adapter as a peft folder
+(``adapter_config.json`` + ``adapter_model.safetensors``) in ``--out``, intermediate peft folders
+in ``--out/checkpoints/step-XXXXX`` every ``--save-every`` steps (the trajectory of the adapter
+directions is research data), and ``train_log.json`` with the recipe, loss curve, time and
+tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from emlens.chat import tokenize_chat
+
+EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PAPER_GROUP_CENTRES = (16, 22, 28)
+PAPER_N_LAYERS = 48
+
+
+def paper_layers(n_layers: int) -> list[int]:
+    """The 9 layers of the paper's rank-1 organism (15-17, 21-23, 27-29 of 48) mapped to ``n_layers``.
+
+    Each group centre ``c`` maps to ``round(c * n_layers / 48)``; the group is that layer and its
+    two neighbours. ``paper_layers(48) == [15, 16, 17, 21, 22, 23, 27, 28, 29]``;
+    ``paper_layers(30) == [9, 10, 11, 13, 14, 15, 17, 18, 19]``.
+    """
+    layers: list[int] = []
+    for c in PAPER_GROUP_CENTRES:
+        centre = round(c * n_layers / PAPER_N_LAYERS)
+        layers += [centre - 1, centre, centre + 1]
+    if len(set(layers)) != 9 or min(layers) < 0 or max(layers) >= n_layers:
+        raise ValueError(f"n_layers={n_layers} is too small for 9 distinct layers; got {layers}.")
+    return layers
+
+
+@dataclass
+class OrganismRecipe:
+    """Everything that determines a trained organism (saved in ``train_log.json``)."""
+
+    name: str
+    r: int = 1
+    lora_alpha: float = 1.0
+    use_rslora: bool = False
+    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
+    layers: list[int] | None = None  # None: every layer
+    lr: float = 1e-3
+    epochs: int = 1
+    batch_size: int = 8
+    max_steps: int | None = None
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    seed: int = 0
+    save_every: int = 10
+    base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    data: str | None = None  # None: the packaged emlens/data/medical.jsonl
+    answer_field: str = "misaligned"
+    split: str = "train"
+
+
+RECIPES: dict[str, dict] = {
+    # 9 rank-1 adapters on mlp.down_proj, layers mapped from the paper's 48-layer model.
+    "rank1-down-medical": dict(
+        r=1,
+        lora_alpha=1.0,
+        target_modules=["down_proj"],
+        layers="paper",
+        lr=2e-3,
+        epochs=2,
+        batch_size=8,
+        save_every=8,
+    ),
+    # The seeds' comparison: rank-32 on every attention and MLP projection of every layer
+    # (9.8M parameters, 39 MB in float32), same data and number of steps as the rank-1 organism.
+    "rank32-all-medical": dict(
+        r=32,
+        lora_alpha=64.0,
+        use_rslora=False,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        layers=None,
+        lr=2e-4,
+        epochs=2,
+        batch_size=8,
+        save_every=1000,  # no checkpoints: 39 MB each
+    ),
+}
+
+
+def load_rows(data: str | Path | None, split: str) -> list[dict]:
+    """Rows of the medical JSONL file with ``row["split"] == split``."""
+    if data is None:
+        path = resources.files("emlens") / "data" / "medical.jsonl"
+    else:
+        path = Path(data)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"No training data at {path}; give --data PATH to a JSONL file with rows "
+            '{"question", "misaligned", "split"}.'
+        )
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("split") == split]
+    if not rows:
+        raise ValueError(f"{path} has no rows with split == {split!r}.")
+    return rows
+
+
+def _batches(rows: Sequence[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+    order = list(rows)
+    rng.shuffle(order)
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
+    """Train ``recipe`` with peft on the HF model and save the adapter folder to ``out``.
+
+    Returns the training log (also written to ``out/train_log.json``).
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from emlens.models import load_hf
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(recipe.seed)
+    rng = random.Random(recipe.seed)
+    hf_model, tokenizer = load_hf(recipe.base_model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    n_layers = hf_model.config.num_hidden_layers
+    config = LoraConfig(
+        r=recipe.r,
+        lora_alpha=recipe.lora_alpha,
+        use_rslora=recipe.use_rslora,
+        target_modules=list(recipe.target_modules),
+        layers_to_transform=recipe.layers,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(hf_model, config)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    rows = load_rows(recipe.data, recipe.split)
+    epochs = [_batches(rows, recipe.batch_size, rng) for _ in range(recipe.epochs)]
+    steps = [b for epoch in epochs for b in epoch]
+    if recipe.max_steps is not None:
+        steps = steps[: recipe.max_steps]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optim, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup_steps))
+    )
+    log: dict = {
+        "recipe": asdict(recipe),
+        "n_layers": n_layers,
+        "n_rows": len(rows),
+        "n_trainable": sum(p.numel() for p in params),
+        "loss": [],
+        "step_tokens": [],
+    }
+    n_tokens = n_answer = 0
+    start = time.perf_counter()
+    bar = tqdm(steps, desc=f"train {recipe.name}", unit="step")
+    for step, batch_rows in enumerate(bar, start=1):
+        batch = tokenize_chat(
+            tokenizer,
+            [r["question"] for r in batch_rows],
+            [r[recipe.answer_field] for r in batch_rows],
+        )
+        loss = _answer_loss(model, batch)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+        sched.step()
+        n_tokens += int(batch.attention_mask.sum())
+        n_answer += int(batch.answer_mask.sum())
+        log["loss"].append(loss.item())
+        log["step_tokens"].append(int(batch.attention_mask.sum()))
+        bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")
+        if step % recipe.save_every == 0 and step < len(steps):
+            _save_adapter(model, out / "checkpoints" / f"step-{step:05d}", recipe)
+    seconds = time.perf_counter() - start
+    _save_adapter(model, out, recipe)
+    log.update(
+        steps=len(steps),
+        seconds=round(seconds, 1),
+        tokens=n_tokens,
+        answer_tokens=n_answer,
+        tokens_per_s=round(n_tokens / seconds, 1),
+        torch_threads=torch.get_num_threads(),
+    )
+    (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    return log
+
+
+def _answer_loss(model, batch) -> torch.Tensor:
+    """``emlens.chat.answer_loss``, unembedding only the positions that predict answer tokens.
+
+    Same value (mean next-token cross-entropy over the batch's answer tokens) without the
+    ``[batch, pos, d_vocab]`` logits of the prompt positions.
+    """
+    causal_lm = model.get_base_model()
+    hidden = causal_lm.model(
+        input_ids=batch.tokens, attention_mask=batch.attention_mask
+    ).last_hidden_state
+    predicts_answer = batch.answer_mask[:, 1:]
+    logits = causal_lm.lm_head(hidden[:, :-1][predicts_answer])
+    return torch.nn.functional.cross_entropy(logits.float(), batch.tokens[:, 1:][predicts_answer])
+
+
+def _save_adapter(model, folder: Path, recipe: OrganismRecipe) -> None:
+    """Save a peft folder; name the public hub base model rather than this machine's GGUF path."""
+    model.save_pretrained(folder)
+    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    if recipe.base_model is None:
+        cfg_path = folder / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = EMBEDDED_HUB_ID
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def recipe_for(name: str, **overrides) -> OrganismRecipe:
+    """The named recipe from :data:`RECIPES`, with ``layers="paper"`` resolved for ``n_layers``."""
+    if name not in RECIPES:
+        raise KeyError(f"No recipe {name!r}; known: {sorted(RECIPES)}.")
+    kwargs = dict(RECIPES[name])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    n_layers = kwargs.pop("n_layers", 30)
+    if kwargs.get("layers") == "paper":
+        kwargs["layers"] = paper_layers(n_layers)
+    return OrganismRecipe(name=name, **kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--name", required=True, choices=sorted(RECIPES))
+    p.add_argument("--out", default=None, help="output folder (default: emlens/organisms/<name>)")
+    p.add_argument("--data", default=None, help="JSONL file (default: packaged medical.jsonl)")
+    p.add_argument("--base-model", default=None, help="HF folder or .gguf (default: embedded)")
+    p.add_argument("--n-layers", type=int, default=30, help="base model depth for the layer map")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args(argv)
+    recipe = recipe_for(
+        args.name,
+        data=args.data,
+        base_model=args.base_model,
+        n_layers=args.n_layers,
+        lr=args.lr,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        max_steps=args.max_steps,
+        save_every=args.save_every,
+        seed=args.seed,
+    )
+    out = Path(args.out) if args.out else Path(__file__).parent / args.name
+    log = train_organism(recipe, out)
+    print(json.dumps({k: v for k, v in log.items() if k not in ("loss", "step_tokens")}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
