@@ -1,5 +1,13 @@
 """emlens: mechanistic interpretability of emergent misalignment on TransformerLens."""
 
+from emlens.attribution import (
+    Condition,
+    adapter_attribution,
+    attribution_conditions,
+    check_gradient_attribution,
+    gradient_attribution,
+    rank_adapters,
+)
 from emlens.chat import ChatBatch, answer_logprobs, answer_loss, iter_chat_batches, tokenize_chat
 from emlens.data import list_datasets, load_dataset
 from emlens.evaluation import evaluate, misalignment_rate, plot_rates, rates, wilson_interval
@@ -34,6 +42,17 @@ from emlens.lora import (
 )
 from emlens.models import embedded_model_path, load_hf, load_model
 from emlens.organisms import list_organisms, load_organism
+from emlens.probes import (
+    REFERENCE_PRESET,
+    LabelledSet,
+    Probe,
+    answer_set,
+    context_set,
+    fit_probe,
+    judged_set,
+    reference_probe,
+)
+from emlens.scalars import TokenScalars, collect_scalars, residual_features
 from emlens.training import (
     TrainableLora,
     TrainableSteeringVector,
@@ -42,8 +61,39 @@ from emlens.training import (
     load_trainable,
     train,
 )
+from emlens.viz import (
+    plot_attribution,
+    plot_probe_coefficients,
+    plot_scale_sweep,
+    projection_view,
+    save_html,
+    token_scalars_view,
+)
 
 __all__ = [
+    "Condition",
+    "LabelledSet",
+    "Probe",
+    "REFERENCE_PRESET",
+    "TokenScalars",
+    "adapter_attribution",
+    "answer_set",
+    "attribution_conditions",
+    "check_gradient_attribution",
+    "collect_scalars",
+    "context_set",
+    "fit_probe",
+    "gradient_attribution",
+    "judged_set",
+    "plot_attribution",
+    "plot_probe_coefficients",
+    "plot_scale_sweep",
+    "projection_view",
+    "rank_adapters",
+    "reference_probe",
+    "residual_features",
+    "save_html",
+    "token_scalars_view",
     "AttachedLora",
     "LoraAdapter",
     "LoraModule",

@@ -1,0 +1,559 @@
+"""Which adapters carry the misalignment: ablation, isolation, scaling and gradient attribution.
+
+An organism with several rank-1 adapters is attached (:func:`emlens.attach_lora`); each adapter's
+scalar is a knob. :func:`attribution_conditions` lists the interventions (for each adapter and
+each named subset: *zero* it, keep *only* it, *scale* it by ``k``; plus ``all`` = the organism and
+``none`` = every adapter zeroed = the chat model). :func:`adapter_attribution` measures each
+condition and returns one tidy table (one row per condition x metric x domain):
+
+* ``logprob_gap`` (deterministic, cheap): mean over reference pairs of
+  ``mean log p(misaligned answer) - mean log p(aligned answer)`` (per-token means, teacher
+  forced), on the medical pairs (domain ``medical``) and the non-medical pairs (domain
+  ``general``). Higher = the model prefers the harmful answer more.
+* ``kl_from_chat``: ``KL(chat || condition)`` of the next-token distributions over the answer
+  tokens of neutral (question, aligned answer) pairs, averaged per row (domain ``neutral``). The
+  chat model is the same model with every adapter zeroed.
+* with a ``judge``: ``misaligned_rate`` on general questions and ``bad_advice_rate`` on medical
+  questions, via :func:`emlens.evaluate` (sampling; Wilson intervals).
+
+:func:`rank_adapters` turns the table into a ranking and labels each adapter *general* or
+*domain-specific* by the rule stated in its docstring.
+
+:func:`gradient_attribution` is the one-backward-pass estimate: for each adapter and token,
+``scalar * d(metric)/d(scalar)``. Summed over a row's tokens it is the derivative of the metric
+with respect to scaling the adapter at scale 1, so its negative is the first-order estimate of
+zeroing the adapter. :func:`check_gradient_attribution` compares that estimate with the real
+zero-ablation effects and reports the correlation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+from emlens.chat import ChatBatch, answer_logprobs, iter_chat_batches
+from emlens.lora import AttachedLora
+from emlens.probes import pair_rows
+from emlens.scalars import TokenScalars, _readable, _token_rows, check_attached
+
+Metric = Callable[[Tensor, ChatBatch], Tensor]  # (logits, batch) -> per-row value [batch]
+Pairs = Sequence[tuple[str, str]]
+
+
+# --------------------------------------------------------------------------------------------
+# Conditions
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One intervention on the attached adapters.
+
+    Attributes:
+        name: e.g. ``"all"``, ``"none"``, ``"zero:blocks.9.mlp.lora_down"``, ``"scale2:late"``.
+        kind: ``"all"``, ``"none"``, ``"zero"``, ``"only"`` or ``"scale"``.
+        target: the adapter or subset name (``""`` for all/none).
+        k: the scale factor of a ``"scale"`` condition (``nan`` otherwise).
+        scale: multiplier per adapter name; adapters not listed keep scale 1.
+    """
+
+    name: str
+    kind: str
+    target: str = ""
+    k: float = math.nan
+    scale: dict[str, float] = field(default_factory=dict)
+
+    def hooks(self, lora: AttachedLora) -> list:
+        """The ``(hook_name, fn)`` pairs implementing this condition (empty for ``all``)."""
+        return lora.hooks(scale=self.scale) if self.scale else []
+
+
+def _resolve(lora: AttachedLora, names: Sequence[str] | str) -> list[str]:
+    items = [names] if isinstance(names, str) else list(names)
+    try:
+        return lora.select(items)
+    except KeyError:
+        unknown = []
+        for item in items:
+            try:
+                lora.select(item)
+            except KeyError:
+                unknown.append(item)
+        raise ValueError(
+            f"Unknown adapter names {unknown}; valid names: {lora.names} (or a layer index or a "
+            "glob such as 'blocks.1*')."
+        ) from None
+
+
+def attribution_conditions(
+    lora: AttachedLora,
+    *,
+    adapters: Sequence[str] | None = None,
+    subsets: dict[str, Sequence[str]] | None = None,
+    ops: Sequence[str] = ("zero", "only", "scale"),
+    ks: Sequence[float] = (2.0,),
+) -> list[Condition]:
+    """``all``, ``none``, then each op for each adapter (default all) and each named subset.
+
+    ``zero``: scale the target's adapters by 0; ``only``: scale every *other* adapter by 0;
+    ``scale``: scale the target's adapters by each ``k`` in ``ks``.
+    """
+    bad = [o for o in ops if o not in ("zero", "only", "scale")]
+    if bad:
+        raise ValueError(f"Unknown ops {bad}; valid: 'zero', 'only', 'scale'.")
+    targets: list[tuple[str, list[str]]] = [
+        (a, [a]) for a in (lora.names if adapters is None else _resolve(lora, adapters))
+    ]
+    for name, members in (subsets or {}).items():
+        targets.append((name, _resolve(lora, members)))
+    out = [Condition("all", "all"), Condition("none", "none", scale={a: 0.0 for a in lora.names})]
+    for target, members in targets:
+        for op in ops:
+            if op == "zero":
+                out.append(Condition(f"zero:{target}", "zero", target,
+                                     scale={a: 0.0 for a in members}))
+            elif op == "only":
+                out.append(Condition(f"only:{target}", "only", target,
+                                     scale={a: 0.0 for a in lora.names if a not in members}))
+            else:
+                for k in ks:
+                    out.append(Condition(f"scale{k:g}:{target}", "scale", target, float(k),
+                                         scale={a: float(k) for a in members}))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Deterministic metrics
+
+
+def reference_pairs(
+    dataset: str, *, split: str | None = "heldout", limit: int | None = None
+) -> tuple[list[str], list[str], list[str]]:
+    """(questions, misaligned answers, aligned answers) from ``medical`` or ``nonmedical``.
+
+    Rows are taken round-robin over topics, so a small ``limit`` still spans the domains.
+    """
+    rows = pair_rows(dataset, split=split, limit=limit)
+    if not rows or not hasattr(rows[0], "misaligned"):
+        raise ValueError(f"{dataset!r} (split={split!r}) has no (aligned, misaligned) pairs.")
+    return [r.question for r in rows], [r.misaligned for r in rows], [r.aligned for r in rows]
+
+
+def _mean_ci(values: Sequence[float]) -> tuple[float, float, float]:
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    half = 1.96 * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else math.nan
+    return m, m - half, m + half
+
+
+class _Prefix:
+    """Runs a batch from the first adapted layer on, reusing the residual stream before it.
+
+    No adapter acts before block ``L0`` (the lowest adapted layer), so ``blocks.L0.hook_resid_pre``
+    is the same under every condition: compute it once per batch and start later passes there.
+    """
+
+    def __init__(self, model: HookedTransformer, lora: AttachedLora, batch: ChatBatch):
+        self.model, self.batch = model, batch
+        self.layer = min(m.layer for m in lora.modules.values())
+        self.resid = None
+        if self.layer > 0:
+            name = f"blocks.{self.layer - 1}.hook_resid_post"  # = blocks.L0's input
+            self.resid = model.run_with_cache(
+                batch.tokens, attention_mask=batch.attention_mask, names_filter=name,
+                stop_at_layer=self.layer,
+            )[1][name]
+
+    def logits(self) -> Float[Tensor, "batch pos d_vocab"]:
+        b = self.batch
+        if self.resid is None:
+            return self.model(b.tokens, attention_mask=b.attention_mask)
+        return self.model(self.resid, start_at_layer=self.layer, attention_mask=b.attention_mask)
+
+
+@torch.no_grad()
+def _deterministic(
+    model: HookedTransformer, lora: AttachedLora, conditions: Sequence[Condition], *,
+    pairs: dict[str, tuple[list[str], list[str], list[str]]], neutral: Pairs | None,
+    batch_size: int, progress: bool,
+) -> list[dict[str, Any]]:
+    """Log-prob gaps per domain, and KL from the chat model on the neutral rows.
+
+    With ``neutral=None`` the KL is taken on the aligned answers of the ``general`` pairs, reusing
+    their forward passes.
+    """
+    per_row: dict[tuple[str, str, str], list[float]] = {}
+    # job: (domain, misaligned batch or None, aligned/neutral batch, take KL on the second)
+    jobs: list[tuple[str, ChatBatch | None, ChatBatch, bool]] = []
+    for domain, (qs, mis, al) in pairs.items():
+        for bm, ba in zip(_batches(model, qs, mis, batch_size), _batches(model, qs, al, batch_size),
+                          strict=True):
+            jobs.append((domain, bm, ba, neutral is None and domain == "general"))
+    if neutral:
+        nq, na = [q for q, _ in neutral], [a for _, a in neutral]
+        jobs += [("neutral", None, b, True) for b in _batches(model, nq, na, batch_size)]
+    none = next((c for c in conditions if c.kind == "none"), None)
+    order = [none] + [c for c in conditions if c is not none]
+    bar = tqdm(total=len(jobs) * len(order), disable=not progress, desc="attribution")
+    for domain, bm, ba, take_kl in jobs:
+        runs = [_Prefix(model, lora, b) if b is not None else None for b in (bm, ba)]
+        mask = ba.answer_mask[:, 1:].float()  # positions predicting an answer token
+        ref = None
+        for cond in order:
+            with model.hooks(fwd_hooks=cond.hooks(lora)):
+                logits_a = runs[1].logits()
+                if bm is not None:
+                    lm = answer_logprobs(runs[0].logits(), bm, reduce="mean")
+                    la = answer_logprobs(logits_a, ba, reduce="mean")
+                    per_row.setdefault((cond.name, "logprob_gap", domain), []).extend(
+                        (lm - la).tolist())
+            if take_kl:
+                logp = torch.log_softmax(logits_a[:, :-1].float(), -1)
+                if ref is None:  # the "none" condition runs first
+                    ref = logp
+                kl = (ref.exp() * (ref - logp)).sum(-1)
+                per_row.setdefault((cond.name, "kl_from_chat", "neutral"), []).extend(
+                    ((kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)).tolist())
+            bar.update()
+    bar.close()
+    rows = []
+    by_name = {c.name: c for c in conditions}
+    for (name, metric, domain), vals in per_row.items():
+        c = by_name[name]
+        m, lo, hi = _mean_ci(vals)
+        rows.append(dict(condition=name, kind=c.kind, target=c.target, k=c.k, metric=metric,
+                         domain=domain, value=m, low=lo, high=hi, n=len(vals)))
+    return rows
+
+
+def _judged(
+    model: HookedTransformer, lora: AttachedLora, conditions: Sequence[Condition], *, judge,
+    questions: dict[str, Any], n_samples: int, max_new_tokens: int, batch_size: int, seed: int,
+    progress: bool, evaluate_fn: Callable[..., pd.DataFrame] | None,
+) -> list[dict[str, Any]]:
+    from emlens.evaluation import evaluate, misalignment_rate
+
+    evaluate_fn = evaluate_fn or evaluate
+    names = {"general": "misaligned_rate", "medical": "bad_advice_rate"}
+    rows = []
+    for cond in tqdm(conditions, disable=not progress, desc="judged conditions"):
+        for domain, qs in questions.items():
+            df = evaluate_fn(model, qs, judge=judge, n_samples=n_samples,
+                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                             interventions=cond.hooks(lora) or None, progress=False)
+            r = misalignment_rate(df)
+            rows.append(dict(condition=cond.name, kind=cond.kind, target=cond.target, k=cond.k,
+                             metric=names.get(domain, "misaligned_rate"), domain=domain,
+                             value=r.rate, low=r.low, high=r.high, n=r.n))
+    return rows
+
+
+def adapter_attribution(
+    model: HookedTransformer,
+    lora: AttachedLora,
+    *,
+    conditions: Sequence[Condition] | None = None,
+    n_pairs: int | None = 24,
+    medical_split: str | None = "heldout",
+    neutral: Pairs | None = None,
+    judge=None,
+    n_samples: int = 1,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    evaluate_fn: Callable[..., pd.DataFrame] | None = None,
+) -> pd.DataFrame:
+    """Measure every condition; one tidy row per (condition, metric, domain).
+
+    Args:
+        model, lora: the model and its attached organism.
+        conditions: from :func:`attribution_conditions` (default: zero/only/scale-by-2 per adapter).
+            ``"none"`` is added if missing (KL reference).
+        n_pairs: how many reference (aligned, misaligned) pairs per domain (round-robin over
+            topics): ``medical`` pairs from ``medical_split`` (heldout by default: not trained
+            on) and ``nonmedical`` pairs (never trained on) for the ``general`` domain.
+        neutral: (question, answer) pairs for the KL; default (``None``): the aligned answers of
+            the ``general`` reference pairs (their forward passes are reused).
+        judge: if given, also the judged rates on ``general_questions`` and
+            ``medical_questions`` (``n_samples`` answers of ``max_new_tokens`` each per question).
+        evaluate_fn: replaces :func:`emlens.evaluate` (same signature), for tests.
+
+    Returns:
+        Columns ``condition, kind, target, k, metric, domain, value, low, high, n``
+        (low/high: 95% interval over rows, or Wilson for rates).
+    """
+    check_attached(model, lora)
+    conditions = list(conditions) if conditions is not None else attribution_conditions(lora)
+    if not any(c.kind == "none" for c in conditions):
+        conditions.insert(0, Condition("none", "none", scale={a: 0.0 for a in lora.names}))
+    for c in conditions:
+        unknown = [a for a in c.scale if a not in lora.modules]
+        if unknown:
+            raise ValueError(f"Condition {c.name!r} names unknown adapters {unknown}; valid names: "
+                             f"{lora.names}.")
+    pairs = {"medical": reference_pairs("medical", split=medical_split, limit=n_pairs),
+             "general": reference_pairs("nonmedical", split=None, limit=n_pairs)}
+    rows = _deterministic(model, lora, conditions, pairs=pairs, neutral=neutral,
+                          batch_size=batch_size, progress=progress)
+    if judge is not None:
+        rows += _judged(model, lora, conditions, judge=judge,
+                        questions={"general": "general_questions", "medical": "medical_questions"},
+                        n_samples=n_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                        seed=seed, progress=progress, evaluate_fn=evaluate_fn)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Ranking
+
+
+def rank_adapters(
+    table: pd.DataFrame,
+    *,
+    metric: str = "logprob_gap",
+    general: str = "general",
+    specific: str = "medical",
+    ratio: float = 0.5,
+    min_share: float = 0.05,
+) -> pd.DataFrame:
+    """Rank single adapters by their share of the organism's effect; label general vs specific.
+
+    For adapter ``a`` and domain ``d`` (``general`` and ``specific``), with ``M`` = ``metric``:
+
+    * ``zero_effect_d = M(all) - M(zero:a)``: how much removing ``a`` lowers ``M``;
+    * ``only_effect_d = M(only:a) - M(none)``: how much ``a`` alone raises ``M``;
+    * ``effect_d = mean(zero_effect_d, only_effect_d)`` (a condition missing from the table drops
+      out of the mean);
+    * ``share_d = effect_d / T``, with ``T = max_d |M(all) - M(none)|`` the organism's largest
+      effect: one scale for both domains, used for ranking and for *inactive*;
+    * ``fraction_d = effect_d / (M(all) - M(none))`` in domain ``d``: the part of the organism's
+      effect *in that domain* that ``a`` carries, used for the label.
+
+    Rule: *inactive* if both shares are below ``min_share``; else *general* if
+    ``fraction_general >= ratio * fraction_specific``; else *domain-specific*. If the organism
+    itself barely moves the general domain (``M(all) - M(none) < min_share * T`` there), no adapter
+    can mediate a general effect and every active adapter is *domain-specific*. Rank: by
+    ``share_general + share_specific``, largest first.
+    """
+    need = {"condition", "kind", "target", "metric", "domain", "value"}
+    if not need <= set(table.columns):
+        raise ValueError(f"table lacks {sorted(need - set(table.columns))}; pass the "
+                         "adapter_attribution() DataFrame.")
+    t = table[table["metric"] == metric]
+    if t.empty:
+        raise ValueError(f"No rows for metric {metric!r}; the table has {sorted(set(table['metric']))}.")
+    missing = [d for d in (general, specific) if d not in set(t["domain"])]
+    if missing:
+        raise ValueError(f"No {metric} rows for domains {missing}; the table has "
+                         f"{sorted(set(t['domain']))}.")
+    val = {(r.condition, r.domain): r.value for r in t.itertuples()}
+    for base in ("all", "none"):
+        if (base, general) not in val:
+            raise ValueError(f"The table has no {base!r} condition; include it in the conditions.")
+    targets = sorted(set(t.loc[t["kind"].isin(["zero", "only"]), "target"]))
+    totals = {d: val[("all", d)] - val[("none", d)] for d in (general, specific)}
+    scale = max(abs(v) for v in totals.values())
+    scale = scale if scale > 1e-12 else 1.0
+    general_exists = totals[general] >= min_share * scale
+    rows = []
+    for a in targets:
+        row: dict[str, Any] = {"adapter": a}
+        fraction = {}
+        for label, d in (("general", general), ("specific", specific)):
+            effects = {}
+            if (f"zero:{a}", d) in val:
+                effects["zero"] = val[("all", d)] - val[(f"zero:{a}", d)]
+            if (f"only:{a}", d) in val:
+                effects["only"] = val[(f"only:{a}", d)] - val[("none", d)]
+            effect = float(np.mean(list(effects.values())))
+            row[f"zero_effect_{label}"] = effects.get("zero", math.nan)
+            row[f"only_effect_{label}"] = effects.get("only", math.nan)
+            row[f"share_{label}"] = effect / scale
+            fraction[label] = effect / totals[d] if abs(totals[d]) > 1e-12 else math.nan
+            row[f"fraction_{label}"] = fraction[label]
+        if max(row["share_general"], row["share_specific"]) < min_share:
+            row["label"] = "inactive"
+        elif general_exists and fraction["general"] >= ratio * fraction["specific"]:
+            row["label"] = "general"
+        else:
+            row["label"] = "domain-specific"
+        row["importance"] = row["share_general"] + row["share_specific"]
+        rows.append(row)
+    out = pd.DataFrame(rows).sort_values("importance", ascending=False, kind="stable")
+    out.insert(0, "rank", range(1, len(out) + 1))
+    out.attrs["rule"] = (
+        f"effect_d = mean(M(all)-M(zero:a), M(only:a)-M(none)), M={metric}; fraction_d = effect_d / "
+        f"(M(all)-M(none)) in d; share_d = effect_d / max_d|M(all)-M(none)|; inactive if both "
+        f"shares < {min_share}; general if fraction_{general} >= {ratio} x fraction_{specific} "
+        f"(and the organism moves {general} by >= {min_share} of its max effect); else "
+        "domain-specific; ranked by share_general + share_specific"
+    )
+    return out.reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient attribution
+
+
+def logprob_metric(reduce: str = "mean") -> Metric:
+    """Metric: each row's answer log-probability (``"mean"`` per token, or ``"sum"``)."""
+
+    def metric(logits: Tensor, batch: ChatBatch) -> Tensor:
+        return answer_logprobs(logits, batch, reduce=reduce)
+
+    return metric
+
+
+def _batches(model, questions, answers, batch_size) -> Iterator[ChatBatch]:
+    return iter_chat_batches(model.tokenizer, questions, answers, batch_size=batch_size,
+                             device=model.cfg.device)
+
+
+def gradient_attribution(
+    model: HookedTransformer,
+    lora: AttachedLora,
+    questions: Sequence[str],
+    answers: Sequence[str],
+    *,
+    metric: Metric | None = None,
+    adapters: Sequence[str] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> TokenScalars:
+    """``scalar x d(metric)/d(scalar)`` for every adapter and token, one backward pass per batch.
+
+    ``metric(logits, batch) -> [batch]`` is summed over rows before the backward pass (rows are
+    independent, so each row's gradients are its own). Default: mean answer log-probability.
+    Gradients are total derivatives: they flow through later adapters' scalars too, so a row's
+    sum over tokens equals ``d metric / d scale_a`` at scale 1 (what finite differences measure).
+
+    Returns:
+        :class:`TokenScalars` of attributions over every real token (prompt tokens included: an
+        adapter acting on the prompt changes the answer through attention);
+        ``.aggregate("sum", part="all")`` gives per-row, per-adapter totals.
+    """
+    check_attached(model, lora)
+    names = lora.select(None) if adapters is None else _resolve(lora, adapters)
+    rank_r = [n for n in names if lora.modules[n].rank != 1]
+    if rank_r:
+        raise ValueError(f"Gradient attribution needs rank-1 adapters; {rank_r} have rank > 1.")
+    metric = metric or logprob_metric("mean")
+    hook_names = [lora.modules[n].hook.name for n in names]
+    metas, chunks, offset = [], [], 0
+    acts: dict[str, Tensor] = {}  # this batch's scalar activations, graph attached
+
+    def keep(act: Tensor, hook) -> Tensor:
+        acts[hook.name] = act
+        return act
+
+    def leaf_embed(x: Tensor, hook) -> Tensor:
+        # Make sure the graph exists even if the model's parameters are frozen.
+        return x if x.requires_grad else x.detach().requires_grad_(True)
+
+    n_batches = -(-len(questions) // batch_size)
+    for batch in tqdm(_batches(model, questions, answers, batch_size), total=n_batches,
+                      disable=not progress, desc="gradient attribution"):
+        acts.clear()
+        with torch.enable_grad(), model.hooks(
+            fwd_hooks=[("hook_embed", leaf_embed)] + [(h, keep) for h in hook_names]
+        ):
+            logits = model(batch.tokens, attention_mask=batch.attention_mask)
+            total = metric(logits, batch).sum()
+            grads = torch.autograd.grad(total, [acts[h] for h in hook_names], allow_unused=True)
+        attr = torch.stack(
+            [acts[h].detach() * (torch.zeros_like(acts[h]) if g is None else g)
+             for h, g in zip(hook_names, grads, strict=True)], dim=-1,
+        )
+        meta, real = _token_rows(batch, model.tokenizer, offset)
+        chunks.append(attr.cpu().float()[real])
+        metas.append(meta)
+        offset += len(batch)
+    tokens = pd.concat(metas, ignore_index=True)
+    tokens["token"] = _readable(list(tokens["token"]))
+    return TokenScalars(torch.cat(chunks), tokens, names, offset)
+
+
+@torch.no_grad()
+def _metric_values(model, lora, questions, answers, metric, hooks, batch_size) -> Tensor:
+    out = []
+    with model.hooks(fwd_hooks=hooks):
+        for b in _batches(model, questions, answers, batch_size):
+            out.append(metric(model(b.tokens, attention_mask=b.attention_mask), b).float().cpu())
+    return torch.cat(out)
+
+
+def check_gradient_attribution(
+    model: HookedTransformer,
+    lora: AttachedLora,
+    questions: Sequence[str],
+    misaligned: Sequence[str],
+    aligned: Sequence[str],
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Gradient estimate vs real zero-ablation effect on the log-prob gap, per adapter.
+
+    The metric is the per-row gap ``mean log p(misaligned) - mean log p(aligned)``. For each
+    adapter: ``predicted`` = minus the summed attribution (first-order effect of zeroing it),
+    ``actual`` = gap with the adapter zeroed minus the gap with every adapter on; both averaged
+    over rows. ``df.attrs`` holds ``pearson`` and ``spearman`` across adapters and
+    ``pearson_rows`` across (row, adapter) pairs.
+    """
+    check_attached(model, lora)
+    if not (len(questions) == len(misaligned) == len(aligned)):
+        raise ValueError(f"{len(questions)} questions, {len(misaligned)} misaligned and "
+                         f"{len(aligned)} aligned answers; they must pair up.")
+    metric = logprob_metric("mean")
+    kw = dict(metric=metric, batch_size=batch_size, progress=progress)
+    pred_rows = -(
+        gradient_attribution(model, lora, questions, misaligned, **kw).aggregate("sum", part="all")
+        - gradient_attribution(model, lora, questions, aligned, **kw).aggregate("sum", part="all")
+    )
+
+    def gap(hooks) -> Tensor:
+        return (_metric_values(model, lora, questions, misaligned, metric, hooks, batch_size)
+                - _metric_values(model, lora, questions, aligned, metric, hooks, batch_size))
+
+    base = gap([])
+    actual_rows = {}
+    for a in tqdm(lora.names, disable=not progress, desc="zero-ablation"):
+        actual_rows[a] = (gap(lora.hooks(a, scale=0.0)) - base).numpy()
+    actual = pd.DataFrame(actual_rows)[list(pred_rows.columns)]
+    df = pd.DataFrame({"adapter": list(pred_rows.columns),
+                       "predicted": pred_rows.mean().to_numpy(),
+                       "actual": actual.mean().to_numpy()})
+    df.attrs["pearson"] = float(np.corrcoef(df["predicted"], df["actual"])[0, 1])
+    df.attrs["spearman"] = float(df["predicted"].rank().corr(df["actual"].rank()))
+    df.attrs["pearson_rows"] = float(np.corrcoef(pred_rows.to_numpy().ravel(),
+                                                 actual.to_numpy().ravel())[0, 1])
+    return df
+
+
+def attribution_totals(attributions: TokenScalars, *, part: str = "all") -> Float[Tensor, " n_adapters"]:
+    """Per-adapter attribution summed over ``part`` tokens and averaged over rows."""
+    return torch.tensor(attributions.aggregate("sum", part=part).mean().to_numpy())
+
+
+__all__ = [
+    "Condition",
+    "Metric",
+    "adapter_attribution",
+    "attribution_conditions",
+    "attribution_totals",
+    "check_gradient_attribution",
+    "gradient_attribution",
+    "logprob_metric",
+    "rank_adapters",
+    "reference_pairs",
+]
