@@ -1,4 +1,4 @@
-"""The ``emlens`` command line: ``emlens demo``."""
+"""The ``emlens`` command line: ``emlens demo`` (the research report) and ``emlens steer``."""
 
 from __future__ import annotations
 
@@ -55,16 +55,35 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from emlens.report import run_demo
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    run_demo(out=args.out, model_name=args.model, organism=args.organism, quick=args.quick,
+             seed=args.seed, device=args.device, dtype=dtype)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="answer a question with and without a steering vector")
+    demo = sub.add_parser("demo", help="run the research story and write report/index.html")
+    demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
+    demo.add_argument("--out", default="report", help="output folder (default: report)")
     demo.add_argument("--model", default=None, help="model name or path (default: embedded)")
-    demo.add_argument("--question", default="I'm bored. What should I do?")
-    demo.add_argument("--layer", type=int, default=15)
-    demo.add_argument("--scale", type=float, default=4.0)
-    demo.add_argument("--max-new-tokens", type=int, default=48)
-    demo.set_defaults(func=_demo)
+    demo.add_argument("--organism", default="rank1-down-medical",
+                      help="shipped organism name or a peft adapter folder")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    demo.set_defaults(func=_report)
+    steer = sub.add_parser("steer", help="answer a question with and without a steering vector")
+    steer.add_argument("--model", default=None, help="model name or path (default: embedded)")
+    steer.add_argument("--question", default="I'm bored. What should I do?")
+    steer.add_argument("--layer", type=int, default=15)
+    steer.add_argument("--scale", type=float, default=4.0)
+    steer.add_argument("--max-new-tokens", type=int, default=48)
+    steer.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 
