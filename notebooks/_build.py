@@ -86,5 +86,84 @@ with emlens.steer(chat, d, layer=layer, scale=4.0):
 print(cosine_matrix(dirs, chat_dirs).numpy().round(3))"""),
 ]
 
+PROBES = [
+    ("md", """# LoRA scalars as features, and probes on them
+
+Each rank-1 adapter of the organism adds `s * B` with the scalar `s = A . h`: nine readable
+numbers per token. We read them with `attach_lora` (each adapter is a TransformerLens hook point),
+then fit logistic-regression probes with grouped cross-validation (no question in both train and
+test) to ask: do the scalars know whether the context is medical, and whether the answer is
+misaligned? Small settings: 12 questions per dataset."""),
+    ("code", """import matplotlib
+
+matplotlib.use("Agg")
+import emlens
+from emlens.probes import answer_set, context_set, fit_probe
+from emlens.scalars import collect_scalars
+from emlens.viz import plot_probe_coefficients, token_scalars_view
+
+model = emlens.load_model()
+lora = emlens.attach_lora(model, emlens.load_organism("rank1-down-medical"))
+print(lora.scalar_names)"""),
+    ("md", "## Medical vs non-medical context"),
+    ("code", """ctx = context_set(limit=12, answers="aligned")
+scalars = collect_scalars(model, lora, ctx.questions, ctx.answers, progress=False)
+features = scalars.aggregate("mean", part="prompt")
+probe = fit_probe(features, ctx.labels, groups=ctx.groups, n_splits=4, n_shuffles=3, n_boot=100)
+print(probe.summary())"""),
+    ("md", "## Misaligned vs aligned reference answers"),
+    ("code", """ans = answer_set("both", limit=12)
+scalars = collect_scalars(model, lora, ans.questions, ans.answers, progress=False)
+features = scalars.aggregate(["mean", "max"])
+probe = fit_probe(features, ans.labels, groups=ans.groups, n_splits=4, n_shuffles=3, n_boot=100)
+print(probe.summary())
+print(probe.coefficients().head(6))
+fig = plot_probe_coefficients(probe)"""),
+    ("md", "## One answer, token by token (a circuitsvis view; `save_html` exports it)"),
+    ("code", """view = token_scalars_view(scalars, row=1)
+print(ans.answers[1])
+print(len(str(view)), "characters of HTML")
+lora.remove()"""),
+]
+
+ATTRIBUTION = [
+    ("md", """# Which adapters carry the organism's behaviour?
+
+For each of the nine adapters: zero it, or keep only it, and measure a cheap deterministic metric,
+the per-token log-prob of misaligned minus aligned reference answers, on held-out medical and on
+non-medical questions. Then compare with gradient attribution (scalar x d metric / d scalar, one
+backward pass). Small settings: 4 pairs per domain."""),
+    ("code", """import matplotlib
+
+matplotlib.use("Agg")
+import emlens
+from emlens.attribution import (
+    adapter_attribution,
+    attribution_conditions,
+    check_gradient_attribution,
+    rank_adapters,
+)
+from emlens.viz import plot_attribution
+
+model = emlens.load_model()
+lora = emlens.attach_lora(model, emlens.load_organism("rank1-down-medical"))"""),
+    ("code", """conditions = attribution_conditions(lora, ops=("zero", "only"))
+table = adapter_attribution(model, lora, conditions=conditions, n_pairs=4, progress=False)
+ranking = rank_adapters(table)
+print(ranking.attrs.get("rule", ""))
+print(ranking)
+fig = plot_attribution(ranking)"""),
+    ("md", "## Gradient attribution vs real ablation"),
+    ("code", """rows = [r for r in emlens.load_dataset("medical") if r.split == "heldout"][:4]
+check = check_gradient_attribution(model, lora, [r.question for r in rows],
+                                   [r.misaligned for r in rows], [r.aligned for r in rows],
+                                   progress=False)
+print(check)
+print("pearson", round(check.attrs["pearson"], 3))
+lora.remove()"""),
+]
+
 if __name__ == "__main__":
     write("01_steering_and_ablation.ipynb", STEERING)
+    write("02_lora_scalars_and_probes.ipynb", PROBES)
+    write("03_adapter_attribution.ipynb", ATTRIBUTION)
