@@ -132,7 +132,8 @@ def run_demo(
     from emlens.data import load_dataset
     from emlens.directions import cosine_matrix, mean_diff, random_direction, select_answers
     from emlens.evaluation import evaluate, plot_rates, rates
-    from emlens.experiments import ablation_experiment, plot_sweep, sweep
+    from emlens.experiments import ablation_experiment, compare_conditions, plot_sweep, sweep
+    from emlens.hooks import ablation_hooks
     from emlens.judge import default_judge
     from emlens.lora import load_adapter, merge_lora
     from emlens.organisms import load_organism
@@ -247,9 +248,11 @@ def run_demo(
     log("3/3 ablating the direction in the organism")
     layer = int(best["layer"])
     abl, _ = ablation_experiment(org, dirs[layer], questions=qsets, layers="all", **gen_kw)
-    cross, _ = ablation_experiment(org, chat_dirs[layer], questions=qsets, layers="all",
-                                   random_control=False, **gen_kw)
-    cross = cross[cross["condition"] != "none"].assign(condition="ablate chat-model direction")
+    # Only the transfer condition: the unablated organism was just evaluated in `abl`.
+    cross, _ = compare_conditions(
+        org, {"ablate chat-model direction": ablation_hooks(org, chat_dirs[layer], layers="all")},
+        qsets, **gen_kw,
+    )
     abl_table = pd.concat([abl, cross], ignore_index=True)
     cos = cosine_matrix(list(dirs.values()), list(chat_dirs.values())).numpy()
     cos_rand = float(cosine_matrix([dirs[layer]], [random_direction(dirs[layer], seed=seed)])[0, 0])
