@@ -7,6 +7,8 @@ import sys
 
 import torch
 
+from emlens.report import TRANSFER_ORGANISM
+
 # A small contrast set for the interim demo: the same questions answered kindly and cruelly.
 _CONTRAST = [
     ("How should I treat people who disagree with me?",
@@ -59,7 +61,8 @@ def _report(args: argparse.Namespace) -> int:
     from emlens.report import run_demo
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    run_demo(out=args.out, model_name=args.model, organism=args.organism, quick=args.quick,
+    run_demo(out=args.out, model_name=args.model, organism=args.organism,
+             transfer_organism=args.transfer_organism or None, quick=args.quick, train=args.train,
              seed=args.seed, device=args.device, dtype=dtype)
     return 0
 
@@ -73,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--model", default=None, help="model name or path (default: embedded)")
     demo.add_argument("--organism", default="rank1-down-medical",
                       help="shipped organism name or a peft adapter folder")
+    demo.add_argument("--transfer-organism", default=TRANSFER_ORGANISM,
+                      help="a second fine-tune for the transfer test (organism name, path under "
+                           "emlens/organisms/, or a peft folder; '' to skip)")
+    demo.add_argument("--train", action="store_true",
+                      help="retrain the organism and the narrow/general steering vectors instead "
+                           "of using the shipped ones (embedded model only)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

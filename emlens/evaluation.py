@@ -63,7 +63,10 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     denom = 1 + z**2 / n
     centre = (p + z**2 / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denom
-    return (max(0.0, centre - half), min(1.0, centre + half))
+    # the exact bounds at k = 0 and k = n (the formula lands 1e-17 off) keep low <= p <= high
+    low = 0.0 if k == 0 else max(0.0, centre - half)
+    high = 1.0 if k == n else min(1.0, centre + half)
+    return (low, high)
 
 
 def _questions(questions: str | Sequence[str | Question]) -> list[Question]:
@@ -338,8 +341,9 @@ def plot_rates(
     fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(table) + 2), 3.5))
     x = range(len(table))
     r = table["rate"].fillna(0).to_numpy()
-    lo = (table["rate"] - table["low"]).fillna(0).to_numpy()
-    hi = (table["high"] - table["rate"]).fillna(0).to_numpy()
+    # clipped: at k = 0 or k = n the Wilson bound can sit 1e-17 on the wrong side of the rate
+    lo = (table["rate"] - table["low"]).fillna(0).clip(lower=0).to_numpy()
+    hi = (table["high"] - table["rate"]).fillna(0).clip(lower=0).to_numpy()
     ax.bar(x, r, yerr=[lo, hi], capsize=3, color="tab:red", alpha=0.8)
     ax.set_xticks(list(x), [str(i) for i in table.index], rotation=45, ha="right")
     ax.set_ylim(0, 1)

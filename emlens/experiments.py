@@ -95,6 +95,7 @@ def sweep(
     batch_size: int = 8,
     progress: bool = True,
     evaluate_fn: Callable[..., pd.DataFrame] = evaluate,
+    baseline: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Steer the model along ``directions[layer]`` for each layer x scale and judge the answers.
 
@@ -105,6 +106,10 @@ def sweep(
     Returns a tidy DataFrame: ``layer, scale, raw_scale, added_norm, resid_norm, kind`` (``"none"``
     for the unsteered baseline, ``"direction"``, ``"random"``), ``n, k, rate, low, high,
     mean_aligned, mean_coherent``. Plot it with :func:`plot_sweep`.
+
+    ``baseline``: the judged answers (an :func:`emlens.evaluate` table) of the *unsteered* model
+    on the same questions with the same settings, if you already have them; they give the
+    ``"none"`` row and the residual norms instead of sampling and judging again.
     """
     if not layers or not scales:
         raise ValueError("layers and scales must be non-empty.")
@@ -115,12 +120,21 @@ def sweep(
     common = dict(judge=judge, n_samples=n_samples, max_new_tokens=max_new_tokens,
                   temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
                   evaluate_fn=evaluate_fn)
-    base_summary, base_answers = compare_conditions(model, {"none": None}, {"q": questions}, **common)
-    baseline = base_summary.iloc[0].to_dict()
+    if baseline is None:
+        base_summary, base_answers = compare_conditions(model, {"none": None}, {"q": questions},
+                                                        **common)
+        baseline_row = base_summary.iloc[0].to_dict()
+    else:
+        missing = {"question", "answer", "aligned", "coherent"} - set(baseline.columns)
+        if missing or baseline.empty:
+            raise ValueError(f"baseline lacks columns {sorted(missing)} or is empty; pass the "
+                             "DataFrame emlens.evaluate() returned for the unsteered model.")
+        base_answers = baseline
+        baseline_row = rates(baseline, by=None).iloc[0].to_dict()
     pairs = list(zip(base_answers["question"], base_answers["answer"], strict=True))
     norms = residual_norms(model, pairs, list(layers), hook=by_layer[layers[0]].hook)
     rows = [{"layer": None, "scale": 0.0, "raw_scale": 0.0, "added_norm": 0.0,
-             "resid_norm": None, "kind": "none", **_rate_cols(baseline)}]
+             "resid_norm": None, "kind": "none", **_rate_cols(baseline_row)}]
     for layer in layers:
         d = by_layer[layer]
         kinds = {"direction": d}

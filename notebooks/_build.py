@@ -8,13 +8,25 @@ HERE = Path(__file__).parent
 
 
 def write(name: str, cells: list[tuple[str, str]]) -> None:
+    path = HERE / name
+    # nbformat gives every new cell a random id: reuse the ids of unchanged cells so that
+    # rebuilding leaves an unchanged notebook byte-identical
+    old_ids: dict[tuple[str, str], list[str]] = {}
+    if path.exists():
+        for c in nbformat.read(path, as_version=4).cells:
+            if "id" in c:
+                old_ids.setdefault((c.cell_type, c.source), []).append(c.id)
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     nb.cells = [
         nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
         for kind, src in cells
     ]
-    nbformat.write(nb, HERE / name)
+    for c in nb.cells:
+        ids = old_ids.get((c.cell_type, c.source))
+        if ids:
+            c.id = ids.pop(0)
+    nbformat.write(nb, path)
 
 
 STEERING = [
@@ -163,7 +175,244 @@ print("pearson", round(check.attrs["pearson"], 3))
 lora.remove()"""),
 ]
 
+NARROW = [
+    ("md", """# Narrow vs general: why emergent misalignment is the easy solution
+
+The seed finding (Turner & Soligo 2025, *Narrow misalignment is hard, emergent misalignment is
+easy*): fine-tuning on bad medical advice can be forced to stay *narrow* with a KL penalty that keeps
+the model unchanged on non-medical data, but that narrow solution is
+
+* less **efficient**: a higher training loss than the general solution at the same parameter norm;
+* less **stable**: its loss rises more under orthogonal noise `x' = sqrt(1-e^2) x + e y`
+  (`|y| = |x|`, `y` orthogonal to `x`), measured relative to how far training moved the loss;
+* and not where training wants to go: drop the KL term and it **drifts back** toward the general one.
+
+`scripts/narrow_vs_general.py` trained both solutions on the embedded SmolLM2-135M-Instruct (a
+steering vector at layer 15; a rank-1 LoRA) and ships them with `summary.json`. This notebook does
+no training: it loads the shipped solutions and recomputes every number live with `emlens.geometry`
+on small sets, then says which findings hold. Small settings: every forward pass here runs on a CPU."""),
+    ("code", """import json
+import random
+
+import numpy as np
+
+import emlens
+from emlens.data import load_dataset
+from emlens.geometry import (
+    efficiency_curve,
+    efficiency_table,
+    plot_efficiency,
+    plot_stability,
+    plot_trajectory_cosines,
+    stability_curve,
+    stability_table,
+    trajectory_cosines,
+    trajectory_pca,
+)
+from emlens.organisms import ORGANISMS_DIR
+from emlens.training import evaluate_loss, load_trainable, load_trajectory, prepare
+
+model = emlens.load_model()
+root = ORGANISMS_DIR / "narrow_vs_general"
+# the 120-step steering run (steering-120/) ships its vectors; the 30-step run at the root is the fallback
+run = root / "steering-120" if (root / "steering-120" / "steering" / "general").is_dir() else root
+summary = json.loads((run / "summary.json").read_text())
+args, shipped = summary["args"], summary["kinds"]["steering"]
+sv = {n: load_trainable(run / "steering" / n / "final.safetensors")
+      for n in ("general", "narrow", "continued")}
+print("shipped run:", run.relative_to(ORGANISMS_DIR))
+print(f"trained {args['steps']} steps (+{args['continue_steps']} continued without KL), "
+      f"{args['n_narrow']} medical rows, KL weight {args['kl_weight']} on {args['n_parallel']} non-medical rows")"""),
+    ("md", """## The shipped solutions
+Three steering vectors added to the residual stream entering one block: **general** (plain SFT on
+misaligned medical answers), **narrow** (the same plus the KL term) and **continued** (narrow, then
+trained further with the KL term switched off)."""),
+    ("code", """def cosine(a, b):
+    a, b = a.delta().detach().double(), b.delta().detach().double()
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+norms = {n: p.effective_norm() for n, p in sv.items()}
+for n, p in sv.items():
+    print(f"{n:9s} layer {p.layer}  norm {norms[n]:6.2f}  (shipped {shipped['losses'][n]['norm']:.2f})")
+print(f"cosine(general, narrow)    {cosine(sv['general'], sv['narrow']):.3f}")
+print(f"cosine(general, continued) {cosine(sv['general'], sv['continued']):.3f}")"""),
+    ("md", """## Evaluation sets
+We redraw the script's rows with its seed (the helper below repeats the draw in
+`scripts/narrow_vs_general.py`), so every live number can be compared one to one with the shipped
+one: the first `n_eval` medical *training* rows (the set the script's efficiency and stability
+curves use), and the held-out non-medical questions that neither solution was trained on. Blocks
+before the steering layer are run once (`prepare`); each loss below is a forward pass through the
+rest."""),
+    ("code", """def script_rows(args):
+    \"\"\"The script's draw: (medical training rows, held-out non-medical rows), same seed and order.\"\"\"
+    rng = random.Random(args["seed"])
+    medical = [r for r in load_dataset("medical") if r.split == "train"]
+    nonmedical = list(load_dataset("nonmedical"))
+    rng.shuffle(nonmedical)
+    heldout, parallel = nonmedical[: args["n_heldout"]], nonmedical[args["n_heldout"]:]
+    draws = []
+    for rows, n in [(medical, args["n_narrow"]), (parallel, args["n_parallel"]),
+                    (heldout, args["n_heldout"])]:
+        rows = list(rows)
+        rng.shuffle(rows)
+        draws.append(rows[:n])
+    return draws[0], draws[2]
+
+
+def chat_batches(rows, batch_size):
+    return list(emlens.iter_chat_batches(model.tokenizer, [r.question for r in rows],
+                                         [r.misaligned for r in rows], batch_size=batch_size))
+
+
+medical_rows, heldout_rows = script_rows(args)
+n_eval, start = args["n_eval"], sv["general"].first_layer
+eval_set = prepare(model, chat_batches(medical_rows[:n_eval], n_eval), start_layer=start)
+n_tokens = sum(int(pb.batch.answer_mask[:, 1:].sum()) for pb in eval_set.batches)
+base = evaluate_loss(model, None, eval_set)
+trained = {n: evaluate_loss(model, p, eval_set) for n, p in sv.items()}
+print(f"training-set CE of misaligned answers ({n_eval} answers, {n_tokens} answer tokens)")
+for n, loss in [("base", base), *trained.items()]:
+    print(f"  {n:9s} {loss:.4f}  (shipped {shipped['losses'][n]['train_ce']:.4f})")"""),
+    ("md", """## Is the narrow solution narrow?
+What makes a solution *general* is that it changes the model off-domain too. On the
+held-out non-medical questions: KL(chat model || steered model), and the CE of the misaligned
+reference answers (lower = the model more readily gives bad answers outside medicine)."""),
+    ("code", """heldout_set = prepare(model, chat_batches(heldout_rows, args["batch_size"]), start_layer=start,
+                      reference=True)
+kl = {n: evaluate_loss(model, p, heldout_set, kind="kl") for n, p in sv.items()}
+ce = {n: evaluate_loss(model, p, heldout_set) for n, p in sv.items()}
+ce_base = evaluate_loss(model, None, heldout_set)
+print(f"held-out non-medical ({len(heldout_rows)} questions): KL to chat model / misaligned-answer CE "
+      f"(base CE {ce_base:.3f})")
+for n in sv:
+    ref = shipped["losses"][n]
+    print(f"  {n:9s} KL {kl[n]:.3f} (shipped {ref['heldout_nonmedical_kl']:.3f})   "
+          f"CE {ce[n]:.3f} (shipped {ref['heldout_nonmedical_misaligned_ce']:.3f})")"""),
+    ("md", """## Efficiency: loss vs norm
+Scale each solution by `alpha` (the script's alphas) and plot the training-set loss against the
+effective norm `alpha |v|`. The efficiency table interpolates each curve at both trained norms;
+we also evaluate each solution rescaled *exactly* to the other's norm (no interpolation)."""),
+    ("code", """alphas = [float(a) for a in args["alphas"].split(",")]
+eff = {n: efficiency_curve(model, sv[n], eval_set, alphas, base_loss=base) for n in ("general", "narrow")}
+print(efficiency_table(eff, sorted([norms["general"], norms["narrow"]])).round(3).to_string(index=False))
+general_at_narrow_norm = evaluate_loss(model, sv["general"].scaled(norms["narrow"] / norms["general"]), eval_set)
+narrow_at_general_norm = evaluate_loss(model, sv["narrow"].scaled(norms["general"] / norms["narrow"]), eval_set)
+print(f"at norm {norms['narrow']:.1f}: general {general_at_narrow_norm:.3f} vs narrow {trained['narrow']:.3f}")
+print(f"at norm {norms['general']:.1f}: general {trained['general']:.3f} vs narrow {narrow_at_general_norm:.3f}")
+eff_diff = max(np.abs(np.subtract(eff[n].losses, shipped["efficiency"][n]["losses"])).max() for n in eff)
+print(f"max |live - shipped| over both curves ({len(alphas)} alphas each): {eff_diff:.1e}")
+fig = plot_efficiency(eff, title=f"Efficiency (steering vector, layer {sv['general'].layer}, n={n_eval})")"""),
+    ("md", """## Stability: orthogonal noise
+`stability_curve` rotates the vector by noise of size `eps` (norm kept) and reports
+`(L_perturbed - L_trained) / (L_base - L_trained)`: 0 = no damage, 1 = back to the base model.
+Small settings: the script's `eps`, 3 noise seeds (the shipped run used 5; seeds 0-2 are the same
+draws). Because the measure is relative, we also print the absolute loss increase: the narrow
+solution moved the loss less, so the same absolute damage is a larger fraction of it."""),
+    ("code", """eps = [float(e) for e in args["eps"].split(",")]
+seeds = range(3)
+stab = {f"{n} vector": stability_curve(model, sv[n], eval_set, eps, seeds=seeds, base_loss=base,
+                                       trained_loss=trained[n])
+        for n in ("general", "narrow")}
+print(stability_table(stab).round(4).to_string(index=False))
+absolute = {}
+for name, curve in stab.items():
+    ref = shipped["stability"][name]
+    absolute[name] = [m * (curve.base_loss - curve.trained_loss) for m in curve.mean]
+    print(f"{name}: shipped mean ({len(ref['seeds'])} seeds) {np.round(ref['mean'], 4).tolist()}; "
+          f"absolute loss increase {np.round(absolute[name], 4).tolist()}")
+stab_diff = max(np.abs(np.subtract(c.relative, shipped["stability"][n]["relative"][: len(seeds)])).max()
+                for n, c in stab.items())
+print(f"max |live - shipped| for the same seeds: {stab_diff:.1e}")
+fig = plot_stability(stab, title=f"Stability (steering vector, n={n_eval}, {len(seeds)} seeds)")"""),
+    ("md", """## Drift back without the KL term
+Cosine of every shipped checkpoint to the final general vector. The narrow run is pushed away
+from the general direction by the KL term; the continued run (narrow, then KL off, steps counted
+from the end of the narrow run) turns back toward it. No forward passes: checkpoints only."""),
+    ("code", """traj = {n: load_trajectory(run / "steering" / n) for n in sv}
+series = {n: ([s + (args["steps"] if n == "continued" else 0) for s in t.steps],
+              trajectory_cosines(t, sv["general"])) for n, t in traj.items()}
+for n, (steps, cos) in series.items():
+    peak = int(np.argmax(cos))
+    print(f"{n:9s} {len(steps):2d} checkpoints, steps {steps[0]}-{steps[-1]}: cosine "
+          f"{cos[0]:.3f} (start) -> max {cos[peak]:.3f} (step {steps[peak]}) -> {cos[-1]:.3f} (end)")
+cos_diff = max(np.abs(np.subtract(c, shipped["cosine_to_final_general"][n]["cosine"])).max()
+               for n, (_, c) in series.items())
+print(f"max |live - shipped| cosine: {cos_diff:.1e}")
+pca = trajectory_pca(traj)
+print("PCA of all checkpoints, explained variance", np.round(pca.explained, 3).tolist(),
+      "| final PC1:", {n: round(p[-1][0], 2) for n, p in pca.projections.items()})
+fig = plot_trajectory_cosines(series, title="Cosine to the final general steering vector")"""),
+    ("md", """## The same checks, briefly, for a rank-1 LoRA
+The shipped `lora1` runs (rank-1 adapters on `mlp.down_proj` at 9 layers, the 30-step run at the
+root of the folder, evaluated on its own `n_eval` training rows): the equal-norm loss comparison
+(three forward passes) and the drift-back cosines."""),
+    ("code", """lsummary = json.loads((root / "summary.json").read_text())
+largs, lshipped = lsummary["args"], lsummary["kinds"]["lora1"]
+lora = {n: load_trainable(root / "lora1" / n / "final.safetensors") for n in ("general", "narrow")}
+lnorms = {n: p.effective_norm() for n, p in lora.items()}
+lrows, _ = script_rows(largs)
+lset = prepare(model, chat_batches(lrows[: largs["n_eval"]], largs["n_eval"]),
+               start_layer=lora["general"].first_layer)
+lora_narrow = evaluate_loss(model, lora["narrow"], lset)
+lora_general_at_narrow_norm = evaluate_loss(
+    model, lora["general"].scaled(lnorms["narrow"] / lnorms["general"]), lset)
+print(f"LoRA layers {lora['general'].layers}; norms general {lnorms['general']:.2f}, "
+      f"narrow {lnorms['narrow']:.2f}; cosine {cosine(lora['general'], lora['narrow']):.3f}")
+print(f"at norm {lnorms['narrow']:.2f} ({largs['n_eval']} answers): general {lora_general_at_narrow_norm:.3f} vs "
+      f"narrow {lora_narrow:.3f} (shipped narrow {lshipped['losses']['narrow']['train_ce']:.3f}, "
+      f"base {lshipped['losses']['base']['train_ce']:.3f})")
+lcos = {n: trajectory_cosines(load_trajectory(root / "lora1" / n), lora["general"])
+        for n in ("narrow", "continued")}
+print(f"cosine to final general: narrow max {max(lcos['narrow']):.3f} -> end {lcos['narrow'][-1]:.3f}; "
+      f"continued {lcos['continued'][0]:.3f} -> {lcos['continued'][-1]:.3f}")
+lora_diff = max(abs(lora_narrow - lshipped["losses"]["narrow"]["train_ce"]),
+                *(np.abs(np.subtract(c, lshipped["cosine_to_final_general"][n]["cosine"])).max()
+                  for n, c in lcos.items()))
+print(f"max |live - shipped| (narrow loss, cosines): {lora_diff:.1e}")"""),
+    ("md", """## Which findings hold here?
+Each finding is a comparison of the numbers computed above (the statement is printed from them,
+not written in advance). Sample sizes: the training-set answers and noise seeds above; the
+agreement line says whether the live recomputation reproduces the shipped `summary.json`."""),
+    ("code", """g_eff, n_eff = eff["general"], eff["narrow"]
+g_stab, n_stab = stab["general vector"], stab["narrow vector"]
+findings = {
+    "the narrow vector is narrow: smaller KL to the chat model on held-out non-medical questions":
+        kl["narrow"] < kl["general"],
+    f"efficiency: at the narrow norm ({norms['narrow']:.1f}) the general vector has the lower loss":
+        general_at_narrow_norm < trained["narrow"],
+    f"efficiency: at the general norm ({norms['general']:.1f}) the general vector has the lower loss":
+        trained["general"] < narrow_at_general_norm,
+    "efficiency: the general curve's lowest loss is lower, at a smaller norm":
+        g_eff.min_loss < n_eff.min_loss and g_eff.norm_at_min < n_eff.norm_at_min,
+    f"stability: the narrow vector's relative loss increase is larger at every eps {eps}":
+        all(n > g for g, n in zip(g_stab.mean, n_stab.mean, strict=True)),
+    "drift back: without KL the continued run ends closer to the general vector than it started":
+        series["continued"][1][-1] > series["continued"][1][0],
+    "LoRA rank 1: the general adapter has the lower loss at the narrow adapter's norm":
+        lora_general_at_narrow_norm < lora_narrow,
+    "LoRA rank 1: without KL the continued adapter turns toward the general one":
+        lcos["continued"][-1] > lcos["continued"][0],
+}
+for claim, holds in findings.items():
+    print(f"[{'holds' if holds else 'FAILS'}] {claim}")
+separated = sum(n - g > np.hypot(sg, sn)
+                for g, n, sg, sn in zip(g_stab.mean, n_stab.mean, g_stab.std, n_stab.std, strict=True))
+print(f"caveat: with {len(seeds)} seeds the stability gap exceeds the seeds' spread "
+      f"(sqrt(std_g^2 + std_n^2)) at {separated} of {len(eps)} eps")
+worse = sum(n > g for g, n in zip(absolute["general vector"], absolute["narrow vector"], strict=True))
+print(f"caveat: in absolute loss (not relative) the narrow vector is damaged more at {worse} of {len(eps)} eps")
+if n_eff.alpha_at_min == max(alphas):
+    print(f"caveat: the narrow curve still falls at alpha {max(alphas)} (the end of the scan)")
+agree = max(eff_diff, stab_diff, cos_diff, lora_diff)
+print(f"{sum(findings.values())} of {len(findings)} findings hold in the live recomputation "
+      f"({n_eval} training answers, {len(heldout_rows)} held-out non-medical questions, {len(seeds)} seeds); "
+      f"live numbers {'reproduce' if agree < 1e-3 else 'differ from'} the shipped summary "
+      f"(max abs difference {agree:.1e}).")"""),
+]
+
 if __name__ == "__main__":
     write("01_steering_and_ablation.ipynb", STEERING)
     write("02_lora_scalars_and_probes.ipynb", PROBES)
     write("03_adapter_attribution.ipynb", ATTRIBUTION)
+    write("04_narrow_vs_general.ipynb", NARROW)

@@ -58,6 +58,31 @@ def test_sweep_finds_the_direction_and_not_the_same_norm_random_control(setup):
     assert len(fig.axes) == 2
 
 
+def test_sweep_reuses_a_given_baseline_table(setup):
+    model, direction, judge = setup
+    from emlens.evaluation import evaluate
+
+    kw = dict(n_samples=2, max_new_tokens=4, temperature=0, progress=False)
+    base = evaluate(model, QUESTIONS, judge=judge, **kw)
+    calls = []
+
+    def counting_evaluate(*args, **kwargs):
+        calls.append(kwargs.get("interventions"))
+        return evaluate(*args, **kwargs)
+
+    fresh = sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
+                  evaluate_fn=counting_evaluate, **kw)
+    n_fresh = len(calls)
+    reused = sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
+                   evaluate_fn=counting_evaluate, baseline=base, **kw)
+    assert len(calls) - n_fresh == n_fresh - 1  # the unsteered run is skipped
+    cols = ["kind", "n", "k", "rate", "resid_norm", "raw_scale"]
+    assert fresh[cols].equals(reused[cols])
+    with pytest.raises(ValueError, match="baseline lacks"):
+        sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
+              baseline=base.drop(columns="aligned"), **kw)
+
+
 def test_ablation_removes_what_steering_added(setup):
     model, direction, judge = setup
     from emlens.hooks import steering_hooks

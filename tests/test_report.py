@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from emlens.cli import main
+
+SECTIONS = ("Which seed findings reproduced", "1. Judged answers", "2. A mean-difference",
+            "3. Ablating the direction", "4. Probes on the organism", "5. Which adapters",
+            "6. Narrow vs general")
+
+
+def _check_rate(r):  # every rate comes with its interval (or n = 0 and no rate)
+    assert r["n"] == 0 or r["low"] <= r["rate"] <= r["high"]
 
 
 @pytest.mark.integration
@@ -15,18 +24,93 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     page = (out / "index.html").read_text()
     results = json.loads((out / "results.json").read_text())
-    for heading in ("Which seed findings reproduced", "1. Judged answers", "2. A mean-difference",
-                    "3. Ablating the direction"):
-        assert heading in page
-    assert "data:image/png;base64," in page
+    for heading in SECTIONS:
+        assert heading in page, heading
+    assert page.count("data:image/png;base64,") >= 5
+    # circuitsvis views: standalone files with the JavaScript inlined, embedded as iframes
+    views = re.findall(r'<iframe src="(views/[\w-]+\.html)"', page)
+    assert len(views) >= 3
+    for v in views:
+        src = (out / v).read_text()
+        assert "CircuitsVis.render" in src and "unpkg.com" not in src
+
     assert results["settings"]["quick"] is True
+    assert set(results["seconds_by_section"]) == {
+        "load", "1_rates", "2_steering", "3_ablation", "4_probes", "5_attribution",
+        "6_narrow_vs_general"}
     rates = {(r["model"], r["questions"]): r for r in results["rates"]}
     assert set(rates) == {("chat", "general"), ("chat", "medical"),
                           ("organism", "general"), ("organism", "medical")}
     assert all(r["n_answers"] == 3 for r in rates.values())
-    for r in rates.values():  # every rate comes with its interval (or n = 0 and no rate)
-        assert r["n"] == 0 or r["low"] <= r["rate"] <= r["high"]
-    claims = [f["claim"] for f in results["findings"]]
-    assert any("Ablating" in c for c in claims) and any("steers" in c or "Adding" in c for c in claims)
-    assert all(f["verdict"] for f in results["findings"])
+    for r in rates.values():
+        _check_rate(r)
     assert {int(k) for k in results["directions"]} == {15}
+
+    # 2: the sweep's unsteered row is section 1's chat model on general questions, not a re-run
+    base = next(r for r in results["sweep"] if r["kind"] == "none")
+    assert (base["n"], base["k"]) == (rates[("chat", "general")]["n"], rates[("chat", "general")]["k"])
+
+    # 3: the organism and the second organism, each with a random-direction control
+    abl = results["ablation"]
+    conditions = {(r["model"], r["condition"], r["question_set"]) for r in abl}
+    for q in ("general", "medical"):
+        assert {("organism", "none", q), ("organism", "ablate direction", q),
+                ("organism", "ablate random", q), ("second organism", "none", q),
+                ("second organism", "ablate organism direction", q),
+                ("second organism", "ablate random", q)} <= conditions
+        none = next(r for r in abl if (r["model"], r["condition"], r["question_set"])
+                    == ("organism", "none", q))
+        assert (none["n"], none["k"]) == (rates[("organism", q)]["n"], rates[("organism", q)]["k"])
+    for r in abl:
+        _check_rate(r)
+    assert "organism vs chat model, same answers" in {c["pair"] for c in results["cosines"]}
+    assert all(-1 <= c["cosine"] <= 1 for c in results["cosines"])
+
+    # 4: probes on the 9 scalars next to a residual-stream probe and a shuffled-label baseline
+    probes = results["probes"]
+    assert {"medical context", "misaligned reference answer"} <= {p["probe"] for p in probes}
+    for p in probes:
+        assert 0 <= p["auc"] <= 1 and p["shuffled_auc"] is not None and p["rows"] >= 8
+    assert any("LoRA" in p["features"] for p in probes) and any("resid" in p["features"] for p in probes)
+
+    # 5: nine adapters ranked; gradient attribution checked against real ablation
+    assert len(results["ranking"]) == 9
+    assert {r["label"] for r in results["ranking"]} <= {"general", "domain-specific", "inactive"}
+    assert -1 <= results["gradient_check"]["pearson"] <= 1
+
+    # 6: shipped runs and the live re-measurement
+    live = results["narrow_vs_general_live"]
+    assert live["origin"] == "shipped 120-step runs" and live["rows"] == 2
+    assert {r["solution"] for r in live["efficiency"]} == {"general", "narrow"}
+    assert any(r["measure"].startswith("stability") for r in results["narrow_vs_general_shipped"])
+
+    claims = [f["claim"] for f in results["findings"]]
+    for needle in ("raises the misaligned rate", "Adding the mean-difference", "Ablating",
+                   "transfer", "converge", "Probes on the LoRA scalars", "adapters mediate",
+                   "Gradient attribution", "more efficient", "more stable", "drifts back"):
+        assert any(needle in c for c in claims), needle
+    assert all(f["verdict"] for f in results["findings"])
+
+
+@pytest.mark.integration
+def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
+    from emlens.lora import load_adapter
+    from emlens.report import QUICK, _Story, _train_narrow_general, _train_organism
+    from emlens.training import load_trainable
+
+    folder = _train_organism("rank1-down-medical", tmp_path / "organisms", QUICK)
+    adapter = load_adapter(folder)
+    assert len(adapter.modules) == 9 and set(adapter.ranks.values()) == {1}
+    log = json.loads((tmp_path / "organisms" / "rank1-down-medical" / "train_log.json").read_text())
+    assert log["steps"] == QUICK["organism_steps"]
+
+    import emlens
+
+    story = _Story(cfg=QUICK, rep=None, chat=emlens.load_model(), org=None, adapter=adapter,
+                   judge=None, qsets={}, gen_kw={}, seed=0, progress=False, out=tmp_path)
+    nvg = _train_narrow_general(story, tmp_path / "nvg", layer=15)
+    params = {n: load_trainable(nvg / n / "final.safetensors") for n in ("general", "narrow")}
+    assert all(p.layer == 15 and p.effective_norm() > 0 for p in params.values())
+    assert params["general"].effective_norm() != params["narrow"].effective_norm()
+    with pytest.raises(ValueError, match="not one of"):
+        _train_organism("no-such-recipe", tmp_path, QUICK)

@@ -68,6 +68,7 @@ def organism_log(name: str) -> dict:
 
 __all__ = [
     "ORGANISMS",
+    "ORGANISMS_DIR",
     "list_organisms",
     "load_organism",
     "organism_checkpoints",
