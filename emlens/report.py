@@ -41,13 +41,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
-                sweep_layers=(10, 15), sweep_scales=(0.25, 0.5), probe_limit=24,
+                sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.25, 0.5), probe_limit=24,
                 attribution_pairs=8, live_rows=8, stability_seeds=3,
                 train_steps=30, organism_steps=None)
 QUICK = dict(n_samples=1, max_new_tokens=12, n_general=3, n_medical=3,
-             sweep_layers=(15,), sweep_scales=(0.5,), probe_limit=6,
+             sweep_layers=(1 / 2,), sweep_scales=(0.5,), probe_limit=6,
              attribution_pairs=2, live_rows=2, stability_seeds=2,
              train_steps=3, organism_steps=2)
+# sweep_layers are fractions of the depth: 10 and 15 of SmolLM2's 30 layers, 16 and 24 of 48
 NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/
 TRANSFER_ORGANISM = "narrow_vs_general/lora1/general/peft"  # a second rank-1 fine-tune
 
@@ -187,6 +188,7 @@ class _Story:
     dirs: dict | None = None
     chat_dirs: dict | None = None
     layer: int | None = None
+    embedded: bool = True  # the embedded SmolLM2 (the shipped narrow/general runs fit only it)
     bad: list | None = None  # (question, answer) pairs the direction was extracted from
     good: list | None = None
 
@@ -212,7 +214,8 @@ def run_demo(
             folder, ``.gguf`` file or TransformerLens name such as ``Qwen/Qwen2.5-7B-Instruct``).
         organism: a shipped organism name (``emlens.list_organisms()``) or a peft adapter folder.
         transfer_organism: a second fine-tune for the transfer test (a shipped organism name, a
-            path relative to ``emlens/organisms/``, or a peft folder); ``None`` skips it.
+            path relative to ``emlens/organisms/``, a peft folder or hub id); ``None`` skips it.
+            The default (shipped, SmolLM2) is dropped when ``model_name`` is given.
         quick: tiny settings (a smoke run); otherwise :data:`DEFAULTS`.
         train: retrain the organism (into ``<out>/organisms/``) and the narrow / general
             steering vectors of section 6 (into ``<out>/narrow_vs_general/``) instead of using
@@ -227,6 +230,8 @@ def run_demo(
     out = Path(out)
     t0 = time.perf_counter()
     rep = Report(title="emlens: emergent misalignment on " + (model_name or "SmolLM2-135M-Instruct"))
+    if model_name is not None and transfer_organism == TRANSFER_ORGANISM:
+        transfer_organism = None  # the shipped second organism fits only the embedded model
     rep.results["settings"] = dict(cfg, quick=quick, train=train, seed=seed, model=model_name,
                                    organism=organism, transfer_organism=transfer_organism)
     if train and model_name is not None:
@@ -260,7 +265,7 @@ def run_demo(
         qsets={"general": general, "medical": medical},
         gen_kw=dict(judge=judge, n_samples=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
                     temperature=1.0, seed=seed, progress=progress),
-        seed=seed, progress=progress, out=out,
+        seed=seed, progress=progress, out=out, embedded=model_name is None,
     )
     rep.results["judge"] = judge.name
 
@@ -360,7 +365,7 @@ def _section_steering(s: _Story) -> None:
     from emlens.viz import projection_view
 
     cfg, rep = s.cfg, s.rep
-    layers = list(cfg["sweep_layers"])
+    layers = sorted({round(f * s.chat.cfg.n_layers) for f in cfg["sweep_layers"]})
     org_answers = s.answers[s.answers["model_role"] == "organism"]
     try:
         bad, good, selection = select_answers(org_answers, seed=s.seed)
@@ -408,7 +413,8 @@ def _section_steering(s: _Story) -> None:
         "Adding the mean-difference direction makes the chat model misaligned (vs a same-norm "
         "random direction)",
         "reproduced" if ok else "not reproduced",
-        f"best cell layer {best['layer']}, scale {best['scale']}: {_fmt_rate(best)}; random "
+        f"best cell layer {int(best['layer'])}, scale {best['scale']:g}: {_fmt_rate(best)}; "
+        f"random "
         f"{_fmt_rate(rand_best)}; unsteered {_fmt_rate(base)}",
     )
     s.layer = int(best["layer"])
@@ -736,7 +742,7 @@ def _section_narrow_vs_general(s: _Story, train: bool) -> None:
         "under orthogonal noise x' = sqrt(1-e^2) x + e y, |y| = |x|, y orthogonal to x.",
     )
     steering, main = _shipped_summary()
-    if s.chat.cfg.d_model != 576 and not train:
+    if not s.embedded and not train:
         rep.text("The shipped narrow/general runs were trained on SmolLM2-135M-Instruct; their "
                  "numbers are shown, but the live re-measurement needs that model (or --train).")
     shipped_rows = []
@@ -768,20 +774,21 @@ def _section_narrow_vs_general(s: _Story, train: bool) -> None:
                                  "std": math.nan, "n": len(cos)})
     shipped = pd.DataFrame(shipped_rows)
     if len(shipped):
-        rep.table(shipped, "Shipped runs (emlens/organisms/narrow_vs_general/, reproduced by "
+        rep.table(shipped, "Shipped runs on SmolLM2-135M-Instruct (emlens/organisms/"
+                           "narrow_vs_general/, reproduced by "
                            "scripts/narrow_vs_general.py): losses on the training rows, stability "
                            "as mean +- std over seeds.")
         rep.results["narrow_vs_general_shipped"] = shipped
 
     # Live: the shipped (or retrained) steering vectors, re-measured on held-out medical answers.
-    layer = 15
+    layer = s.chat.cfg.n_layers // 2  # 15 of 30: the shipped vectors' layer
     if train:
         folder = _train_narrow_general(s, s.out / "narrow_vs_general", layer)
         origin = f"trained now ({cfg['train_steps']} steps each, --train)"
     else:
         folder = ORGANISMS_DIR / NARROW_VS_GENERAL / "steering-120" / "steering"
         origin = "shipped 120-step runs"
-    if s.chat.cfg.d_model != 576 and not train:
+    if not s.embedded and not train:
         return
     params = {n: load_trainable(folder / n / "final.safetensors") for n in ("general", "narrow")}
     rows = pair_rows("medical", split="heldout", limit=cfg["live_rows"])

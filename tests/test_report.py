@@ -114,3 +114,42 @@ def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
     assert params["general"].effective_norm() != params["narrow"].effective_norm()
     with pytest.raises(ValueError, match="not one of"):
         _train_organism("no-such-recipe", tmp_path, QUICK)
+
+
+def _tiny_qwen_with_adapters(tmp_path, tokenizer):
+    """A tiny random Qwen2 (the embedded tokenizer's vocabulary) and two rank-1 down_proj peft
+    adapters: the shape of `--model Qwen/... --organism <published adapter>`, offline."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96,
+                      num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=False)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    hf.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    for name, seed in (("organism", 1), ("second", 2)):
+        torch.manual_seed(seed)
+        peft = get_peft_model(Qwen2ForCausalLM(cfg).eval(), LoraConfig(
+            r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[1, 2, 4],
+            init_lora_weights=False))
+        peft.save_pretrained(tmp_path / name)
+    return tmp_path / "base", tmp_path / "organism", tmp_path / "second"
+
+
+@pytest.mark.integration
+def test_demo_runs_on_another_model_with_its_own_adapters(tmp_path, tokenizer):
+    base, organism, second = _tiny_qwen_with_adapters(tmp_path, tokenizer)
+    out = tmp_path / "report"
+    assert main(["demo", "--quick", "--out", str(out), "--model", str(base), "--organism",
+                 str(organism), "--transfer-organism", str(second)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    page = (out / "index.html").read_text()
+    assert {int(k) for k in results["directions"]} == {3}  # half of 6 layers
+    assert len(results["ranking"]) == 3  # the 3 adapters of this organism
+    assert "second organism" in {r["model"] for r in results["ablation"]}
+    # the shipped SmolLM2 narrow/general vectors are shown, not re-measured on this model
+    assert "narrow_vs_general_live" not in results and "needs that model" in page
+    assert not any("more efficient" in f["claim"] for f in results["findings"])
