@@ -81,12 +81,12 @@ def _resolve(lora: AttachedLora, names: Sequence[str] | str) -> list[str]:
     items = [names] if isinstance(names, str) else list(names)
     try:
         return lora.select(items)
-    except KeyError:
+    except ValueError:
         unknown = []
         for item in items:
             try:
                 lora.select(item)
-            except KeyError:
+            except ValueError:
                 unknown.append(item)
         raise ValueError(
             f"Unknown adapter names {unknown}; valid names: {lora.names} (or a layer index or a "

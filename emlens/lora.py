@@ -874,7 +874,10 @@ class AttachedLora:
         return name in self._hook_set
 
     def select(self, which: Selection = None) -> list[str]:
-        """Adapter names matching ``which``: None (all), a layer, a name, a glob, or a list of them."""
+        """Adapter names matching ``which``: None (all), a layer, a name, a glob, or a list of them.
+
+        Raises ValueError naming the attached adapters when an item matches none.
+        """
         if which is None:
             return self.names
         items = [which] if isinstance(which, (int, str)) else list(which)
@@ -886,7 +889,7 @@ class AttachedLora:
                 stem = item.removesuffix(".hook_scalar").removesuffix(".hook_acts")
                 hits = [n for n in self.modules if n == stem or fnmatch.fnmatchcase(n, stem)]
             if not hits:
-                raise KeyError(f"No attached adapter matches {item!r}; attached: {self.names}.")
+                raise ValueError(f"No attached adapter matches {item!r}; attached: {self.names}.")
             chosen += [h for h in hits if h not in chosen]
         return chosen
 

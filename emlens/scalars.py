@@ -206,10 +206,7 @@ def collect_scalars(
         :class:`TokenScalars` over every real token (prompt and answer).
     """
     check_attached(model, lora)
-    try:
-        names = lora.select(adapters)
-    except KeyError as err:
-        raise ValueError(str(err.args[0])) from None
+    names = lora.select(adapters)  # ValueError naming the attached adapters
     rank_r = [f"{n} (rank {lora.modules[n].rank})" for n in names if lora.modules[n].rank != 1]
     if rank_r:
         raise ValueError(

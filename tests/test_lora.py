@@ -390,7 +390,7 @@ def test_steering_one_adapter_and_setting_its_scalar(trained, tl_models):
             partial_by_glob = model(t.tokens)
     assert torch.equal(partial, partial_by_glob)
     assert _maxdiff(partial, t.peft_logits()) > 1e-3
-    with pytest.raises(KeyError, match="No attached adapter matches 'blocks.4"):
+    with pytest.raises(ValueError, match="No attached adapter matches 'blocks.4"):
         lora.select("blocks.4.mlp.lora_down")
 
 
