@@ -41,7 +41,7 @@ from jaxtyping import Float
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
-from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor
@@ -52,6 +52,7 @@ METRICS: tuple[str, ...] = (
     "accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"
 )
 DEFAULT_CS: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0, 10.0)
+FALLBACK_C = 1.0  # when the inner folds cannot hold both classes (very few positive groups)
 REFERENCE_PRESET: dict[str, Any] = dict(penalty="l1", C=0.01, balance="subsample", n_repeats=10)
 FORMAT_VERSION = 1
 
@@ -245,7 +246,14 @@ def _fit_one(
         return _pipeline(C, penalty, balance, seed).fit(x, y), C
     # C by grouped inner CV over the regularisation path (warm-started, so cheap). The scaler is
     # fitted on this training set: the inner folds share it, the outer test fold never sees it.
-    inner = list(GroupKFold(n_splits=min(3, len(np.unique(g)))).split(x, y, g))
+    # Stratified, and only splits with both classes on both sides (ROC AUC needs them); with
+    # too few positive groups for that, C falls back to FALLBACK_C.
+    splitter = StratifiedGroupKFold(n_splits=min(3, len(np.unique(g))), shuffle=True,
+                                    random_state=seed)
+    inner = [(tr, te) for tr, te in splitter.split(x, y, g)
+             if len(np.unique(y[tr])) == 2 and len(np.unique(y[te])) == 2]
+    if len(inner) < 2:
+        return _pipeline(FALLBACK_C, penalty, balance, seed).fit(x, y), FALLBACK_C
     lrcv = LogisticRegressionCV(
         Cs=list(Cs), cv=inner, l1_ratios=[1.0 if penalty == "l1" else 0.0], scoring="roc_auc",
         solver="liblinear", max_iter=2000,
@@ -360,8 +368,9 @@ def fit_probe(
             each row its own group.
         feature_names: names of the columns (default: DataFrame columns or ``x0, x1, ...``).
         n_splits, n_repeats: outer ``StratifiedGroupKFold`` splits, repeated with new shuffles.
-        C: fixed inverse regularisation; ``None`` picks it from ``Cs`` by grouped inner CV
-            (ROC AUC) on each training fold and on all rows for the final model.
+        C: fixed inverse regularisation; ``None`` picks it from ``Cs`` by grouped, stratified
+            inner CV (ROC AUC) on each training fold and on all rows for the final model
+            (:data:`FALLBACK_C` when fewer than two inner splits have both classes on both sides).
         penalty: ``"l2"`` or ``"l1"`` (solver liblinear for both: fast on a few hundred rows; it
             also penalises the intercept slightly, negligible on standardised features).
         balance: ``"weight"`` (``class_weight="balanced"``) or ``"subsample"`` (drop majority

@@ -548,7 +548,7 @@ def _section_probes(s: _Story) -> None:
         "cross-validation by question (no question in both train and test); AUC intervals are "
         "a group bootstrap; the baseline is the same probe on shuffled labels, and the "
         f"residual-stream probe (mean resid_post at layer {s.layer}, {s.chat.cfg.d_model} "
-        "features) is the ceiling the 9 scalars are compared with.",
+        "features) is the ceiling the scalars are compared with.",
     )
     if not _rank1(s.adapter):
         rep.text(f"Skipped: the organism's adapters have ranks {sorted(set(s.adapter.ranks.values()))}; "
@@ -596,7 +596,8 @@ def _section_probes(s: _Story) -> None:
                        "Standardised coefficients of the misaligned-answer probe.")
             row = ls.labels.index(1)
             rep.view(token_scalars_view(scalars, row=row), "lora_scalars",
-                     f"The 9 scalars token by token on a misaligned reference answer to "
+                     f"The {len(lora.names)} scalars token by token on a misaligned reference "
+                     f"answer to "
                      f"{ls.questions[row]!r}.", height=420)
     for name in probes:
         r = table[(table["probe"] == name) & table["features"].str.contains("LoRA")].iloc[0]
