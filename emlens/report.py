@@ -836,13 +836,13 @@ def _section_narrow_vs_general(s: _Story, train: bool) -> None:
             f"e={e:g}: {mean['general'][i]:.3f}+-{std['general'][i]:.3f} vs "
             f"{mean['narrow'][i]:.3f}+-{std['narrow'][i]:.3f}" for i, e in enumerate(eps)),
     )
-    drift = shipped[shipped["measure"].str.startswith("cosine")] if len(shipped) else shipped
-    if len(drift):
-        r = drift[drift["run"].str.startswith("steering")]
-        if len(r) == 2:
-            end, begin = r["value"].iloc[0], r["value"].iloc[1]
-            rep.finding(
-                "Without the KL term the narrow solution drifts back toward the general one",
-                "reproduced" if end > begin else "not reproduced",
-                f"shipped steering run: cosine to the final general vector {begin:.2f} -> {end:.2f}",
-            )
+    run = shipped[shipped["run"].str.startswith("steering")] if len(shipped) else shipped
+    begin = run[run["measure"].str.contains("at the start of continuation")]["value"]
+    end = run[run["measure"].str.contains("narrow -> continued")]["value"]
+    if len(begin) and len(end):
+        begin, end = float(begin.iloc[0]), float(end.iloc[0])
+        rep.finding(
+            "Without the KL term the narrow solution drifts back toward the general one",
+            "reproduced" if end > begin else "not reproduced",
+            f"shipped steering run: cosine to the final general vector {begin:.2f} -> {end:.2f}",
+        )

@@ -153,3 +153,23 @@ def test_demo_runs_on_another_model_with_its_own_adapters(tmp_path, tokenizer):
     # the shipped SmolLM2 narrow/general vectors are shown, not re-measured on this model
     assert "narrow_vs_general_live" not in results and "needs that model" in page
     assert not any("more efficient" in f["claim"] for f in results["findings"])
+
+
+def test_report_writes_views_offline_and_refuses_unsafe_names(tmp_path):
+    from circuitsvis.tokens import colored_tokens
+
+    from emlens.report import Report, _fmt_rate
+
+    rep = Report(title="t")
+    rep.view(colored_tokens(["a", "b"], [0.1, 0.5]), "tokens_1", "caption")
+    with pytest.raises(ValueError, match="letters, digits"):
+        rep.view(colored_tokens(["a"], [0.1]), "../escape")
+    rep.finding("claim", "reproduced", "evidence")
+    rep.write(tmp_path)
+    view = (tmp_path / "views" / "tokens_1.html").read_text()
+    assert "CircuitsVis.render" in view and "unpkg.com" not in view
+    assert 'src="views/tokens_1.html"' in (tmp_path / "index.html").read_text()
+    assert json.loads((tmp_path / "results.json").read_text())["findings"][0]["verdict"] == "reproduced"
+    assert _fmt_rate({"n": 0, "n_answers": 3}) == "no coherent answers (n=0 of 3)"
+    assert _fmt_rate({"n": 4, "k": 1, "rate": 0.25, "low": 0.05, "high": 0.7}) == \
+        "0.25 [0.05, 0.70] (k=1, n=4)"
