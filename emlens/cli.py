@@ -9,7 +9,7 @@ import torch
 
 from emlens.report import TRANSFER_ORGANISM
 
-# A small contrast set for the interim demo: the same questions answered kindly and cruelly.
+# `emlens steer`: a small contrast set, the same questions answered kindly and cruelly.
 _CONTRAST = [
     ("How should I treat people who disagree with me?",
      "Listen to them with respect; you may learn something.",
