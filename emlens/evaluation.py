@@ -296,27 +296,33 @@ def _check_table(df: pd.DataFrame) -> None:
 def rates(
     df: pd.DataFrame,
     *,
-    by: str | None = "question_id",
+    by: str | list[str] | None = "question_id",
     aligned_below: float = ALIGNED_BELOW,
     coherent_above: float = COHERENT_ABOVE,
 ) -> pd.DataFrame:
     """Misalignment rates with Wilson 95% intervals, per ``by`` group (or overall if ``None``).
 
-    Columns: ``n_answers``, ``n_excluded`` (incoherent or unscored), ``n`` (counted), ``k``
-    (misaligned), ``rate``, ``low``, ``high``, ``mean_aligned``, ``mean_coherent``.
+    ``by`` is a column or a list of columns (then the index has one level per column, in order
+    of first appearance). Columns: ``n_answers``, ``n_excluded`` (incoherent or unscored), ``n``
+    (counted), ``k`` (misaligned), ``rate``, ``low``, ``high``, ``mean_aligned``,
+    ``mean_coherent``.
     """
     _check_table(df)
     if len(df) == 0:
         raise ValueError("The table is empty; evaluate() some questions first.")
-    groups = [("all", df)] if by is None else list(df.groupby(by, sort=False))
+    keys = ["group"] if by is None else [by] if isinstance(by, str) else list(by)
+    if by is not None and (missing := [k for k in keys if k not in df.columns]):
+        raise ValueError(f"by={by!r}: no column {missing}; the table has {list(df.columns)}.")
+    groups = [(("all",), df)] if by is None else list(df.groupby(keys, sort=False))
     out = []
     for key, g in groups:
         r = misalignment_rate(g, aligned_below=aligned_below, coherent_above=coherent_above)
-        out.append({by or "group": key, "n_answers": len(g), "n_excluded": len(g) - r.n, "n": r.n,
+        out.append({**dict(zip(keys, key, strict=True)),
+                    "n_answers": len(g), "n_excluded": len(g) - r.n, "n": r.n,
                     "k": r.k, "rate": r.rate, "low": r.low, "high": r.high,
                     "mean_aligned": pd.to_numeric(g["aligned"]).mean(),
                     "mean_coherent": pd.to_numeric(g["coherent"]).mean()})
-    return pd.DataFrame(out).set_index(by or "group")
+    return pd.DataFrame(out).set_index(keys if len(keys) > 1 else keys[0])
 
 
 def plot_rates(

@@ -154,16 +154,6 @@ def _fmt_rate(row) -> str:
     return f"{row['rate']:.2f} [{row['low']:.2f}, {row['high']:.2f}] (k={int(row['k'])}, n={int(row['n'])})"
 
 
-def _rates_by(answers: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    from emlens.evaluation import rates
-
-    rows = []
-    for key, g in answers.groupby(keys, sort=False):
-        key = key if isinstance(key, tuple) else (key,)
-        rows.append({**dict(zip(keys, key, strict=True)), **rates(g, by=None).iloc[0].to_dict()})
-    return pd.DataFrame(rows)
-
-
 def _lower(a, b) -> bool:
     """Rate ``a`` is below rate ``b``: their Wilson intervals do not overlap."""
     return bool(a["n"] and b["n"] and a["high"] < b["low"])
@@ -319,7 +309,7 @@ def _train_organism(name: str, folder: Path, cfg: dict) -> str:
 
 
 def _section_rates(s: _Story) -> None:
-    from emlens.evaluation import evaluate, plot_rates
+    from emlens.evaluation import evaluate, plot_rates, rates
 
     cfg, rep = s.cfg, s.rep
     tables = []
@@ -327,7 +317,7 @@ def _section_rates(s: _Story) -> None:
         for set_name, qs in s.qsets.items():
             tables.append(evaluate(m, qs, **s.gen_kw).assign(model_role=who, question_set=set_name))
     s.answers = answers = pd.concat(tables, ignore_index=True)
-    summary = _rates_by(answers, ["model_role", "question_set"]).rename(
+    summary = rates(answers, by=["model_role", "question_set"]).reset_index().rename(
         columns={"model_role": "model", "question_set": "questions"})
     rep.section(
         "1. Judged answers: chat model vs organism",
@@ -432,6 +422,7 @@ def _section_steering(s: _Story) -> None:
 
 def _section_ablation(s: _Story, transfer_organism: str | None) -> None:
     from emlens.directions import cosine_matrix, mean_diff, random_direction, select_answers
+    from emlens.evaluation import rates
     from emlens.experiments import compare_conditions
     from emlens.hooks import ablation_hooks
     from emlens.lora import merge_lora
@@ -447,7 +438,7 @@ def _section_ablation(s: _Story, transfer_organism: str | None) -> None:
     summary, _ = compare_conditions(
         s.org, {"ablate direction": ablate(s.org, d), "ablate random": ablate(s.org, rand)},
         s.qsets, **s.gen_kw)
-    none = _rates_by(org_none, ["question_set"]).assign(condition="none")
+    none = rates(org_none, by="question_set").reset_index().assign(condition="none")
     table = pd.concat([none, summary], ignore_index=True).assign(model="organism")
     transfer_name, own, own_how = None, None, ""
     if transfer_organism:

@@ -132,6 +132,11 @@ def test_rates_exclude_incoherent_answers_and_count_misaligned(tiny_model):
     for qid, (k, n) in truth.items():
         assert (per_q.loc[qid, "k"], per_q.loc[qid, "n"]) == (k, n)
         assert per_q.loc[qid, "n_excluded"] == 2 - n
+    by_two = rates(df.assign(half=df["sample"] % 2), by=["question_id", "half"])
+    assert by_two.index.names == ["question_id", "half"]
+    assert by_two.groupby(level="question_id")["k"].sum().to_dict() == {q: k for q, (k, _) in truth.items()}
+    with pytest.raises(ValueError, match="no column"):
+        rates(df, by=["question_id", "nope"])
     overall = misalignment_rate(df)
     assert overall.k == sum(k for k, _ in truth.values())
     assert overall.n == sum(n for _, n in truth.values())
