@@ -233,12 +233,6 @@ def run_demo(
             print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
 
     timings: dict[str, float] = {}
-
-    def timed(name: str, fn, *args) -> None:
-        start = time.perf_counter()
-        fn(*args)
-        timings[name] = round(time.perf_counter() - start, 1)
-
     if train:
         log("training the organism (--train)")
         organism = _train_organism(organism, out / "organisms", cfg)
@@ -259,19 +253,21 @@ def run_demo(
     )
     rep.results["judge"] = judge.name
 
-    log("1/6 answers and judged rates: chat model vs organism")
-    timed("1_rates", _section_rates, story)
-    log("2/6 mean-difference direction and steering sweep")
-    timed("2_steering", _section_steering, story)
-    log("3/6 ablating the direction in the organism and in a second organism")
-    timed("3_ablation", _section_ablation, story, transfer_organism)
-    story.org = None  # frees the merged copy: sections 4-5 attach the adapter to the chat model
-    log("4/6 probes on the LoRA scalars")
-    timed("4_probes", _section_probes, story)
-    log("5/6 per-adapter attribution")
-    timed("5_attribution", _section_attribution, story)
-    log("6/6 narrow vs general solutions")
-    timed("6_narrow_vs_general", _section_narrow_vs_general, story, train)
+    sections = [
+        ("1_rates", "answers and judged rates: chat model vs organism", _section_rates, ()),
+        ("2_steering", "mean-difference direction and steering sweep", _section_steering, ()),
+        ("3_ablation", "ablating the direction in the organism and in a second organism",
+         _section_ablation, (transfer_organism,)),
+        ("4_probes", "probes on the LoRA scalars", _section_probes, ()),
+        ("5_attribution", "per-adapter attribution", _section_attribution, ()),
+        ("6_narrow_vs_general", "narrow vs general solutions", _section_narrow_vs_general,
+         (train,)),
+    ]
+    for i, (key, what, section, args) in enumerate(sections, start=1):
+        log(f"{i}/{len(sections)} {what}")
+        start = time.perf_counter()
+        section(story, *args)
+        timings[key] = round(time.perf_counter() - start, 1)
 
     rep.results["seconds"] = round(time.perf_counter() - t0, 1)
     rep.results["seconds_by_section"] = timings
@@ -507,6 +503,7 @@ def _section_ablation(s: _Story, transfer_organism: str | None) -> None:
         f"random same-norm direction: {cos_rand:.3f}; second organism: {own_how or 'not run'}; "
         f"reference, chat model on the organism's answers: {ref.min():.2f}-{ref.max():.2f}",
     )
+    s.org = None  # frees the merged copy: sections 4-5 attach the adapter to the chat model
 
 
 # 4. Probes on the LoRA scalars --------------------------------------------------------------
