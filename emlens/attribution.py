@@ -44,7 +44,7 @@ from transformer_lens import HookedTransformer
 from emlens.chat import ChatBatch, answer_logprobs, iter_chat_batches
 from emlens.lora import AttachedLora
 from emlens.probes import pair_rows
-from emlens.scalars import TokenScalars, _readable, _token_rows, check_attached
+from emlens.scalars import TokenScalars, _token_rows, _token_scalars, check_attached
 
 Metric = Callable[[Tensor, ChatBatch], Tensor]  # (logits, batch) -> per-row value [batch]
 Pairs = Sequence[tuple[str, str]]
@@ -478,9 +478,7 @@ def gradient_attribution(
         chunks.append(attr.cpu().float()[real])
         metas.append(meta)
         offset += len(batch)
-    tokens = pd.concat(metas, ignore_index=True)
-    tokens["token"] = _readable(list(tokens["token"]))
-    return TokenScalars(torch.cat(chunks), tokens, names, offset)
+    return _token_scalars(chunks, metas, names, offset)
 
 
 @torch.no_grad()

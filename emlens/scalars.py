@@ -181,6 +181,14 @@ def _readable(tokens: list[str]) -> list[str]:
 
 
 @torch.no_grad()
+def _token_scalars(chunks: list[Tensor], metas: list[pd.DataFrame], names: list[str],
+                   n_rows: int) -> TokenScalars:
+    """Join per-batch ``[tokens, n_adapters]`` values and their token tables."""
+    tokens = pd.concat(metas, ignore_index=True)
+    tokens["token"] = _readable(list(tokens["token"]))
+    return TokenScalars(torch.cat(chunks), tokens, names, n_rows)
+
+
 def collect_scalars(
     model: HookedTransformer,
     lora: AttachedLora,
@@ -231,9 +239,7 @@ def collect_scalars(
         chunks.append(stacked.cpu()[real].float())
         metas.append(meta)
         offset += len(batch)
-    tokens = pd.concat(metas, ignore_index=True)
-    tokens["token"] = _readable(list(tokens["token"]))
-    return TokenScalars(torch.cat(chunks), tokens, names, offset)
+    return _token_scalars(chunks, metas, names, offset)
 
 
 @torch.no_grad()
