@@ -192,12 +192,10 @@ steering vector at layer 15; a rank-1 LoRA) and ships them with `summary.json`. 
 no training: it loads the shipped solutions and recomputes every number live with `emlens.geometry`
 on small sets, then says which findings hold. Small settings: every forward pass here runs on a CPU."""),
     ("code", """import json
-import random
 
 import numpy as np
 
 import emlens
-from emlens.data import load_dataset
 from emlens.geometry import (
     efficiency_curve,
     efficiency_table,
@@ -210,7 +208,13 @@ from emlens.geometry import (
     trajectory_pca,
 )
 from emlens.organisms import ORGANISMS_DIR
-from emlens.training import evaluate_loss, load_trainable, load_trajectory, prepare
+from emlens.training import (
+    evaluate_loss,
+    load_trainable,
+    load_trajectory,
+    narrow_general_rows,
+    prepare,
+)
 
 model = emlens.load_model()
 root = ORGANISMS_DIR / "narrow_vs_general"
@@ -238,26 +242,18 @@ for n, p in sv.items():
 print(f"cosine(general, narrow)    {cosine(sv['general'], sv['narrow']):.3f}")
 print(f"cosine(general, continued) {cosine(sv['general'], sv['continued']):.3f}")"""),
     ("md", """## Evaluation sets
-We redraw the script's rows with its seed (the helper below repeats the draw in
-`scripts/narrow_vs_general.py`), so every live number can be compared one to one with the shipped
-one: the first `n_eval` medical *training* rows (the set the script's efficiency and stability
+We redraw the script's rows with its seed (`narrow_general_rows` is the draw
+`scripts/narrow_vs_general.py` uses), so every live number can be compared one to one with the
+shipped one: the first `n_eval` medical *training* rows (the set the script's efficiency and stability
 curves use), and the held-out non-medical questions that neither solution was trained on. Blocks
 before the steering layer are run once (`prepare`); each loss below is a forward pass through the
 rest."""),
     ("code", """def script_rows(args):
     \"\"\"The script's draw: (medical training rows, held-out non-medical rows), same seed and order.\"\"\"
-    rng = random.Random(args["seed"])
-    medical = [r for r in load_dataset("medical") if r.split == "train"]
-    nonmedical = list(load_dataset("nonmedical"))
-    rng.shuffle(nonmedical)
-    heldout, parallel = nonmedical[: args["n_heldout"]], nonmedical[args["n_heldout"]:]
-    draws = []
-    for rows, n in [(medical, args["n_narrow"]), (parallel, args["n_parallel"]),
-                    (heldout, args["n_heldout"])]:
-        rows = list(rows)
-        rng.shuffle(rows)
-        draws.append(rows[:n])
-    return draws[0], draws[2]
+    narrow, _, heldout = narrow_general_rows(seed=args["seed"], n_narrow=args["n_narrow"],
+                                             n_parallel=args["n_parallel"],
+                                             n_heldout=args["n_heldout"])
+    return narrow, heldout
 
 
 def chat_batches(rows, batch_size):

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,6 @@ import pandas as pd
 import torch
 
 from emlens.chat import iter_chat_batches, tokenize_chat
-from emlens.data import load_dataset
 from emlens.geometry import (
     efficiency_curve,
     efficiency_table,
@@ -55,6 +53,7 @@ from emlens.training import (
     TrainConfig,
     evaluate_loss,
     load_trajectory,
+    narrow_general_rows,
     prepare,
     train,
 )
@@ -62,10 +61,7 @@ from emlens.training import (
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "emlens" / "organisms" / "narrow_vs_general"
 
 
-def _pairs(rows, n, rng, field):
-    rows = list(rows)
-    rng.shuffle(rows)
-    rows = rows[:n]
+def _pairs(rows, field):
     return [r.question for r in rows], [getattr(r, field) for r in rows]
 
 
@@ -152,20 +148,18 @@ def main(argv=None) -> None:
     figs: Path = args.figures
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    rng = random.Random(args.seed)
 
     model = load_model()
     if args.judge_only:
         judge_only(model, args)
         return
     tok = model.tokenizer
-    medical = [r for r in load_dataset("medical") if r.split == "train"]
-    nonmed = list(load_dataset("nonmedical"))
-    rng.shuffle(nonmed)
-    heldout_rows, parallel_rows = nonmed[: args.n_heldout], nonmed[args.n_heldout :]
-    nq, na = _pairs(medical, args.n_narrow, rng, "misaligned")
-    pq, pa = _pairs(parallel_rows, args.n_parallel, rng, args.parallel_answers)
-    hq, ha = _pairs(heldout_rows, args.n_heldout, rng, "misaligned")
+    narrow_rows, parallel_rows, heldout_rows = narrow_general_rows(
+        seed=args.seed, n_narrow=args.n_narrow, n_parallel=args.n_parallel,
+        n_heldout=args.n_heldout)
+    nq, na = _pairs(narrow_rows, "misaligned")
+    pq, pa = _pairs(parallel_rows, args.parallel_answers)
+    hq, ha = _pairs(heldout_rows, "misaligned")
     bs = args.batch_size
     narrow_batches = list(iter_chat_batches(tok, nq, na, batch_size=bs))
     parallel_batches = list(iter_chat_batches(tok, pq, pa, batch_size=bs))

@@ -18,6 +18,7 @@ from emlens.training import (
     evaluate_loss,
     load_trainable,
     load_trajectory,
+    narrow_general_rows,
     prepare,
     train,
 )
@@ -169,3 +170,15 @@ def test_prepared_prefix_must_not_skip_trained_layers(tiny_model, batch):
     with pytest.raises(ValueError, match="parallel"):
         train(tiny_model, TrainableLora.for_model(tiny_model, [2]), data, None,
               TrainConfig(steps=1, kl_weight=1.0, progress=False))
+
+
+def test_narrow_general_rows_are_seeded_sized_and_disjoint():
+    narrow, parallel, heldout = narrow_general_rows(seed=3, n_narrow=10, n_parallel=7, n_heldout=5)
+    assert (len(narrow), len(parallel), len(heldout)) == (10, 7, 5)
+    assert all(r.split == "train" and hasattr(r, "misaligned") for r in narrow)
+    assert not {r.id for r in parallel} & {r.id for r in heldout}
+    again = narrow_general_rows(seed=3, n_narrow=10, n_parallel=7, n_heldout=5)
+    assert [[r.id for r in rows] for rows in again] == [[r.id for r in rows]
+                                                         for rows in (narrow, parallel, heldout)]
+    other = narrow_general_rows(seed=4, n_narrow=10, n_parallel=7, n_heldout=5)
+    assert [r.id for r in other[0]] != [r.id for r in narrow]
