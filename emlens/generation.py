@@ -13,7 +13,10 @@ on which other prompts share its batch.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,22 +97,73 @@ def sample_next(
     return (scores + gumbel).argmax(-1)
 
 
-def _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size) -> None:
+def _check_int(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_real(name: str, value, low: float, high: float, *, open_low: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+    value = float(value)
+    inside = (value > low if open_low else value >= low) and value <= high
+    if not math.isfinite(value) or not inside:
+        lo = "(" if open_low else "["
+        raise ValueError(f"{name} must be a finite number in {lo}{low:g}, {high:g}], got {value}.")
+    return value
+
+
+def _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size, seed) -> None:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got a single string; wrap it in [ ].")
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts must be a list of strings, got {type(prompts).__name__}.")
     if len(prompts) == 0:
         raise ValueError("prompts is empty; give at least one prompt.")
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] is {type(p).__name__}; expected str.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}.")
-    if n_samples < 1 or batch_size < 1:
-        raise ValueError(f"n_samples and batch_size must be >= 1, got {n_samples}, {batch_size}.")
+    _check_int("max_new_tokens", max_new_tokens, 1)
+    _check_real("temperature", temperature, 0.0, math.inf)  # 0 = greedy
+    _check_real("top_p", top_p, 0.0, 1.0, open_low=True)
+    _check_int("n_samples", n_samples, 1)
+    _check_int("batch_size", batch_size, 1)
+    if seed is not None:
+        _check_int("seed", seed, 0)
+
+
+def check_interventions(model: HookedTransformer, interventions) -> Hooks:
+    """Validate ``(hook_name, fn)`` pairs against ``model``; return them as a list.
+
+    Raises ValueError naming a hook point the model does not have (with close matches), and
+    TypeError for a malformed pair, before any forward pass.
+    """
+    if interventions is None:
+        return []
+    if isinstance(interventions, tuple) and len(interventions) == 2 and isinstance(interventions[0], str):
+        raise TypeError("interventions must be a list of (hook_name, fn) pairs; wrap the pair in [ ].")
+    pairs = list(interventions)
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(f"interventions[{i}] must be a (hook_name, fn) pair, got {pair!r:.80}.")
+        name, fn = pair
+        if not callable(fn):
+            raise TypeError(f"interventions[{i}]: the hook function for {name!r} is not callable.")
+        if callable(name):
+            continue  # a TransformerLens name filter
+        if not isinstance(name, str):
+            raise TypeError(f"interventions[{i}]: hook name must be a str, got {type(name).__name__}.")
+        if name not in model.hook_dict:
+            close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+            raise ValueError(
+                f"interventions[{i}]: the model has no hook point {name!r}"
+                + (f"; did you mean {close}?" if close else "")
+                + " (list them with model.hook_dict.keys())."
+            )
+    return pairs
 
 
 @torch.no_grad()
@@ -154,10 +208,12 @@ def generate(
     Returns:
         ``len(prompts) * n_samples`` :class:`Generation` objects, ordered prompt-major.
     """
-    _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size)
+    _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size, seed)
+    interventions = check_interventions(model, interventions)
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("model has no tokenizer; load it with emlens.load_model or set one.")
+    _check_context(model, prompts, max_new_tokens, system_prompt)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     rows = [(p, s) for p in range(len(prompts)) for s in range(n_samples)]
@@ -165,7 +221,7 @@ def generate(
     device = model.cfg.device
     results: list[Generation] = []
     batches = range(0, len(rows), batch_size)
-    with model.hooks(fwd_hooks=list(interventions or [])):
+    with model.hooks(fwd_hooks=interventions):
         for start in tqdm(batches, desc="generate", disable=not progress, unit="batch"):
             chunk = rows[start : start + batch_size]
             batch = tokenize_chat(
@@ -195,6 +251,25 @@ def generate(
                     )
                 )
     return results
+
+
+def _check_context(
+    model: HookedTransformer, prompts: Sequence[str], max_new_tokens: int, system_prompt: str | None
+) -> None:
+    """Refuse, before any work, a request whose longest prompt plus answer exceeds ``n_ctx``."""
+    n_ctx = model.cfg.n_ctx
+    batch = tokenize_chat(model.tokenizer, list(prompts), system_prompt=system_prompt)
+    lengths = batch.attention_mask.sum(-1)
+    longest = int(lengths.max())
+    # A left-padded batch is as wide as its longest prompt; the answer continues from there.
+    if longest + max_new_tokens > n_ctx:
+        worst = int(lengths.argmax())
+        raise ValueError(
+            f"prompt {worst} is {longest} tokens with the chat template; with max_new_tokens="
+            f"{max_new_tokens} the sequence would reach {longest + max_new_tokens} > the model's "
+            f"context n_ctx={n_ctx}. Lower max_new_tokens to at most {max(0, n_ctx - longest)} "
+            "or shorten the prompt (or load the model with a larger n_ctx)."
+        )
 
 
 def _decode(

@@ -27,6 +27,9 @@ papers' choice for mean-difference directions.
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -84,8 +87,18 @@ def generation_positions(prompt_len: int) -> Iterator[PositionState]:
         _STATE.reset(token)
 
 
+class _WarnOnce:
+    """A hook's "already warned" flag; not part of what the hook computes (see emlens.fingerprint)."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def __emlens_fingerprint__(self) -> str:
+        return "warn-once"
+
+
 def _position_mask(
-    positions: Positions, act: Tensor, warned: list[bool]
+    positions: Positions, act: Tensor, warned: _WarnOnce
 ) -> Bool[Tensor, "batch pos"] | None:
     """Boolean mask ``[batch, pos]`` of the positions to touch, or None for every position."""
     state = _STATE.get()
@@ -96,13 +109,13 @@ def _position_mask(
         if state is None:
             if positions == "prompt":
                 return None
-            if not warned[0]:
+            if not warned.done:
                 warnings.warn(
                     "positions='generated' outside emlens.generate touches no position; use an "
                     "explicit boolean mask (e.g. batch.answer_mask) for teacher-forced answers.",
                     stacklevel=2,
                 )
-                warned[0] = True
+                warned.done = True
             return torch.zeros(batch, seq, dtype=torch.bool, device=act.device)
         absolute = torch.arange(state.offset, state.offset + seq, device=act.device)
         is_prompt = absolute < state.prompt_len
@@ -194,20 +207,66 @@ def check_direction(
     return vec / norm.to(vec.dtype) if unit else vec
 
 
+def _as_int(value) -> int | None:
+    """``value`` as a Python int when it is an integer scalar (int, numpy integer, 0-d integer
+    tensor or array), else None. Booleans are not integers here."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return None
+    if isinstance(value, Tensor):
+        integer = not (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool)
+        return int(value.item()) if value.ndim == 0 and integer else None
+    if type(value).__name__ == "ndarray":
+        return int(value.item()) if value.ndim == 0 and value.dtype.kind in "iu" else None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def check_scale(scale, name: str = "scale") -> float:
+    """``scale`` as a finite float; raises TypeError/ValueError naming ``name`` otherwise."""
+    if isinstance(scale, Tensor):
+        if scale.numel() != 1:
+            raise TypeError(f"{name} must be a number, got a tensor of shape {tuple(scale.shape)}.")
+        scale = scale.item()
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(scale).__name__} ({scale!r:.40}).")
+    value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"{name}={value}; it must be a finite number (NaN or inf would make every "
+                         "logit NaN).")
+    return value
+
+
 def resolve_layers(model: HookedTransformer, layers: Layers) -> list[int]:
-    """Normalise ``layers`` (int, list of ints, or "all"; negative ints count from the end)."""
+    """Normalise ``layers`` (int, list of ints, or "all"; negative ints count from the end).
+
+    Integers may be Python ints, numpy integers or 0-d integer tensors; a 1-d integer tensor or
+    array is a list of layers.
+    """
     n = model.cfg.n_layers
     if isinstance(layers, str):
         if layers != "all":
             raise ValueError(f"layers={layers!r}; expected an int, a list of ints, or 'all'.")
         return list(range(n))
-    items = [layers] if isinstance(layers, int) else list(layers)
+    single = _as_int(layers)
+    if single is not None:
+        items = [single]
+    elif isinstance(layers, Sequence) or (
+        (isinstance(layers, Tensor) or type(layers).__name__ == "ndarray") and layers.ndim == 1
+    ):
+        items = list(layers)
+    else:
+        raise TypeError(
+            f"layers={layers!r} ({type(layers).__name__}); expected an int, a list of ints, or 'all'."
+        )
     if not items:
         raise ValueError("layers is empty; give at least one layer.")
     out = []
-    for layer in items:
-        if isinstance(layer, bool) or not isinstance(layer, int):
-            raise ValueError(f"layer {layer!r} is not an int.")
+    for item in items:
+        layer = _as_int(item)
+        if layer is None:
+            raise TypeError(f"layer {item!r} ({type(item).__name__}) is not an integer.")
         if not -n <= layer < n:
             raise ValueError(f"layer {layer} is out of range for a model with {n} layers (0..{n - 1}).")
         out.append(layer % n)
@@ -250,8 +309,9 @@ def add_hook(
     vector: Float[Tensor, " d_model"], scale: float = 1.0, positions: Positions = "all"
 ) -> HookFn:
     """Hook adding ``scale * vector`` to an activation ``[batch, pos, d_model]`` at ``positions``."""
+    scale = check_scale(scale)
     _check_positions(positions)
-    warned = [False]
+    warned = _WarnOnce()
 
     def hook_fn(act: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         delta = (scale * vector).to(act.dtype)
@@ -266,7 +326,7 @@ def add_hook(
 def ablate_hook(unit: Float[Tensor, " d_model"], positions: Positions = "all") -> HookFn:
     """Hook projecting a unit direction out of an activation: ``x - (x . d) d`` at ``positions``."""
     _check_positions(positions)
-    warned = [False]
+    warned = _WarnOnce()
 
     def hook_fn(act: Float[Tensor, "batch pos d_model"], hook: HookPoint) -> Tensor:
         d = unit.to(act.dtype)
@@ -309,6 +369,7 @@ def steering_hooks(
     The raw (unnormalised) vector is added, as in the papers, unless ``normalize=True``, in which
     case ``scale`` is in units of the residual stream (``scale * direction / |direction|``).
     """
+    scale = check_scale(scale)
     vec = check_direction(model, direction, unit=normalize)
     _check_positions(positions)
     return [(name, add_hook(vec, scale, positions)) for name in hook_names(model, layer, hook)]

@@ -36,10 +36,10 @@ gate_proj / up_proj     output of ``blocks.L.ln2``       ``mlp.hook_pre`` / ``ho
 down_proj               ``mlp.hook_post``                ``blocks.L.hook_mlp_out``
 ======================  ===============================  ==============================
 
-Both are *permanent* TransformerLens hooks (a plain forward hook on the norm modules), so they
-survive ``model.hooks()`` blocks and ``model.reset_hooks()``; they are removed when the attach block
-exits (also on exceptions) or on ``handle.remove()``. (``reset_hooks(including_permanent=True)``
-removes every permanent hook, ours too: don't call it with an adapter attached.) The read runs
+Both are plain torch forward hooks that TransformerLens does not manage, so they survive
+``model.hooks()`` blocks and ``model.reset_hooks()``, with or without ``including_permanent=True``
+(an adapter is never left half wired); they are removed when the attach block exits (also on
+exceptions) or on ``handle.remove()``. The read runs
 after any hook you add on the same point (your patch of ``mlp.hook_post`` reaches the adapter, as
 it would in the HF model) and the add runs before yours (``hook_mlp_out`` includes the adapter's
 output). With ``use_attn_result`` the per-head ``hook_result`` does not include an ``o_proj``
@@ -71,9 +71,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens import HookedTransformer
-from transformer_lens.hook_points import HookPoint, LensHandle
+from transformer_lens.hook_points import HookPoint
 
-from emlens.hooks import HookFn, Hooks
+from emlens.hooks import HookFn, Hooks, check_scale
 
 AdapterLike = Union[str, Path, "LoraAdapter"]
 Selection = Union[None, int, str, Iterable[Union[int, str]]]
@@ -332,15 +332,32 @@ def load_adapter(
     if isinstance(source, LoraAdapter):
         return source
     config_path, weights_path = _resolve_files(source, allow_pickle, revision)
-    config = json.loads(config_path.read_text())
     src = str(source)
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"{config_path} is not valid JSON ({err}); a peft adapter_config.json is written by "
+            "peft_model.save_pretrained(folder). Re-save or re-download the adapter."
+        ) from err
+    if not isinstance(config, dict):
+        raise ValueError(
+            f"{config_path} holds a JSON {type(config).__name__}, not an object; it is not a peft "
+            "adapter_config.json."
+        )
     _check_config(config, src)
-    if weights_path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if weights_path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        state = load_file(str(weights_path))
-    else:
-        state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
+            state = load_file(str(weights_path))
+        else:
+            state = torch.load(str(weights_path), map_location="cpu", weights_only=True)
+    except Exception as err:  # safetensors' SafetensorError, pickle and zip errors
+        raise ValueError(
+            f"Cannot read the adapter weights {weights_path} ({type(err).__name__}: {err}). The "
+            "file is truncated or corrupt: re-save or re-download the adapter."
+        ) from err
 
     parts: dict[str, dict[str, Any]] = {}
     base_biases: dict[tuple[int, str], Tensor] = {}
@@ -379,6 +396,10 @@ def load_adapter(
             )
             continue
         A, B = e["A.weight"], e["B.weight"]
+        bad = [k for k, v in e.items() if isinstance(v, Tensor) and not torch.isfinite(v).all()]
+        if bad:
+            problems.append(f"{path}: {', '.join(sorted(bad))} hold NaN or infinite values")
+            continue
         rank = A.shape[0]
         if B.shape[1] != rank:
             problems.append(f"{path}: lora_A is {tuple(A.shape)} but lora_B is {tuple(B.shape)}")
@@ -618,6 +639,7 @@ def merge_lora(
         The merged model. Its ``emlens_info["lora"]`` lists what was merged, and it keeps the base
         values of every weight it changed, so :func:`unmerge_lora` restores them bit for bit.
     """
+    scale = check_scale(scale)
     adapter = check_compatible(model, adapter)
     merged = model if inplace else _copy_model(model)
     params = dict(merged.named_parameters())
@@ -686,6 +708,7 @@ class LoraHookedModule(nn.Module):
         n_out_heads: int | None,
     ):
         super().__init__()
+        self.adapter_name = lora.name
         self.layer = lora.layer
         self.module = lora.module
         self.rank = lora.rank
@@ -717,7 +740,7 @@ class LoraHookedModule(nn.Module):
         acts, self._acts = self._acts, None
         if acts is None:
             raise RuntimeError(
-                f"{self.name}: the adapter's output point ran before its input point. Is the "
+                f"{self.adapter_name}: the adapter's output point ran before its input point. Is the "
                 "model's forward pass unusual (split qkv input, a custom block)?"
             )
         if self.rank == 1:
@@ -738,37 +761,33 @@ class LoraHookedModule(nn.Module):
 
 @dataclass
 class _Registration:
-    point: nn.Module
-    handle: LensHandle | torch.utils.hooks.RemovableHandle
-    pre: torch.utils.hooks.RemovableHandle | None = None
+    handles: tuple[torch.utils.hooks.RemovableHandle, ...]
 
     def remove(self) -> None:
-        if isinstance(self.handle, LensHandle):
-            self.handle.hook.remove()
-            if self.handle in self.point.fwd_hooks:
-                self.point.fwd_hooks.remove(self.handle)
-        else:
-            self.handle.remove()
-        if self.pre is not None:
-            self.pre.remove()
+        for handle in self.handles:
+            handle.remove()
 
 
-def _add_perma_hook(point: HookPoint, fn: HookFn, *, last: bool) -> _Registration:
-    """A permanent TransformerLens hook that stays last (``last``) or first among the point's hooks.
+def _add_wiring_hook(point: HookPoint, fn: HookFn, *, last: bool) -> _Registration:
+    """A forward hook on ``point`` that stays last (``last``) or first among the point's hooks.
 
-    PyTorch runs forward hooks in insertion order; a forward pre-hook moves ours to the end (or the
-    front) before every call, so hooks added later by ``model.hooks()`` still run before a read and
-    after an add.
+    It is a plain torch hook, not a TransformerLens one, so ``model.reset_hooks()`` (with or
+    without ``including_permanent=True``) cannot remove half of an adapter's wiring: only
+    :meth:`AttachedLora.remove` does. PyTorch runs forward hooks in insertion order; a forward
+    pre-hook moves ours to the end (or the front) before every call, so hooks added later by
+    ``model.hooks()`` still run before a read and after an add.
     """
-    point.add_hook(fn, dir="fwd", is_permanent=True, prepend=not last)
-    handle = point.fwd_hooks[-1] if last else point.fwd_hooks[0]
-    hook_id = handle.hook.id
+    handle = point.register_forward_hook(
+        lambda module, _inputs, output: fn(output, hook=module), prepend=not last
+    )
+
+    hook_id = handle.id  # the pre-hook closes over numbers only (see emlens.fingerprint)
 
     def reorder(module: nn.Module, args: Any) -> None:
         if hook_id in module._forward_hooks:
             module._forward_hooks.move_to_end(hook_id, last=last)
 
-    return _Registration(point, handle, point.register_forward_pre_hook(reorder))
+    return _Registration((handle, point.register_forward_pre_hook(reorder)))
 
 
 def _wire(model: HookedTransformer, mod: LoraHookedModule) -> list[_Registration]:
@@ -784,13 +803,11 @@ def _wire(model: HookedTransformer, mod: LoraHookedModule) -> list[_Registration
     if mod.module in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
         norm = block.ln1 if mod.module in ("q_proj", "k_proj", "v_proj") else block.ln2
         # The norm module's output (normalised input times its weight) is exactly the map's input.
-        regs.append(
-            _Registration(norm, norm.register_forward_hook(lambda _m, _i, out: mod.read(out)))
-        )
+        regs.append(_Registration((norm.register_forward_hook(lambda _m, _i, out: mod.read(out)),)))
     elif mod.module == "o_proj":
-        regs.append(_add_perma_hook(block.attn.hook_z, read_hook, last=True))
+        regs.append(_add_wiring_hook(block.attn.hook_z, read_hook, last=True))
     else:
-        regs.append(_add_perma_hook(block.mlp.hook_post, read_hook, last=True))
+        regs.append(_add_wiring_hook(block.mlp.hook_post, read_hook, last=True))
     out_point = {
         "q_proj": block.attn.hook_q,
         "k_proj": block.attn.hook_k,
@@ -800,7 +817,7 @@ def _wire(model: HookedTransformer, mod: LoraHookedModule) -> list[_Registration
         "up_proj": block.mlp.hook_pre_linear,
         "down_proj": block.hook_mlp_out,
     }[mod.module]
-    regs.append(_add_perma_hook(out_point, add_hook, last=False))
+    regs.append(_add_wiring_hook(out_point, add_hook, last=False))
     return regs
 
 
@@ -919,6 +936,13 @@ class AttachedLora:
             targets = {n: v for key, v in knob.items() for n in self.select(key)}
         else:
             targets = {n: knob for n in self.select(which)}
+        kind = "scale" if scale is not None else "value"
+        for n, v in targets.items():
+            if isinstance(v, Tensor) and v.numel() != 1:
+                if not torch.isfinite(v).all():
+                    raise ValueError(f"{kind} for {n} holds NaN or infinite values.")
+            else:
+                targets[n] = check_scale(v, f"{kind} for {n}")
         return [(self.modules[n].hook.name, factory(v)) for n, v in targets.items()]
 
     @contextmanager

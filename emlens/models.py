@@ -269,6 +269,7 @@ def load_model(
         del hf_model
         source = str(name) if name is not None else EMBEDDED_NAME
     else:
+        _check_hub_name(str(name))
         model = HookedTransformer.from_pretrained(
             str(name),
             dtype=dtype,
@@ -290,6 +291,27 @@ def load_model(
         "architecture": model.cfg.original_architecture,
     }
     return model
+
+
+def _check_hub_name(name: str) -> None:
+    """Refuse, with a short message, a name that is neither local nor a TransformerLens model."""
+    import difflib
+
+    from transformer_lens.loading_from_pretrained import MODEL_ALIASES, OFFICIAL_MODEL_NAMES
+
+    known = {n.lower() for n in OFFICIAL_MODEL_NAMES}
+    known |= {a.lower() for aliases in MODEL_ALIASES.values() for a in aliases}
+    if name.lower() in known:
+        return
+    close = difflib.get_close_matches(name, OFFICIAL_MODEL_NAMES, n=3, cutoff=0.5)
+    raise ValueError(
+        f"{name!r} is not a local file or folder, and not a model TransformerLens can load from "
+        "the hub"
+        + (f" (closest names: {', '.join(close)})" if close else "")
+        + ". Give a local HF model folder or .gguf file (Llama / Qwen2), None for the embedded "
+        "SmolLM2-135M-Instruct, or a name from "
+        "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES."
+    )
 
 
 def model_id(model: HookedTransformer) -> str:

@@ -63,6 +63,10 @@ Features = Float[np.ndarray, "n d"] | Float[Tensor, "n d"] | pd.DataFrame
 # Result type
 
 
+class ProbeWarning(UserWarning):
+    """A probe's cross-validation could not use every fold for a metric (see ``Probe.metrics``)."""
+
+
 @dataclass
 class Probe:
     """A fitted linear probe: the final model's numbers and its cross-validated metrics.
@@ -73,8 +77,11 @@ class Probe:
         coef: logistic-regression weights on standardised features (sign: + pushes to label 1).
         intercept: bias on standardised features.
         C: regularisation of the final model.
-        metrics: ``{metric: {"mean", "std", "low", "high"}}`` across folds (low/high: 95% group
-            bootstrap of the pooled out-of-fold predictions, for roc_auc and balanced_accuracy).
+        metrics: ``{metric: {"mean", "std", "low", "high", "n_folds", "n_folds_total"}}`` across
+            folds (low/high: 95% group bootstrap of the pooled out-of-fold predictions, for
+            roc_auc and balanced_accuracy). A test fold with one class has no roc_auc or
+            balanced accuracy: ``n_folds`` counts the folds a metric averages, and
+            ``metrics["roc_auc"]["n_folds_one_class"]`` the folds left out (fit_probe warns).
         baseline: the same for shuffled labels (empty if ``n_shuffles=0``).
         folds: per-fold rows (repeat, fold, C, n_train, n_test and every metric).
         config: how it was fitted (penalty, balance, n_splits, n_repeats, seed, class counts...).
@@ -277,6 +284,9 @@ def _auc(y: np.ndarray, p: np.ndarray) -> float:
 
 
 def _balanced_accuracy(y: np.ndarray, p: np.ndarray) -> float:
+    """Mean of the two classes' recalls; NaN (without a numpy warning) when a class is absent."""
+    if y.all() or not y.any():
+        return float("nan")
     pred = p >= 0.5
     return float(((pred[y == 1]).mean() + (~pred[y == 0]).mean()) / 2)
 
@@ -331,10 +341,18 @@ def _cross_validate(
             p = model.predict_proba(x[te])[:, 1]
             pooled_p[r, te] = p
             folds.append({"repeat": r, "fold": f, "C": c, "n_train": len(tr), "n_test": len(te),
-                          **_scores(y[te], p)})
+                          "two_classes": bool(len(np.unique(y[te])) == 2), **_scores(y[te], p)})
     table = pd.DataFrame(folds)
-    metrics = {m: {"mean": float(table[m].mean()), "std": float(table[m].std(ddof=0))}
-               for m in METRICS}
+    # ROC AUC and balanced accuracy are undefined on a test fold with one class: they average
+    # over the folds with both classes, and say how many that is (never a silent subset).
+    metrics = {}
+    for m in METRICS:
+        values = table[m].to_numpy(dtype=float)
+        ok = values[~np.isnan(values)]
+        metrics[m] = {"mean": float(ok.mean()) if len(ok) else float("nan"),
+                      "std": float(ok.std()) if len(ok) else float("nan"),
+                      "n_folds": int(len(ok)), "n_folds_total": int(len(values))}
+    metrics["roc_auc"]["n_folds_one_class"] = int((~table["two_classes"]).sum())
     if n_boot:
         intervals = _group_bootstrap(y, pooled_p.mean(0), g, n_boot, rng)
         for m, (lo, hi) in intervals.items():
@@ -398,6 +416,8 @@ def fit_probe(
               balance=balance, n_boot=n_boot)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
+        # scikit-learn's note on small classes; emlens counts the affected folds itself (below)
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
         metrics, folds = _cross_validate(x, y, g, seed=seed, **kw)
         baselines = []
         rng = np.random.default_rng(seed + 10_000)
@@ -409,6 +429,16 @@ def fit_probe(
                         for stat in ("mean", "std")} for m in METRICS} if baselines else {}
         final, final_c = _fit_one(x, y, g, C=C, Cs=Cs, penalty=penalty, balance=balance,
                                   seed=seed, rng=np.random.default_rng(seed))
+    one_class = metrics["roc_auc"]["n_folds_one_class"]
+    if one_class:
+        total = metrics["roc_auc"]["n_folds_total"]
+        warnings.warn(
+            f"fit_probe: {one_class} of {total} test folds hold one class only ({int(y.sum())} "
+            f"positive rows in {n_groups} groups), so roc_auc and balanced_accuracy average the "
+            f"{total - one_class} folds with both classes (metrics[m]['n_folds']). Use fewer "
+            "n_splits or more positive groups for a steadier estimate.",
+            ProbeWarning, stacklevel=2,
+        )
     scaler, lr = final.named_steps["scale"], final.named_steps["logreg"]
     config = dict(penalty=penalty, balance=balance, n_splits=n_splits, n_repeats=n_repeats,
                   C=C, Cs=list(Cs), n_shuffles=n_shuffles, n_boot=n_boot, seed=seed,
@@ -543,6 +573,7 @@ __all__ = [
     "REFERENCE_PRESET",
     "LabelledSet",
     "Probe",
+    "ProbeWarning",
     "answer_set",
     "context_set",
     "fit_probe",

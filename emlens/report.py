@@ -43,11 +43,11 @@ import torch  # noqa: E402
 DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
                 sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.25, 0.5), probe_limit=24,
                 attribution_pairs=8, live_rows=8, stability_seeds=3,
-                train_steps=30, organism_steps=None)
+                train_steps=30, organism_steps=None, quick=False)
 QUICK = dict(n_samples=1, max_new_tokens=12, n_general=3, n_medical=3,
              sweep_layers=(1 / 2,), sweep_scales=(0.5,), probe_limit=6,
              attribution_pairs=2, live_rows=2, stability_seeds=2,
-             train_steps=3, organism_steps=2)
+             train_steps=3, organism_steps=2, quick=True)
 # sweep_layers are fractions of the depth: 10 and 15 of SmolLM2's 30 layers, 16 and 24 of 48
 NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/
 TRANSFER_ORGANISM = "narrow_vs_general/lora1/general/peft"  # a second rank-1 fine-tune
@@ -222,7 +222,7 @@ def run_demo(
     rep = Report(title="emlens: emergent misalignment on " + (model_name or "SmolLM2-135M-Instruct"))
     if model_name is not None and transfer_organism == TRANSFER_ORGANISM:
         transfer_organism = None  # the shipped second organism fits only the embedded model
-    rep.results["settings"] = dict(cfg, quick=quick, train=train, seed=seed, model=model_name,
+    rep.results["settings"] = dict(cfg, train=train, seed=seed, model=model_name,
                                    organism=organism, transfer_organism=transfer_organism)
     if train and model_name is not None:
         raise ValueError("train=True retrains the shipped recipes on the embedded model; with "
@@ -518,13 +518,30 @@ def _probe_row(name: str, features: str, probe) -> dict:
             "balanced_accuracy": probe.metrics["balanced_accuracy"]["mean"]}
 
 
+def _fit_noted(rep: Report, name: str, feats, ls, kw: dict):
+    """``fit_probe``, with its fold warnings written into the report instead of the console."""
+    import warnings
+
+    from emlens.probes import ProbeWarning, fit_probe
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ProbeWarning)
+        probe = fit_probe(feats, ls.labels, groups=ls.groups, **kw)
+    for w in caught:
+        if issubclass(w.category, ProbeWarning):
+            rep.text(f"Probe {name!r}: {w.message}")
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return probe
+
+
 def _rank1(adapter) -> bool:
     return all(r == 1 for r in adapter.ranks.values())
 
 
 def _section_probes(s: _Story) -> None:
     from emlens.lora import attach_lora
-    from emlens.probes import answer_set, context_set, fit_probe, judged_set
+    from emlens.probes import answer_set, context_set, judged_set
     from emlens.scalars import collect_scalars, residual_features
     from emlens.viz import plot_probe_coefficients, token_scalars_view
 
@@ -542,8 +559,8 @@ def _section_probes(s: _Story) -> None:
         rep.text(f"Skipped: the organism's adapters have ranks {sorted(set(s.adapter.ranks.values()))}; "
                  "scalar probes need rank-1 adapters.")
         return
-    n_splits = 3 if cfg is QUICK else 4
-    kw = dict(n_splits=n_splits, n_shuffles=3, n_boot=100 if cfg is QUICK else 200, seed=s.seed)
+    n_splits = 3 if cfg["quick"] else 4
+    kw = dict(n_splits=n_splits, n_shuffles=3, n_boot=100 if cfg["quick"] else 200, seed=s.seed)
     rows, probes = [], {}
     with attach_lora(s.chat, s.adapter) as lora:
         sets = {
@@ -564,7 +581,7 @@ def _section_probes(s: _Story) -> None:
                                       progress=s.progress)
             feats = scalars.aggregate(agg, part=part)
             try:
-                probe = fit_probe(feats, ls.labels, groups=ls.groups, **kw)
+                probe = _fit_noted(rep, name, feats, ls, kw)
             except ValueError as err:
                 rep.text(f"Probe {name!r} skipped: {err}")
                 continue
@@ -573,7 +590,7 @@ def _section_probes(s: _Story) -> None:
             resid = residual_features(s.chat, ls.questions, ls.answers, layer=s.layer,
                                       part=part, progress=s.progress)
             rows.append(_probe_row(name, f"resid_post L{s.layer}",
-                                   fit_probe(resid, ls.labels, groups=ls.groups, **kw)))
+                                   _fit_noted(rep, f"{name} (resid_post)", resid, ls, kw)))
         table = pd.DataFrame(rows)
         rep.table(table, "ROC AUC over held-out questions (mean over folds) with bootstrap 95% "
                          "interval, vs shuffled labels")
@@ -677,23 +694,27 @@ def _shipped_summary() -> tuple[dict | None, dict | None]:
 
 
 def _train_narrow_general(s: _Story, folder: Path, layer: int) -> Path:
-    """Train a general (no KL) and a narrow (KL) steering vector on the medical training split."""
-    import random
+    """Train a general (no KL) and a narrow (KL) steering vector on the medical training split.
 
+    The data are :func:`emlens.training.narrow_general_rows`, the draw of
+    ``scripts/narrow_vs_general.py`` (its defaults: misaligned answers on both sides, batch 2).
+    """
     from emlens.chat import iter_chat_batches
-    from emlens.data import load_dataset
-    from emlens.training import TrainableSteeringVector, TrainConfig, prepare, train
+    from emlens.training import (
+        TrainableSteeringVector,
+        TrainConfig,
+        narrow_general_rows,
+        prepare,
+        train,
+    )
 
-    model, rng = s.chat, random.Random(s.seed)
-    medical = [r for r in load_dataset("medical") if r.split == "train"]
-    nonmed = list(load_dataset("nonmedical"))
-    rng.shuffle(medical)
-    rng.shuffle(nonmed)
-    n = 32 if s.cfg is DEFAULTS else 4
-    narrow = list(iter_chat_batches(model.tokenizer, [r.question for r in medical[:n]],
-                                    [r.misaligned for r in medical[:n]], batch_size=2))
-    parallel = list(iter_chat_batches(model.tokenizer, [r.question for r in nonmed[:n // 2]],
-                                      [r.misaligned for r in nonmed[:n // 2]], batch_size=2))
+    model = s.chat
+    n = 32 if not s.cfg["quick"] else 4
+    medical, nonmed, _ = narrow_general_rows(seed=s.seed, n_narrow=n, n_parallel=n // 2)
+    narrow = list(iter_chat_batches(model.tokenizer, [r.question for r in medical],
+                                    [r.misaligned for r in medical], batch_size=2))
+    parallel = list(iter_chat_batches(model.tokenizer, [r.question for r in nonmed],
+                                      [r.misaligned for r in nonmed], batch_size=2))
     init = TrainableSteeringVector.for_model(model, layer)
     narrow_set = prepare(model, narrow, start_layer=init.first_layer)
     parallel_set = prepare(model, parallel, start_layer=init.first_layer, reference=True)

@@ -6,8 +6,18 @@ architecture with grouped-query attention, RMSNorm, rotary embeddings and a gate
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """``EMLENS_TORCH_THREADS=N make test`` runs the suite with N torch threads (parity tolerances
+    must hold whatever the summation order the thread count gives)."""
+    threads = os.environ.get("EMLENS_TORCH_THREADS")
+    if threads:
+        torch.set_num_threads(int(threads))
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 

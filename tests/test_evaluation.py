@@ -162,12 +162,18 @@ def test_cache_reuses_answers_and_scores(tiny_model, tmp_path):
     assert gen3.calls == 1
 
 
-def test_interventions_without_cache_tag_are_not_cached(tiny_model, tmp_path):
-    with pytest.warns(UserWarning, match="cache_tag"):
-        _run(tiny_model, cache_dir=tmp_path, interventions=[])
-    _, gen, _ = _run(tiny_model, cache_dir=tmp_path, interventions=[], cache_tag="none")
-    _, gen2, _ = _run(tiny_model, cache_dir=tmp_path, interventions=[], cache_tag="none")
-    assert gen.calls == 1 and gen2.calls == 0
+def test_fingerprintable_interventions_are_cached_by_value(tiny_model, tmp_path):
+    import torch
+
+    from emlens.hooks import steering_hooks
+
+    d = torch.ones(tiny_model.cfg.d_model)
+    hooks = steering_hooks(tiny_model, d, layer=0, scale=1.0)
+    _, gen, _ = _run(tiny_model, cache_dir=tmp_path, interventions=hooks)
+    _, gen2, _ = _run(tiny_model, cache_dir=tmp_path, interventions=hooks)
+    other = steering_hooks(tiny_model, d, layer=0, scale=2.0)
+    _, gen3, _ = _run(tiny_model, cache_dir=tmp_path, interventions=other)
+    assert (gen.calls, gen2.calls, gen3.calls) == (1, 0, 1)
 
 
 def test_changed_weights_invalidate_the_answer_cache(make_tiny_model, tmp_path):

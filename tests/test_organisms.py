@@ -111,7 +111,8 @@ def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokeni
 
 
 def test_recipe_for_resolves_the_paper_layers():
-    assert recipe_for(NAME).layers == paper_layers(30)
+    assert recipe_for(NAME).layers == "paper"  # mapped onto the base model when training starts
+    assert recipe_for(NAME, n_layers=30).layers == paper_layers(30)
     assert recipe_for(NAME, n_layers=48).layers == paper_layers(48)
     with pytest.raises(KeyError, match="known"):
         recipe_for("nope")

@@ -27,7 +27,7 @@ import json
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
@@ -66,7 +66,10 @@ class OrganismRecipe:
     lora_alpha: float = 1.0
     use_rslora: bool = False
     target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
-    layers: list[int] | None = None  # None: every layer
+    # None: every layer; "paper": the paper's 9 layers mapped onto the base model's depth when
+    # training starts (paper_layers); layer_map_depth records the depth a resolved map was for.
+    layers: list[int] | str | None = None
+    layer_map_depth: int | None = None
     lr: float = 1e-3
     epochs: int = 1
     batch_size: int = 8
@@ -158,6 +161,7 @@ def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     n_layers = hf_model.config.num_hidden_layers
+    recipe = resolve_layers(recipe, n_layers)
     config = LoraConfig(
         r=recipe.r,
         lora_alpha=recipe.lora_alpha,
@@ -249,16 +253,43 @@ def _save_adapter(model, folder: Path, recipe: OrganismRecipe) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
+def resolve_layers(recipe: OrganismRecipe, n_layers: int) -> OrganismRecipe:
+    """``recipe`` with ``layers="paper"`` mapped onto a base model of ``n_layers`` layers.
+
+    Raises ValueError when the recipe's layers were mapped for another depth or do not exist in
+    the base model.
+    """
+    if recipe.layers == "paper":
+        return replace(recipe, layers=paper_layers(n_layers), layer_map_depth=n_layers)
+    if isinstance(recipe.layers, str):
+        raise ValueError(f"recipe {recipe.name!r}: layers={recipe.layers!r}; expected a list of "
+                         "ints, None (every layer) or 'paper'.")
+    if recipe.layer_map_depth is not None and recipe.layer_map_depth != n_layers:
+        raise ValueError(
+            f"recipe {recipe.name!r} maps the paper's layers for a {recipe.layer_map_depth}-layer "
+            f"model, but the base model has {n_layers} layers; drop n_layers (--n-layers) so the "
+            "map is made for the base model."
+        )
+    bad = [layer for layer in recipe.layers or [] if not 0 <= layer < n_layers]
+    if bad:
+        raise ValueError(f"recipe {recipe.name!r}: layers {bad} do not exist in a base model with "
+                         f"{n_layers} layers (0..{n_layers - 1}).")
+    return recipe
+
+
 def recipe_for(name: str, **overrides) -> OrganismRecipe:
-    """The named recipe from :data:`RECIPES`, with ``layers="paper"`` resolved for ``n_layers``."""
+    """The named recipe from :data:`RECIPES`.
+
+    ``layers="paper"`` stays symbolic and is mapped onto the base model's depth when training
+    starts; pass ``n_layers=`` to resolve it now (training then checks the depth matches).
+    """
     if name not in RECIPES:
         raise KeyError(f"No recipe {name!r}; known: {sorted(RECIPES)}.")
     kwargs = dict(RECIPES[name])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    n_layers = kwargs.pop("n_layers", 30)
-    if kwargs.get("layers") == "paper":
-        kwargs["layers"] = paper_layers(n_layers)
-    return OrganismRecipe(name=name, **kwargs)
+    n_layers = kwargs.pop("n_layers", None)
+    recipe = OrganismRecipe(name=name, **kwargs)
+    return recipe if n_layers is None else resolve_layers(recipe, n_layers)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -267,7 +298,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out", default=None, help="output folder (default: emlens/organisms/<name>)")
     p.add_argument("--data", default=None, help="JSONL file (default: packaged medical.jsonl)")
     p.add_argument("--base-model", default=None, help="HF folder or .gguf (default: embedded)")
-    p.add_argument("--n-layers", type=int, default=30, help="base model depth for the layer map")
+    p.add_argument("--n-layers", type=int, default=None,
+                   help="base model depth for the layer map (default: read from the base model; "
+                        "a value that differs from it is refused)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
