@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from transformer_lens import HookedTransformer, HookedTransformerConfig
 
 
 def pytest_configure(config):
@@ -18,7 +19,7 @@ def pytest_configure(config):
     threads = os.environ.get("EMLENS_TORCH_THREADS")
     if threads:
         torch.set_num_threads(int(threads))
-from transformer_lens import HookedTransformer, HookedTransformerConfig
+
 
 
 @pytest.fixture(scope="session")
