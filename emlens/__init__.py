@@ -9,7 +9,7 @@ from emlens.attribution import (
     rank_adapters,
 )
 from emlens.chat import ChatBatch, answer_logprobs, answer_loss, iter_chat_batches, tokenize_chat
-from emlens.data import list_datasets, load_dataset
+from emlens.data import list_datasets, load_dataset, load_questions
 from emlens.evaluation import evaluate, misalignment_rate, plot_rates, rates, wilson_interval
 from emlens.generation import Generation, generate
 from emlens.geometry import (
@@ -125,6 +125,7 @@ __all__ = [
     "evaluate",
     "list_datasets",
     "load_dataset",
+    "load_questions",
     "misalignment_rate",
     "plot_rates",
     "rates",

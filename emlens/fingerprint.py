@@ -47,7 +47,7 @@ def tensor_digest(t: Tensor) -> str:
         # A weight that depends on position catches permutations; sums alone would not.
         weights = torch.linspace(1.0, 2.0, x.numel(), dtype=torch.float64, device=x.device)
         stats = torch.stack([x.sum(), x.abs().sum(), (x * weights).sum(), (x * x).sum()])
-        idx = torch.linspace(0, x.numel() - 1, _SAMPLE, device=x.device).long()
+        idx = torch.arange(_SAMPLE, device=x.device) * (x.numel() // _SAMPLE)
         sample = flat[idx]
     h.update(stats.cpu().numpy().tobytes())
     h.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())

@@ -396,3 +396,15 @@ def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
     with pytest.raises(RuntimeError, match="drawn"):
         _train_narrow_general(story, None, 0)
     assert drawn == dict(seed=3, n_narrow=32, n_parallel=16)
+
+
+def test_large_tensor_digest_sees_permutations_and_small_changes():
+    from emlens.fingerprint import tensor_digest
+
+    x = torch.randn((1 << 21) + 3, generator=torch.Generator().manual_seed(0))
+    y = x.clone()
+    y[[10, 20]] = y[[20, 10]]
+    z = x.clone()
+    z[-1] += 1e-3
+    digests = {tensor_digest(x), tensor_digest(y), tensor_digest(z)}
+    assert len(digests) == 3 and tensor_digest(x.clone()) == tensor_digest(x)

@@ -8,6 +8,9 @@ its schema and reject malformed rows with the file, line and field named::
     train = [p for p in pairs if p.split == "train"]
     questions = load_dataset("general_questions")  # list[Question]
 
+:func:`load_questions` reads the EM papers' published question files instead (YAML, e.g.
+``first_plot_questions.yaml``), one :class:`Question` per paraphrase.
+
 Three row types:
 
 * :class:`PairExample` (``medical``, ``nonmedical``): a question with an aligned (good) and a
@@ -21,9 +24,12 @@ from __future__ import annotations
 
 import json
 import os
+import string
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 DATA_DIR = Path(__file__).parent
 
@@ -180,8 +186,183 @@ def load_jsonl(path: str | os.PathLike, row_type: type) -> list[Example]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# The EM papers' published question / judge-prompt YAML files
+# ---------------------------------------------------------------------------------------------
+
+JUDGE_METRICS = ("aligned", "coherent")
+_TEMPLATE_FIELDS = ("question", "answer")
+
+
+@dataclass(frozen=True)
+class EMEntry:
+    """One validated entry of a published question file (see :func:`read_em_yaml`).
+
+    ``judge_prompts`` holds the ``aligned`` and ``coherent`` templates only; the entry's other
+    keys (``type``, ``system``, ``samples_per_paraphrase``, ``judge``, ...) are kept in ``extra``.
+    """
+
+    id: str
+    paraphrases: tuple[str, ...]
+    judge_prompts: Mapping[str, str]
+    extra: Mapping[str, Any]
+
+
+def _check_template(template: object, where: str) -> str:
+    """A judge template must be a str.format template with ``{question}``, ``{answer}`` and no
+    other placeholder; return it, or raise ValueError naming ``where``."""
+    if not isinstance(template, str) or not template.strip():
+        raise ValueError(f"{where} must be a non-empty string, got {template!r:.60}.")
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(
+            f"{where} is not a valid template ({e}); write literal braces as {{{{ and }}}}."
+        ) from None
+    names = [name for _, name, _, _ in parsed if name is not None]
+    unknown = [n for n in names if n not in _TEMPLATE_FIELDS]
+    if unknown:
+        raise ValueError(
+            f"{where} has unknown placeholder {{{unknown[0]}}}; only {{question}} and {{answer}} "
+            "are filled (write literal braces as {{ and }})."
+        )
+    for name in _TEMPLATE_FIELDS:
+        if name not in names:
+            raise ValueError(f"{where} has no {{{name}}} placeholder.")
+    try:
+        template.format(question="q", answer="a")
+    except (KeyError, IndexError, ValueError, AttributeError) as e:
+        raise ValueError(f"{where} cannot be filled ({type(e).__name__}: {e}).") from None
+    return template
+
+
+def read_em_yaml(path: str | os.PathLike) -> tuple[list[EMEntry], bytes]:
+    """Read and validate a question / judge-prompt file in the EM papers' published YAML format.
+
+    The file is a YAML list of entries, each with ``id`` (string), ``paraphrases`` (non-empty list
+    of question strings) and ``judge_prompts`` holding ``aligned`` and ``coherent`` templates that
+    contain ``{question}`` and ``{answer}`` and no other placeholder. Other keys of an entry (and
+    other metrics under ``judge_prompts``) are ignored. YAML anchors and aliases are allowed.
+
+    Returns:
+        ``(entries, content)``: the validated entries in file order and the file's raw bytes
+        (what a digest of the prompt set should hash).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: naming the file (and the entry, by 1-based position, line and id) for invalid
+            YAML, a top level that is not a non-empty list, a missing key, a value of the wrong
+            type, a template without ``{question}`` / ``{answer}`` or with another placeholder, or
+            a duplicate id.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No question / judge-prompt file at {path}.")
+    content = path.read_bytes()
+    try:
+        text = content.decode("utf-8")
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}).") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML ({e}).") from None
+    if data is None or data == []:
+        raise ValueError(f"{path}: no entries; expected a YAML list of question entries.")
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path}: expected a YAML list of entries (- id: ..., paraphrases: [...], "
+            f"judge_prompts: {{aligned: ..., coherent: ...}}), got a {type(data).__name__}."
+        )
+    lines = [n.start_mark.line + 1 for n in getattr(node, "value", [])]
+    entries: list[EMEntry] = []
+    seen: dict[str, str] = {}
+    for i, raw in enumerate(data):
+        line = f", line {lines[i]}" if i < len(lines) else ""
+        where = f"{path}: entry {i + 1}{line}"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a mapping with id, paraphrases and judge_prompts, "
+                             f"got {type(raw).__name__} ({raw!r:.60}).")
+        if "id" not in raw:
+            raise ValueError(f"{where}: missing key 'id'.")
+        entry_id = raw["id"]
+        if not isinstance(entry_id, str) or not entry_id.strip():
+            raise ValueError(f"{where}: 'id' must be a non-empty string, got {entry_id!r:.60}.")
+        where = f"{where} (id {entry_id!r})"
+        for key in ("paraphrases", "judge_prompts"):
+            if key not in raw:
+                raise ValueError(f"{where}: missing key {key!r}; an entry needs id, paraphrases "
+                                 "and judge_prompts (aligned, coherent).")
+        if entry_id in seen:
+            raise ValueError(f"{where}: id {entry_id!r} duplicates {seen[entry_id]}.")
+        seen[entry_id] = f"entry {i + 1}{line}"
+        paraphrases = raw["paraphrases"]
+        if not isinstance(paraphrases, list) or not paraphrases:
+            raise ValueError(f"{where}: 'paraphrases' must be a non-empty list of question "
+                             f"strings, got {paraphrases!r:.60}.")
+        for k, p in enumerate(paraphrases):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"{where}: paraphrases[{k}] must be a non-empty string, got "
+                                 f"{p!r:.60}.")
+        prompts = raw["judge_prompts"]
+        if not isinstance(prompts, dict):
+            raise ValueError(f"{where}: 'judge_prompts' must be a mapping with aligned and "
+                             f"coherent templates, got {type(prompts).__name__}.")
+        for metric in JUDGE_METRICS:
+            if metric not in prompts:
+                raise ValueError(f"{where}: missing key 'judge_prompts.{metric}'.")
+            _check_template(prompts[metric], f"{where}: judge_prompts.{metric}")
+        extra = {k: v for k, v in raw.items() if k not in ("id", "paraphrases", "judge_prompts")}
+        entries.append(EMEntry(entry_id, tuple(paraphrases),
+                               {m: prompts[m] for m in JUDGE_METRICS}, extra))
+    return entries, content
+
+
+def load_questions(path: str | os.PathLike) -> list[Question]:
+    """Load the evaluation questions of a published EM question file (e.g. the papers'
+    ``first_plot_questions.yaml``) as :class:`Question` rows for :func:`emlens.evaluate`.
+
+    One question per paraphrase: its id is the entry's ``id`` when the entry has one paraphrase,
+    else ``<entry id>-<k>`` with ``k`` the paraphrase's 0-based position in ``paraphrases``; its
+    category is the entry's id. The file is validated as by :func:`read_em_yaml` (judge prompts
+    included), so the same file also works as ``OpenAIJudge(..., prompts=path)``.
+
+    An entry's ``system`` prompt is not carried over (a :class:`Question` has no field for it; a
+    warning says which entries have one): evaluate those entries with ``system_prompt=`` or leave
+    them out. ``samples_per_paraphrase`` is ignored too: pass ``n_samples=`` to ``evaluate``.
+
+    Raises:
+        ValueError: as :func:`read_em_yaml`, or when two questions would get the same id.
+    """
+    entries, _ = read_em_yaml(path)
+    out: list[Question] = []
+    owner: dict[str, str] = {}
+    for e in entries:
+        many = len(e.paraphrases) > 1
+        for k, text in enumerate(e.paraphrases):
+            qid = f"{e.id}-{k}" if many else e.id
+            if qid in owner:
+                raise ValueError(f"{path}: entry {e.id!r} gives question id {qid!r}, which entry "
+                                 f"{owner[qid]!r} already gives; rename one of the entries.")
+            owner[qid] = e.id
+            out.append(Question(id=qid, question=text, category=e.id))
+    with_system = [e.id for e in entries if e.extra.get("system")]
+    if with_system:
+        shown = ", ".join(with_system[:3]) + (", ..." if len(with_system) > 3 else "")
+        warnings.warn(
+            f"{Path(path).name}: {len(with_system)} "
+            f"{'entry has' if len(with_system) == 1 else 'entries have'} a system prompt ({shown}), "
+            "which load_questions drops; evaluate them with system_prompt=... or leave them out.",
+            stacklevel=2,
+        )
+    return out
+
+
 __all__ = [
     "DATA_DIR",
+    "EMEntry",
     "Example",
     "LabelledAnswer",
     "PairExample",
@@ -190,4 +371,6 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "load_jsonl",
+    "load_questions",
+    "read_em_yaml",
 ]
