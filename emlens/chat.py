@@ -56,6 +56,10 @@ class ChatBatch:
 
 
 def _messages(question: str, system_prompt: str | None) -> list[dict[str, str]]:
+    if system_prompt is not None and not isinstance(system_prompt, str):
+        raise TypeError(
+            f"system_prompt must be a str or None, got {type(system_prompt).__name__}."
+        )
     msgs = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     return msgs + [{"role": "user", "content": question}]
 

@@ -112,11 +112,17 @@ def load_directions(path: str | Path) -> dict[int, Direction]:
         raise FileNotFoundError(f"No directions file at {path}.")
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as err:  # SafetensorError on a truncated or foreign file
+        raise ValueError(
+            f"Cannot read {path} as safetensors ({type(err).__name__}: {err}); it is truncated or "
+            "not a file written by emlens.save_directions."
+        ) from err
     if meta.get("emlens") != "directions/v1":
         raise ValueError(f"{path} is not an emlens directions file (no 'emlens' metadata).")
-    tensors = load_file(str(path))
     out = {}
     for m in json.loads(meta["directions"]):
         m.pop("norm", None)
@@ -335,6 +341,11 @@ def pca_direction(
 
 def random_direction(direction: Direction, *, seed: int = 0) -> Direction:
     """A random control: a uniformly random direction with exactly the same norm and dtype."""
+    if not isinstance(direction, Direction):
+        raise TypeError(
+            f"random_direction takes a Direction (from mean_diff or load_directions), got "
+            f"{type(direction).__name__}; wrap a raw vector as Direction(vector=v, layer=L)."
+        )
     g = torch.Generator().manual_seed(seed)
     v = torch.randn(direction.vector.shape, generator=g, dtype=torch.float64)
     v = v / v.norm() * direction.vector.double().norm()

@@ -238,6 +238,21 @@ def check_scale(scale, name: str = "scale") -> float:
     return value
 
 
+def check_tokens(model: HookedTransformer, tokens) -> None:
+    """Raise TypeError/ValueError unless ``tokens`` is an integer ``[batch, pos]`` tensor of ids
+    in the model's vocabulary."""
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens must be a torch integer tensor [batch, pos], got "
+                        f"{type(tokens).__name__}; use emlens.tokenize_chat(...).tokens.")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must hold integer token ids, got dtype {tokens.dtype}.")
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must have shape [batch, pos], got {tuple(tokens.shape)}.")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= model.cfg.d_vocab):
+        raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab}); got "
+                         f"{int(tokens.min())}..{int(tokens.max())}.")
+
+
 def resolve_layers(model: HookedTransformer, layers: Layers) -> list[int]:
     """Normalise ``layers`` (int, list of ints, or "all"; negative ints count from the end).
 
@@ -450,6 +465,7 @@ def projections(
 ) -> Float[Tensor, "layer batch pos"]:
     """Projection of the activation at ``hook`` of each layer onto the unit ``direction``."""
     unit = check_direction(model, direction, unit=True)
+    check_tokens(model, tokens)
     names = hook_names(model, layers, hook)
     store: dict[str, list[Tensor]] = {}
     fn = projection_hook(unit, store)

@@ -252,7 +252,11 @@ def load_model(
             "'none' keeps the residual stream identical to the HF model's."
         )
     flags = _PROCESSING_FLAGS[processing]
+    dtype = _check_dtype(dtype)
     is_local = name is None or Path(name).exists() or str(name).endswith(".gguf")
+    looks_local = str(name).startswith(("/", "./", "../", "~")) or str(name).endswith(os.sep)
+    if not is_local and looks_local:
+        raise FileNotFoundError(f"No model file or folder at {name!r}.")
     if is_local:
         hf_model, tokenizer = load_hf(name, dtype=dtype)
         cfg_dict = hf_config_to_tl_dict(hf_model.config)
@@ -291,6 +295,22 @@ def load_model(
         "architecture": model.cfg.original_architecture,
     }
     return model
+
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16, "float64": torch.float64}
+
+
+def _check_dtype(dtype) -> torch.dtype:
+    """A floating ``torch.dtype`` from a dtype or its name (``"bfloat16"``); TypeError otherwise."""
+    if isinstance(dtype, str):
+        key = dtype.removeprefix("torch.")
+        if key not in _DTYPES:
+            raise TypeError(f"dtype={dtype!r}; expected a torch dtype or one of {sorted(_DTYPES)}.")
+        return _DTYPES[key]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype={dtype!r}; expected a floating torch dtype such as torch.bfloat16.")
+    return dtype
 
 
 def _check_hub_name(name: str) -> None:

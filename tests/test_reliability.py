@@ -408,3 +408,25 @@ def test_large_tensor_digest_sees_permutations_and_small_changes():
     z[-1] += 1e-3
     digests = {tensor_digest(x), tensor_digest(y), tensor_digest(z)}
     assert len(digests) == 3 and tensor_digest(x.clone()) == tensor_digest(x)
+
+
+def test_more_bad_inputs_are_named(tiny_model, tmp_path):
+    from emlens.directions import load_directions, random_direction
+
+    with pytest.raises(TypeError, match="system_prompt must be a str"):
+        emlens.generate(tiny_model, ["Hi"], max_new_tokens=2, system_prompt=5, progress=False)
+    bad = tmp_path / "dirs.safetensors"
+    bad.write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="dirs.safetensors.*truncated"):
+        load_directions(bad)
+    with pytest.raises(TypeError, match="takes a Direction"):
+        random_direction(torch.ones(tiny_model.cfg.d_model))
+    d = torch.ones(tiny_model.cfg.d_model)
+    with pytest.raises(TypeError, match="integer token ids"):
+        emlens.projections(tiny_model, torch.ones(1, 3), d, layers=[0])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):
+        emlens.projections(tiny_model, torch.tensor([[10**7]]), d, layers=[0])
+    with pytest.raises(FileNotFoundError, match="No model file or folder"):
+        emlens.load_model(str(tmp_path / "missing") + "/")
+    with pytest.raises(TypeError, match="dtype="):
+        emlens.load_model(tmp_path, dtype="int8")
