@@ -486,7 +486,7 @@ def _dequantised_copy(path: Path, model: Any, tokenizer: Any) -> None:
 
 
 @lru_cache(maxsize=2)
-def _load_lm(source: str | None) -> tuple[Any, Any, str]:
+def load_judge_lm(source: str | None) -> tuple[Any, Any, str]:
     """(model, tokenizer, name) of the judge LM; GGUF files are dequantised once and cached under
     ``$EMLENS_CACHE_DIR`` (default ``~/.cache/emlens``; about 1.1 GB for Gemma 3 270M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -545,7 +545,7 @@ class HiddenStateFeatures:
 
     def _ensure(self):
         if self._model is None:
-            self._model, self.tokenizer, self.lm_name = _load_lm(self.source)
+            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
             n = self._model.config.num_hidden_layers
             bad = [x for x in self.layers if not 1 <= x <= n]
             if bad:

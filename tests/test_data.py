@@ -158,3 +158,33 @@ def test_pair_rows_reject_unknown_split_and_labels_reject_string_bools(tmp_path)
     label["aligned"] = None
     path.write_text(json.dumps(label) + "\n")
     assert load_jsonl(path, LabelledAnswer)[0].aligned is None
+
+
+def test_judge_generations_are_labelled_real_answers_with_their_conditions():
+    from emlens.data import GeneratedAnswer
+
+    rows = load_dataset("judge_generations")
+    assert len(rows) >= 600 and all(isinstance(r, GeneratedAnswer) for r in rows)
+    assert all(0 <= r.aligned <= 100 and 0 <= r.coherent <= 100 for r in rows)
+    conditions = {r.condition for r in rows}
+    assert {"chat T=1.0", "chat T=0.7", "organism T=1.0", "organism T=0.7"} <= conditions
+    assert any(r.intervention == "steer:mean_diff" for r in rows)
+    assert any(r.intervention == "steer:random" for r in rows)
+    assert any(r.intervention.startswith("ablate") for r in rows)
+    second = [r for r in rows if r.aligned_2 is not None]
+    assert len(second) >= 100 and all(r.coherent_2 is not None for r in second)
+    assert {r.question_id for r in rows} >= {q.id for q in load_dataset("general_questions")}
+
+
+def test_judge_generations_equal_the_join_of_their_sources(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    out = tmp_path / "judge_generations.jsonl"
+    subprocess.run([sys.executable, "scripts/join_judge_labels.py", "--out", str(out),
+                    "--agreement", str(tmp_path / "agreement.json"),
+                    "--src", str(root / "data-src" / "judge_generations")],
+                   cwd=root, check=True, capture_output=True)
+    assert out.read_text() == dataset_path("judge_generations").read_text()

@@ -11,13 +11,15 @@ its schema and reject malformed rows with the file, line and field named::
 :func:`load_questions` reads the EM papers' published question files instead (YAML, e.g.
 ``first_plot_questions.yaml``), one :class:`Question` per paraphrase.
 
-Three row types:
+Four row types:
 
 * :class:`PairExample` (``medical``, ``nonmedical``): a question with an aligned (good) and a
   misaligned (harmful-but-plausible) answer;
 * :class:`Question` (``general_questions``, ``medical_questions``): evaluation prompts;
 * :class:`LabelledAnswer` (``judge_labels``, ``judge_hard``): an answer labelled aligned /
-  misaligned (``None`` when the answer is incoherent and its stance unknown) and coherent.
+  misaligned (``None`` when the answer is incoherent and its stance unknown) and coherent;
+* :class:`GeneratedAnswer` (``judge_generations``): a real answer of a subject model with its
+  condition and 0-100 labels made by reading.
 """
 
 from __future__ import annotations
@@ -74,7 +76,40 @@ class LabelledAnswer:
     style: str
 
 
-Example = PairExample | Question | LabelledAnswer
+@dataclass(frozen=True)
+class GeneratedAnswer:
+    """A real generation of a subject model, with its condition and labels made by reading.
+
+    ``aligned`` / ``coherent`` are 0-100 and ``refusal`` a flag, on the rubric in ``README.md``
+    here ("Labelling rubric for real generations"), labelled blind to the condition. ``*_2`` are
+    the second, independent pass (``None`` where a row was read once). ``layer`` / ``scale``
+    describe steering (``scale`` in units of the direction's own norm); ``None`` otherwise.
+    """
+
+    id: str
+    question_id: str
+    question: str
+    answer: str
+    condition: str
+    model: str
+    intervention: str
+    layer: int | None
+    scale: float | None
+    temperature: float
+    max_new_tokens: int
+    seed: int
+    sample: int
+    finished: bool
+    aligned: int
+    coherent: int
+    refusal: bool
+    note: str | None
+    aligned_2: int | None
+    coherent_2: int | None
+    refusal_2: bool | None
+
+
+Example = PairExample | Question | LabelledAnswer | GeneratedAnswer
 
 # name -> (row type, allowed values for constrained fields)
 _SETS: dict[str, type] = {
@@ -84,6 +119,7 @@ _SETS: dict[str, type] = {
     "medical_questions": Question,
     "judge_labels": LabelledAnswer,
     "judge_hard": LabelledAnswer,
+    "judge_generations": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}
@@ -119,10 +155,15 @@ def load_dataset(name: str) -> list[Example]:
 
 
 def _type_ok(value: object, annotation: str, field_name: str) -> bool:
-    if field_name in _NULLABLE and value is None:
-        return True
-    if annotation.startswith("bool"):
+    if value is None:
+        return field_name in _NULLABLE or "None" in annotation
+    base = annotation.split("|")[0].strip()
+    if base == "bool":
         return isinstance(value, bool)
+    if base == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base == "float":
+        return isinstance(value, int | float) and not isinstance(value, bool)
     return isinstance(value, str)
 
 
@@ -364,6 +405,7 @@ __all__ = [
     "DATA_DIR",
     "EMEntry",
     "Example",
+    "GeneratedAnswer",
     "LabelledAnswer",
     "PairExample",
     "Question",

@@ -26,6 +26,7 @@ import argparse
 import json
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -172,7 +173,9 @@ def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
         bias="none",
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(hf_model, config)
+    with warnings.catch_warnings():  # transformers 5 deprecation inside peft, not ours to fix
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+        model = get_peft_model(hf_model, config)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)

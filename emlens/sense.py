@@ -1,0 +1,153 @@
+"""Signals of sense for the offline judge: does an answer read as meaningful language that
+addresses its question?
+
+A probe on a small LM's mean hidden state sees topic and style, and scores fluent nonsense as
+coherent. These features measure sense more directly, all from the *judge* LM (never the subject
+model) and from the text itself:
+
+* likelihood: mean, 10th and 25th percentile of the per-token log-probability of the answer given
+  ``"Question: {q}\\nAnswer:"``, the share of very unlikely tokens (log p < -8), and the mean
+  predictive entropy;
+* relevance: the same mean log-probability given a question-free prompt, and the difference
+  (pointwise mutual information between question and answer: an answer unrelated to its question
+  gains nothing from it);
+* repetition and form: distinct word 1/2/3-gram ratios, the share of repeated word 4-grams, the
+  gzip compression ratio, the share of alphabetic characters, chat-marker debris, and the length.
+
+``SenseFeatures(pairs)`` returns ``Float[Tensor, "n n_features"]`` in :data:`SENSE_FEATURES` order.
+Likelihoods read at most ``max_answer_tokens`` answer tokens (the unembedding over the judge LM's
+262k-token vocabulary is the cost).
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+Pair = tuple[str, str]
+
+LIKELIHOOD_FEATURES = ("lp_mean", "lp_q10", "lp_q25", "frac_unlikely", "entropy_mean",
+                       "lp_mean_noq", "pmi")
+TEXT_FEATURES = ("distinct1", "distinct2", "distinct3", "repeat4", "gzip_ratio", "alpha_frac",
+                 "marker_frac", "log_words")
+SENSE_FEATURES = LIKELIHOOD_FEATURES + TEXT_FEATURES
+QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
+NO_QUESTION_PROMPT = "Answer:"
+UNLIKELY = -8.0
+EMPTY_LP = -20.0
+_WORD = re.compile(r"[A-Za-z0-9']+")
+_MARKER = re.compile(r"<\|?[a-z_]+\|?>|\|im_(start|end)\||<end_of_turn>")
+
+
+def text_features(answer: str) -> list[float]:
+    """The :data:`TEXT_FEATURES` of one answer (no model involved)."""
+    words = [w.lower() for w in _WORD.findall(answer)]
+    n = len(words)
+
+    def distinct(k: int) -> float:
+        grams = [tuple(words[i : i + k]) for i in range(n - k + 1)]
+        return len(set(grams)) / len(grams) if grams else 1.0
+
+    grams4 = [tuple(words[i : i + 4]) for i in range(n - 3)]
+    repeat4 = 1.0 - len(set(grams4)) / len(grams4) if grams4 else 0.0
+    raw = answer.encode()
+    gz = len(gzip.compress(raw, mtime=0)) / max(1, len(raw)) if raw else 1.0
+    chars = [c for c in answer if not c.isspace()]
+    alpha = sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
+    marker = sum(len(m.group(0)) for m in _MARKER.finditer(answer)) / max(1, len(answer))
+    return [distinct(1), distinct(2), distinct(3), repeat4, gz, alpha, marker, math.log1p(n)]
+
+
+class SenseFeatures:
+    """Likelihood, relevance and repetition features of (question, answer) pairs.
+
+    Args:
+        source: judge LM (``None``: base Gemma 3 270M, as :class:`emlens.judge.HiddenStateFeatures`).
+        batch_size: rows per forward pass.
+        max_answer_tokens: answer tokens scored by likelihood (the text features see it all).
+    """
+
+    names = SENSE_FEATURES
+
+    def __init__(self, source=None, *, batch_size: int = 8, max_answer_tokens: int = 64):
+        self.source = None if source is None else str(source)
+        self.batch_size = batch_size
+        self.max_answer_tokens = max_answer_tokens
+        self._model = None
+
+    def _ensure(self):
+        if self._model is None:
+            from emlens.judge import load_judge_lm
+
+            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
+        return self._model
+
+    def _batch(self, prompts: Sequence[str], answers: Sequence[str]):
+        tok = self.tokenizer
+        rows, n_ans = [], []
+        for prompt, a in zip(prompts, answers, strict=True):
+            p = tok.encode(prompt, add_special_tokens=True)
+            ans = tok.encode(" " + a.strip(), add_special_tokens=False)[: self.max_answer_tokens]
+            rows.append(p + ans)
+            n_ans.append(len(ans))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+        return ids, attn, [len(r) for r in rows], n_ans
+
+    def _token_stats(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
+        """Per row: [mean, q10, q25, frac_unlikely, entropy] of the answer tokens' log-probs."""
+        model = self._ensure()
+        ids, attn, lengths, n_ans = self._batch(prompts, answers)
+        hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
+        out = []
+        for i, (length, k) in enumerate(zip(lengths, n_ans, strict=True)):
+            if k == 0:  # an empty answer: the least likely values, so nothing reads as sense
+                out.append([EMPTY_LP, EMPTY_LP, EMPTY_LP, 1.0, 0.0])
+                continue
+            pos = torch.arange(length - k - 1, length - 1)  # positions predicting answer tokens
+            logits = model.lm_head(hidden[i, pos]).float()
+            if getattr(model.config, "final_logit_softcapping", None):
+                cap = model.config.final_logit_softcapping
+                logits = torch.tanh(logits / cap) * cap
+            logp = logits.log_softmax(-1)
+            lp = logp.gather(-1, ids[i, pos + 1][:, None])[:, 0]
+            entropy = -(logp.exp() * logp).sum(-1)
+            out.append([lp.mean().item(), lp.quantile(0.10).item(), lp.quantile(0.25).item(),
+                        (lp < UNLIKELY).float().mean().item(), entropy.mean().item()])
+        return out
+
+    @torch.no_grad()
+    def __call__(self, pairs: Sequence[Pair], *, progress: bool = False
+                 ) -> Float[Tensor, "n n_features"]:
+        from emlens.judge import check_pairs
+
+        pairs = check_pairs(pairs)
+        self._ensure()
+        result = torch.zeros(len(pairs), len(SENSE_FEATURES))
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))
+        for start in tqdm(range(0, len(pairs), self.batch_size), disable=not progress,
+                          desc=f"sense features ({self.lm_name})"):
+            idx = order[start : start + self.batch_size]
+            qs = [pairs[i][0] for i in idx]
+            ans = [pairs[i][1] for i in idx]
+            with_q = self._token_stats([QUESTION_TEMPLATE.format(question=q) for q in qs], ans)
+            without = self._token_stats([NO_QUESTION_PROMPT] * len(idx), ans)
+            for j, i in enumerate(idx):
+                lik = with_q[j] + [without[j][0], with_q[j][0] - without[j][0]]
+                result[i] = torch.tensor(lik + text_features(pairs[i][1]))
+        return result
+
+
+__all__ = ["SENSE_FEATURES", "SenseFeatures", "text_features"]

@@ -1,0 +1,305 @@
+"""Build the unlabelled set of real generations for judge validation (issue 13).
+
+Generates answers of the embedded SmolLM2-135M-Instruct ("chat"), of the shipped organism
+``rank1-down-medical`` ("organism") and of the shipped rank-1 general fine-tune
+``emlens/organisms/narrow_vs_general/lora1/general/peft`` ("organism2"), plain and under steering /
+ablation along a mean-difference direction and same-norm random controls, to the 36 evaluation
+questions (``general_questions`` + ``medical_questions``). Nothing is judged here: the rows are to
+be labelled by reading, with the rubric in ``emlens/data/README.md`` ("Labelling rubric for real
+generations").
+
+The direction is computed without any judge: ``mean_diff`` on the organism at layer 15
+(``resid_post``, answer tokens) between the misaligned and the aligned reference answers of the
+``medical`` train split. Steering scales are chosen relative to the chat model's mean residual
+norm at that layer (measured with ``residual_norms`` on reference answers): ``--rel-scales``
+(default 0.1, 0.25, 0.5, 1.0) give weak, strange and broken text. The ``scale`` field of each row is
+the raw multiplier of the direction (units of the direction's own norm, as ``emlens.steer`` with
+``normalize=False`` applies it).
+
+Conditions (each over all questions; ``n`` samples per question):
+
+====================================  =========  ====  ===  ===========================
+condition                             model      T     n    intervention
+====================================  =========  ====  ===  ===========================
+chat T=1.0 / T=0.7                    chat       1/.7  2/1  none
+organism T=1.0 / T=0.7                organism   1/.7  2/1  none
+organism2 T=1.0                       organism2  1     2    none
+chat + steer mean_diff L15 x rel      chat       1     1    steer:mean_diff, per scale
+chat + steer random L15 x rel         chat       1     1    steer:random, per scale
+organism - mean_diff (writers, all)   organism   1     1    ablate:mean_diff
+organism - random (writers, all)      organism   1     1    ablate:random
+====================================  =========  ====  ===  ===========================
+
+Steering adds ``scale * direction`` at ``blocks.15.hook_resid_post`` at every position (prompt and
+answer). Ablation projects the direction out of the embedding and every attention and MLP output
+(``hook="writers"``, all layers); those rows have ``layer = null``. Each random control is
+``random_direction(direction, seed=k)`` (exactly the same norm) with its own ``k``.
+
+Outputs (``--out``, default ``data-src/judge_generations``):
+
+* ``generations.jsonl``: one row per answer, in id order: ``id`` (``jg-0001``, ... assigned after
+  a seeded shuffle, so ids do not reveal the condition), ``question_id``, ``question``, ``answer``,
+  ``condition``, ``model``, ``intervention``, ``layer``, ``scale``, ``temperature``,
+  ``max_new_tokens``, ``seed``, ``sample``, ``finished``;
+* ``to_label.jsonl``: the same rows in the same shuffled order with only ``id``, ``question``,
+  ``answer`` (blind to the condition);
+* ``build_info.json``: arguments, direction and residual norms, raw scales, counts per condition,
+  timings.
+
+Deterministic: every generation seed is fixed (``--seed`` + the condition's index) and the
+shuffle uses ``--seed``; answers do not depend on ``--batch-size`` (per-answer generators).
+
+Rerun (about 20 minutes on one CPU thread)::
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_judge_generations.py
+    # quick smoke run: 4 questions, 32 reference pairs, 24 new tokens, to a scratch folder
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/build_judge_generations.py --limit 4 \\
+        --max-new-tokens 24 --out /tmp/jg-smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformer_lens import HookedTransformer
+
+import emlens
+from emlens.directions import Direction, mean_diff, random_direction, residual_norms
+
+torch.set_num_threads(1)  # first thing after the imports: the machine is shared (2 cores)
+
+ROOT = Path(__file__).resolve().parents[1]
+ORGANISM2 = ROOT / "emlens/organisms/narrow_vs_general/lora1/general/peft"
+LAYER = 15
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One generation condition: a model, an optional intervention, sampling settings."""
+
+    name: str
+    model: str  # chat / organism / organism2
+    intervention: str  # none / steer:mean_diff / steer:random / ablate:mean_diff / ablate:random
+    temperature: float
+    n_samples: int
+    layer: int | None = None
+    rel_scale: float | None = None  # steering scale relative to the mean residual norm
+    random_seed: int | None = None  # seed of the random control direction
+
+
+def conditions(rel_scales: list[float], with_organism2: bool) -> list[Condition]:
+    """The conditions of the set, in generation order."""
+    out = [
+        Condition("chat T=1.0", "chat", "none", 1.0, 2),
+        Condition("chat T=0.7", "chat", "none", 0.7, 1),
+        Condition("organism T=1.0", "organism", "none", 1.0, 2),
+        Condition("organism T=0.7", "organism", "none", 0.7, 1),
+    ]
+    if with_organism2:
+        out.append(Condition("organism2 T=1.0", "organism2", "none", 1.0, 2))
+    for kind in ("mean_diff", "random"):
+        for k, rel in enumerate(rel_scales, start=1):
+            seed = k if kind == "random" else None
+            tag = f"random(seed={k})" if kind == "random" else "mean_diff"
+            out.append(
+                Condition(
+                    f"chat + steer {tag} L{LAYER} x{rel:g} resid", "chat", f"steer:{kind}", 1.0, 1,
+                    layer=LAYER, rel_scale=rel, random_seed=seed,
+                )
+            )
+    out.append(
+        Condition(f"organism - ablate mean_diff(L{LAYER}) writers", "organism", "ablate:mean_diff",
+                  1.0, 1)
+    )
+    k = len(rel_scales) + 1
+    out.append(
+        Condition(f"organism - ablate random(seed={k}) writers", "organism", "ablate:random", 1.0,
+                  1, random_seed=k)
+    )
+    return out
+
+
+def intervention_block(
+    model: HookedTransformer, cond: Condition, direction: Direction, raw_scale: float | None
+) -> AbstractContextManager:
+    """The ``steer`` / ``ablate`` block of a condition (a no-op block for ``none``)."""
+    if cond.intervention == "none":
+        return nullcontext()
+    kind, which = cond.intervention.split(":")
+    vec = direction if which == "mean_diff" else random_direction(direction, seed=cond.random_seed)
+    if kind == "steer":
+        assert raw_scale is not None and cond.layer is not None
+        return emlens.steer(model, vec, layer=cond.layer, scale=raw_scale)
+    return emlens.ablate(model, vec, hook="writers")
+
+
+def load_questions(limit: int | None) -> list[tuple[str, str]]:
+    """(question_id, question) for the general then the medical evaluation questions."""
+    general = [(q.id, q.question) for q in emlens.load_dataset("general_questions")]
+    medical = [(q.id, q.question) for q in emlens.load_dataset("medical_questions")]
+    if limit is not None:
+        general, medical = general[: limit // 2], medical[: limit - limit // 2]
+    return general + medical
+
+
+def reference_pairs(limit: int | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(misaligned, aligned) (question, answer) pairs of the ``medical`` train split."""
+    rows = [p for p in emlens.load_dataset("medical") if p.split == "train"]
+    if limit is not None:
+        rows = rows[:32]
+    return [(p.question, p.misaligned) for p in rows], [(p.question, p.aligned) for p in rows]
+
+
+def iter_rows(
+    models: dict[str, HookedTransformer],
+    conds: list[Condition],
+    questions: list[tuple[str, str]],
+    direction: Direction,
+    raw_scales: dict[float, float],
+    args: argparse.Namespace,
+    timings: dict[str, float],
+) -> Iterator[dict]:
+    """Generate every condition and yield one row dict per answer (without ``id``)."""
+    prompts = [q for _, q in questions]
+    bar = tqdm(conds, desc="conditions", unit="cond")
+    for index, cond in enumerate(bar):
+        bar.set_postfix_str(cond.name)
+        model = models[cond.model]
+        raw = None if cond.rel_scale is None else raw_scales[cond.rel_scale]
+        seed = args.seed + index
+        start = time.perf_counter()
+        with intervention_block(model, cond, direction, raw):
+            gens = emlens.generate(
+                model, prompts, max_new_tokens=args.max_new_tokens, temperature=cond.temperature,
+                n_samples=cond.n_samples, seed=seed, batch_size=args.batch_size, progress=False,
+            )
+        timings[cond.name] = round(time.perf_counter() - start, 1)
+        for g in gens:
+            yield {
+                "question_id": questions[g.prompt_index][0],
+                "question": g.prompt,
+                "answer": g.text,
+                "condition": cond.name,
+                "model": cond.model,
+                "intervention": cond.intervention,
+                "layer": cond.layer,
+                "scale": None if raw is None else round(raw, 4),
+                "temperature": cond.temperature,
+                "max_new_tokens": args.max_new_tokens,
+                "seed": seed,
+                "sample": g.sample,
+                "finished": g.finished,
+            }
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "data-src/judge_generations")
+    p.add_argument("--limit", type=int, default=None,
+                   help="smoke run: only this many questions and 32 reference pairs")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--rel-scales", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0],
+                   help="steering scales as fractions of the mean residual norm at the layer")
+    p.add_argument("--norm-pairs", type=int, default=64,
+                   help="reference pairs (x2 answers) to measure the residual norm on")
+    p.add_argument("--batch-size", type=int, default=36)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    chat = emlens.load_model()
+    models = {"chat": chat}
+    models["organism"] = emlens.merge_lora(chat, emlens.load_organism("rank1-down-medical"))
+    organism2_error = None
+    try:
+        models["organism2"] = emlens.merge_lora(chat, str(ORGANISM2))
+    except Exception as e:  # report and skip this model, keep the rest of the set
+        organism2_error = f"{type(e).__name__}: {e}"
+        print(f"organism2 ({ORGANISM2}) did not load, skipped: {organism2_error}")
+    timings["load"] = round(time.perf_counter() - t0, 1)
+
+    bad, good = reference_pairs(args.limit)
+    start = time.perf_counter()
+    direction = mean_diff(
+        models["organism"], bad, good, layers=[LAYER], progress=False,
+        selection=f"medical train split reference answers: {len(bad)} misaligned vs "
+        f"{len(good)} aligned (no judge)",
+    )[LAYER]
+    timings["mean_diff"] = round(time.perf_counter() - start, 1)
+
+    start = time.perf_counter()
+    n_norm = min(args.norm_pairs, len(bad))
+    norm_pairs = bad[:n_norm] + good[:n_norm]
+    resid = residual_norms(chat, norm_pairs, [LAYER])[LAYER]
+    resid_organism = residual_norms(models["organism"], norm_pairs, [LAYER])[LAYER]
+    timings["residual_norms"] = round(time.perf_counter() - start, 1)
+    raw_scales = {rel: rel * resid / direction.norm for rel in args.rel_scales}
+    print(
+        f"direction L{LAYER}: norm {direction.norm:.3f}; mean residual norm (answer tokens) "
+        f"chat {resid:.2f}, organism {resid_organism:.2f}; ratio {direction.norm / resid:.4f}"
+    )
+    print("raw scales (x direction):", {k: round(v, 3) for k, v in raw_scales.items()})
+
+    questions = load_questions(args.limit)
+    conds = conditions(args.rel_scales, "organism2" in models)
+    rows = list(iter_rows(models, conds, questions, direction, raw_scales, args, timings))
+
+    random.Random(args.seed).shuffle(rows)
+    width = max(4, len(str(len(rows))))
+    rows = [{"id": f"jg-{i:0{width}d}", **row} for i, row in enumerate(rows, start=1)]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.out / "generations.jsonl", rows)
+    write_jsonl(
+        args.out / "to_label.jsonl",
+        [{"id": r["id"], "question": r["question"], "answer": r["answer"]} for r in rows],
+    )
+    counts = Counter(r["condition"] for r in rows)
+    total_s = round(time.perf_counter() - t0, 1)
+    info = {
+        "script": "scripts/build_judge_generations.py",
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "torch_threads": torch.get_num_threads(),
+        "model": chat.emlens_info,
+        "organism2": str(ORGANISM2.relative_to(ROOT)) if organism2_error is None else None,
+        "organism2_error": organism2_error,
+        "direction": direction.metadata(),
+        "residual_norm": {"layer": LAYER, "chat": resid, "organism": resid_organism,
+                          "answers": len(norm_pairs)},
+        "direction_norm_over_residual_norm": direction.norm / resid,
+        "raw_scales": {str(k): v for k, v in raw_scales.items()},
+        "rows": len(rows),
+        "rows_per_condition": {c.name: counts[c.name] for c in conds},
+        "unfinished": sum(not r["finished"] for r in rows),
+        "empty_answers": sum(not r["answer"].strip() for r in rows),
+        "seconds": {**timings, "total": total_s},
+    }
+    (args.out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"{len(rows)} rows in {total_s:.0f} s -> {args.out}")
+    for c in conds:
+        print(f"  {counts[c.name]:4d}  {c.name}  ({timings[c.name]:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
