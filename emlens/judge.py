@@ -514,7 +514,49 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward pass once the needed layers have run."""
 
 
-class HiddenStateFeatures:
+class JudgeLMReader:
+    """What the judge's feature extractors share: the judge LM, loaded on first use, and
+    right-padded ``prompt + answer`` batches with the answer cut to ``max_answer_tokens``."""
+
+    def __init__(self, source: str | os.PathLike | None = None, *, batch_size: int,
+                 max_answer_tokens: int):
+        self.source = None if source is None else str(source)
+        self.batch_size = batch_size
+        self.max_answer_tokens = max_answer_tokens
+        self._model = None
+
+    def _ensure(self):
+        if self._model is None:
+            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
+        return self._model
+
+    @property
+    def name(self) -> str:
+        self._ensure()
+        return self.lm_name
+
+    def encode(self, prompts: Sequence[str], answers: Sequence[str]
+               ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], list[int], list[int]]:
+        """Right-padded ids and attention mask of ``prompt + " " + answer`` (tokenised apart),
+        with each row's length and its number of answer tokens."""
+        tok = self.tokenizer
+        rows, n_ans = [], []
+        for prompt, a in zip(prompts, answers, strict=True):
+            ids = tok.encode(prompt, add_special_tokens=True)
+            ans = tok.encode(" " + a.strip(), add_special_tokens=False)[: self.max_answer_tokens]
+            rows.append(ids + ans)
+            n_ans.append(len(ans))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+        return ids, attn, [len(r) for r in rows], n_ans
+
+
+class HiddenStateFeatures(JudgeLMReader):
     """Mean hidden state over answer tokens at given layers of a small causal LM.
 
     The LM reads ``"Question: {q}\\nAnswer: {a}"`` (a plain template: the default judge LM is a
@@ -537,44 +579,26 @@ class HiddenStateFeatures:
         batch_size: int = 16,
         max_answer_tokens: int = 256,
     ):
-        self.source = None if source is None else str(source)
+        super().__init__(source, batch_size=batch_size, max_answer_tokens=max_answer_tokens)
         self.layers = tuple(int(x) for x in layers)
-        self.batch_size = batch_size
-        self.max_answer_tokens = max_answer_tokens
-        self._model = None
 
     def _ensure(self):
         if self._model is None:
-            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
+            super()._ensure()
             n = self._model.config.num_hidden_layers
             bad = [x for x in self.layers if not 1 <= x <= n]
             if bad:
+                self._model = None
                 raise ValueError(f"layers {bad} out of range for {self.lm_name}: valid 1..{n}.")
         return self._model
 
-    @property
-    def name(self) -> str:
-        self._ensure()
-        return self.lm_name
-
     def _batch(self, pairs: Sequence[Pair]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
         """Right-padded ids, attention mask and answer mask (prompt and answer tokenised apart)."""
-        tok = self.tokenizer
-        rows, n_ans = [], []
-        for q, a in pairs:
-            prompt = tok.encode(PROBE_TEMPLATE.format(question=q), add_special_tokens=True)
-            ans = tok.encode(" " + a.strip(), add_special_tokens=False)[: self.max_answer_tokens]
-            rows.append(prompt + ans)
-            n_ans.append(len(ans))
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        amask = torch.zeros((len(rows), width), dtype=torch.bool)
-        for i, (r, k) in enumerate(zip(rows, n_ans, strict=True)):
-            ids[i, : len(r)] = torch.tensor(r)
-            attn[i, : len(r)] = 1
-            amask[i, len(r) - k : len(r)] = True
+        ids, attn, lengths, n_ans = self.encode(
+            [PROBE_TEMPLATE.format(question=q) for q, _ in pairs], [a for _, a in pairs])
+        amask = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, (length, k) in enumerate(zip(lengths, n_ans, strict=True)):
+            amask[i, length - k : length] = True
         return ids, attn, amask
 
     def _hidden_states(self, base, ids, attn) -> dict[int, Tensor]:

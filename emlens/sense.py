@@ -31,6 +31,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from emlens.judge import JudgeLMReader, check_pairs
+
 Pair = tuple[str, str]
 
 LIKELIHOOD_FEATURES = ("lp_mean", "lp_q10", "lp_q25", "frac_unlikely", "entropy_mean",
@@ -65,7 +67,7 @@ def text_features(answer: str) -> list[float]:
     return [distinct(1), distinct(2), distinct(3), repeat4, gz, alpha, marker, math.log1p(n)]
 
 
-class SenseFeatures:
+class SenseFeatures(JudgeLMReader):
     """Likelihood, relevance and repetition features of (question, answer) pairs.
 
     Args:
@@ -77,39 +79,12 @@ class SenseFeatures:
     names = SENSE_FEATURES
 
     def __init__(self, source=None, *, batch_size: int = 8, max_answer_tokens: int = 64):
-        self.source = None if source is None else str(source)
-        self.batch_size = batch_size
-        self.max_answer_tokens = max_answer_tokens
-        self._model = None
-
-    def _ensure(self):
-        if self._model is None:
-            from emlens.judge import load_judge_lm
-
-            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
-        return self._model
-
-    def _batch(self, prompts: Sequence[str], answers: Sequence[str]):
-        tok = self.tokenizer
-        rows, n_ans = [], []
-        for prompt, a in zip(prompts, answers, strict=True):
-            p = tok.encode(prompt, add_special_tokens=True)
-            ans = tok.encode(" " + a.strip(), add_special_tokens=False)[: self.max_answer_tokens]
-            rows.append(p + ans)
-            n_ans.append(len(ans))
-        width = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            attn[i, : len(r)] = 1
-        return ids, attn, [len(r) for r in rows], n_ans
+        super().__init__(source, batch_size=batch_size, max_answer_tokens=max_answer_tokens)
 
     def _token_stats(self, prompts: Sequence[str], answers: Sequence[str]) -> list[list[float]]:
         """Per row: [mean, q10, q25, frac_unlikely, entropy] of the answer tokens' log-probs."""
         model = self._ensure()
-        ids, attn, lengths, n_ans = self._batch(prompts, answers)
+        ids, attn, lengths, n_ans = self.encode(prompts, answers)
         hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state
         out = []
         for i, (length, k) in enumerate(zip(lengths, n_ans, strict=True)):
@@ -131,8 +106,6 @@ class SenseFeatures:
     @torch.no_grad()
     def __call__(self, pairs: Sequence[Pair], *, progress: bool = False
                  ) -> Float[Tensor, "n n_features"]:
-        from emlens.judge import check_pairs
-
         pairs = check_pairs(pairs)
         self._ensure()
         result = torch.zeros(len(pairs), len(SENSE_FEATURES))
