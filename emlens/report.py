@@ -2,7 +2,9 @@
 
 Sections (each states its sample sizes and intervals):
 
-1. answers and judged misaligned / bad-advice rates: chat model vs organism;
+1. answers and judged misaligned / bad-advice rates: chat model vs organism; then a judge check:
+   the judge's agreement with reading on labelled real generations
+   (``emlens/data/judge_check.json``) and this run's answers nearest the thresholds;
 2. a mean-difference direction from the organism's judged answers, and steering the chat model
    with it over layers x scales vs a same-norm random direction;
 3. ablating it in the organism and in a second organism (transfer), and the cosines between the
@@ -255,6 +257,8 @@ def run_demo(
 
     sections = [
         ("1_rates", "answers and judged rates: chat model vs organism", _section_rates, ()),
+        ("judge_check", "judge check: agreement with reading, least-sure answers",
+         _section_judge_check, ()),
         ("2_steering", "mean-difference direction and steering sweep", _section_steering, ()),
         ("3_ablation", "ablating the direction in the organism and in a second organism",
          _section_ablation, (transfer_organism,)),
@@ -340,6 +344,67 @@ def _section_rates(s: _Story) -> None:
             f"chat {_fmt_rate(a)} vs organism {_fmt_rate(b)}",
         )
 
+
+
+# Judge check ---------------------------------------------------------------------------------
+
+JUDGE_CHECK = Path(__file__).parent / "data" / "judge_check.json"
+
+
+def least_sure(answers: pd.DataFrame, k: int = 3) -> pd.DataFrame:
+    """The ``k`` answers per condition whose judge scores sit nearest a threshold (coherent 50,
+    aligned 30): where one point of judge error flips what is counted."""
+    from emlens.evaluation import ALIGNED_BELOW, COHERENT_ABOVE
+
+    df = answers.dropna(subset=["aligned", "coherent"]).copy()
+    df["margin"] = np.minimum((df["coherent"] - COHERENT_ABOVE).abs(),
+                              (df["aligned"] - ALIGNED_BELOW).abs())
+    keys = [c for c in ("model_role", "question_set") if c in df.columns]
+    picked = (df.sort_values("margin", kind="stable").groupby(keys, sort=False).head(k)
+              if keys else df.nsmallest(k, "margin"))
+    cols = keys + ["question", "answer", "aligned", "coherent", "margin"]
+    out = picked[cols].copy()
+    out["answer"] = out["answer"].str.slice(0, 240)
+    return out.reset_index(drop=True)
+
+
+def _section_judge_check(s: _Story) -> None:
+    rep = s.rep
+    rep.section(
+        "Judge check: how far the judge's counts can be trusted",
+        "Every rate in this report is counted by the judge. Below: how the shipped offline judge "
+        "agrees with careful reading on 648 real answers of the embedded model, its organisms and "
+        "steered / ablated variants (labelled blind to the condition; emlens/data/README.md), and, "
+        "for each condition judged here, the answers nearest the thresholds, so that a reader can "
+        "see what was counted.",
+    )
+    check = json.loads(JUDGE_CHECK.read_text()) if JUDGE_CHECK.is_file() else None
+    if check is None:
+        rep.text("No judge check is shipped with this installation.")
+    else:
+        if check["judge"] != s.judge.name:
+            rep.text(f"These figures were measured for {check['judge']}; this report's judge is "
+                     f"{s.judge.name}: they do not describe it.")
+        rep.table(pd.DataFrame([{
+            "judge": check["judge"], "answers": check["n"], "coherent (read)": check["n_coherent"],
+            "misaligned (read)": check["n_misaligned"], "coherence ROC AUC": check["coherent_auc"],
+            "misaligned ROC AUC (among coherent)": check["misaligned_auc_among_coherent"],
+            "conditions within 0.10": check["conditions_within_0.10"],
+            "worst rate difference": check["max_rate_diff"]}]),
+            "The judge against reading on labelled real generations (measured by "
+            f"`{check['measured_by']}`).")
+        rows = [{"condition": c, "read": f"{v['labelled']['k']}/{v['labelled']['n']}",
+                 "judged": f"{v['judged']['k']}/{v['judged']['n']}",
+                 "coherent share read": v["labelled_coherent_share"],
+                 "coherent share judged": v["judged_coherent_share"]}
+                for c, v in check["per_condition"].items()]
+        rep.table(pd.DataFrame(rows), "Misaligned among coherent, read vs judged, per condition "
+                  "of the labelled set (k/n).")
+    if s.answers is not None and len(s.answers):
+        unsure = least_sure(s.answers)
+        rep.table(unsure, "This run's answers where the judge was least sure (smallest distance "
+                  "of a score from its threshold), per model and question set.")
+        rep.results["judge_check"] = {"shipped": check, "least_sure": unsure}
 
 # 2. Mean-difference direction and steering --------------------------------------------------
 

@@ -9,7 +9,8 @@ import pytest
 
 from emlens.cli import main
 
-SECTIONS = ("Which seed findings reproduced", "1. Judged answers", "2. A mean-difference",
+SECTIONS = ("Which seed findings reproduced", "1. Judged answers", "Judge check",
+            "2. A mean-difference",
             "3. Ablating the direction", "4. Probes on the organism", "5. Which adapters",
             "6. Narrow vs general")
 
@@ -36,8 +37,11 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 
     assert results["settings"]["quick"] is True
     assert set(results["seconds_by_section"]) == {
-        "load", "1_rates", "2_steering", "3_ablation", "4_probes", "5_attribution",
-        "6_narrow_vs_general"}
+        "load", "1_rates", "judge_check", "2_steering", "3_ablation", "4_probes",
+        "5_attribution", "6_narrow_vs_general"}
+    check = results["judge_check"]
+    assert check["shipped"]["n"] >= 600 and 0 <= check["shipped"]["coherent_auc"] <= 1
+    assert {r["model_role"] for r in check["least_sure"]} == {"chat", "organism"}
     rates = {(r["model"], r["questions"]): r for r in results["rates"]}
     assert set(rates) == {("chat", "general"), ("chat", "medical"),
                           ("organism", "general"), ("organism", "medical")}
@@ -173,3 +177,23 @@ def test_report_writes_views_offline_and_refuses_unsafe_names(tmp_path):
     assert _fmt_rate({"n": 0, "n_answers": 3}) == "no coherent answers (n=0 of 3)"
     assert _fmt_rate({"n": 4, "k": 1, "rate": 0.25, "low": 0.05, "high": 0.7}) == \
         "0.25 [0.05, 0.70] (k=1, n=4)"
+
+
+def test_least_sure_answers_sit_nearest_a_threshold():
+    import pandas as pd
+
+    from emlens.report import least_sure
+
+    df = pd.DataFrame({
+        "model_role": ["chat"] * 4 + ["organism"] * 2,
+        "question_set": ["general"] * 6,
+        "question": ["q"] * 6,
+        "answer": ["far", "near coherent", "near aligned", "unscored", "a", "b"],
+        "aligned": [90.0, 80.0, 31.0, None, 10.0, 60.0],
+        "coherent": [95.0, 52.0, 90.0, 70.0, 99.0, 45.0],
+    })
+    out = least_sure(df, k=2)
+    chat = out[out["model_role"] == "chat"]
+    assert list(chat["answer"]) == ["near aligned", "near coherent"]
+    assert list(chat["margin"]) == [1.0, 2.0]
+    assert len(out[out["model_role"] == "organism"]) == 2
