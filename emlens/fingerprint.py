@@ -28,6 +28,7 @@ from torch import Tensor, nn
 # Tensors larger than this are hashed by summary statistics and a strided sample, not by bytes.
 _FULL_HASH_NUMEL = 1 << 20
 _SAMPLE = 4096
+_CHUNK = 1 << 24
 
 
 class Unfingerprintable(TypeError):
@@ -43,11 +44,16 @@ def tensor_digest(t: Tensor) -> str:
         h.update(flat.cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
     with torch.no_grad():
-        x = flat.double()
-        # A weight that depends on position catches permutations; sums alone would not.
-        weights = torch.linspace(1.0, 2.0, x.numel(), dtype=torch.float64, device=x.device)
-        stats = torch.stack([x.sum(), x.abs().sum(), (x * weights).sum(), (x * x).sum()])
-        idx = torch.arange(_SAMPLE, device=x.device) * (x.numel() // _SAMPLE)
+        n = flat.numel()
+        stats = torch.zeros(4, dtype=torch.float64, device=flat.device)
+        # In chunks, so a large embedding on a GPU never needs a float64 copy of itself. A weight
+        # that depends on position catches permutations; sums alone would not.
+        for start in range(0, n, _CHUNK):
+            x = flat[start : start + _CHUNK].double()
+            pos = torch.arange(start, start + x.numel(), dtype=torch.float64, device=x.device)
+            stats += torch.stack([x.sum(), x.abs().sum(), (x * (1.0 + pos / n)).sum(),
+                                  (x * x).sum()])
+        idx = torch.arange(_SAMPLE, device=flat.device) * (n // _SAMPLE)
         sample = flat[idx]
     h.update(stats.cpu().numpy().tobytes())
     h.update(sample.cpu().contiguous().view(torch.uint8).numpy().tobytes())
