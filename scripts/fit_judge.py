@@ -45,24 +45,28 @@ def heldout_medical() -> list[LabelledAnswer]:
     return rows
 
 
-def _row_key(r) -> str:
-    return hashlib.sha256(json.dumps([r.question, r.answer]).encode()).hexdigest()[:24]
-
-
-def features_for(rows, extractor: HiddenStateFeatures) -> torch.Tensor:
-    """Features of ``rows``, cached per (question, answer) under .emlens_cache (safetensors)."""
+def cached_features(name: str, pairs: list[tuple[str, str]], extract) -> torch.Tensor:
+    """``extract(pairs)`` cached per (question, answer) in ``.emlens_cache/judge_features/<name>``
+    (safetensors): only pairs not seen before are computed."""
     from safetensors.torch import load_file, save_file
 
-    path = CACHE / f"rows_L{'-'.join(map(str, extractor.layers))}.safetensors"
+    path = CACHE / f"{name}.safetensors"
     cache = load_file(str(path)) if path.is_file() else {}
-    keys = [_row_key(r) for r in rows]
-    todo = sorted({k: r for k, r in zip(keys, rows, strict=True) if k not in cache}.items())
+    keys = [hashlib.sha256(json.dumps([q, a]).encode()).hexdigest()[:24] for q, a in pairs]
+    todo = sorted({k: p for k, p in zip(keys, pairs, strict=True) if k not in cache}.items())
     if todo:
-        x = extractor([(r.question, r.answer) for _, r in todo], progress=True)
+        x = extract([p for _, p in todo])
         cache.update({k: x[i].contiguous() for i, (k, _) in enumerate(todo)})
         CACHE.mkdir(parents=True, exist_ok=True)
         save_file(cache, str(path))
-    return torch.stack([cache[k] for k in keys])
+    return torch.stack([cache[k] for k in keys]).float()
+
+
+def features_for(rows, extractor: HiddenStateFeatures) -> torch.Tensor:
+    """Hidden-state features of ``rows``, cached per (question, answer)."""
+    return cached_features(f"rows_L{'-'.join(map(str, extractor.layers))}",
+                           [(r.question, r.answer) for r in rows],
+                           lambda pairs: extractor(pairs, progress=True))
 
 
 def metrics(y: np.ndarray, p: np.ndarray) -> dict:

@@ -20,13 +20,12 @@ about 0.5 s per answer on 2 cores the first time).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from fit_judge import cached_features  # scripts/ is on sys.path when a script runs
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
@@ -37,40 +36,20 @@ from emlens.evaluation import wilson_interval
 from emlens.judge import HiddenStateFeatures, default_judge
 from emlens.sense import LIKELIHOOD_FEATURES, SENSE_FEATURES, TEXT_FEATURES, SenseFeatures
 
-CACHE = Path(".emlens_cache/judge_features")
 HIDDEN_LAYERS = (6, 9, 12)
-
-
-def _key(q: str, a: str) -> str:
-    return hashlib.sha256(json.dumps([q, a]).encode()).hexdigest()[:24]
-
-
-def cached(name: str, pairs: list[tuple[str, str]], extract) -> torch.Tensor:
-    from safetensors.torch import load_file, save_file
-
-    path = CACHE / f"{name}.safetensors"
-    cache = load_file(str(path)) if path.is_file() else {}
-    keys = [_key(q, a) for q, a in pairs]
-    todo = sorted({k: p for k, p in zip(keys, pairs, strict=True) if k not in cache}.items())
-    if todo:
-        x = extract([p for _, p in todo])
-        cache.update({k: x[i].contiguous() for i, (k, _) in enumerate(todo)})
-        CACHE.mkdir(parents=True, exist_ok=True)
-        save_file(cache, str(path))
-    return torch.stack([cache[k] for k in keys]).float()
 
 
 def features(pairs, sets_needed) -> dict[str, np.ndarray]:
     out = {}
     if any("hidden" in s for s in sets_needed):
         ext = HiddenStateFeatures(layers=HIDDEN_LAYERS)
-        h = cached("hidden_L" + "-".join(map(str, HIDDEN_LAYERS)), pairs,
+        h = cached_features("hidden_L" + "-".join(map(str, HIDDEN_LAYERS)), pairs,
                    lambda p: ext(p, progress=True))
         for i, layer in enumerate(HIDDEN_LAYERS):
             out[f"hidden{layer}"] = h[:, i].numpy()
     if any(s in "".join(sets_needed) for s in ("text", "lik")):
         sense = SenseFeatures()
-        s = cached("sense_v1", pairs, lambda p: sense(p, progress=True)).numpy()
+        s = cached_features("sense_v1", pairs, lambda p: sense(p, progress=True)).numpy()
         out["text"] = s[:, [SENSE_FEATURES.index(n) for n in TEXT_FEATURES]]
         out["lik"] = s[:, [SENSE_FEATURES.index(n) for n in LIKELIHOOD_FEATURES]]
     return out

@@ -170,9 +170,6 @@ def tl_models():
     return get
 
 
-def _maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a - b).abs().max().item()
-
 
 # ------------------------------------------------------------------------------------------------
 # Parity
@@ -189,12 +186,12 @@ def test_merge_and_attach_match_peft_logits(trained, tl_models, arch, case):
         with t.peft_model.disable_adapter():  # the converted base matches HF within HF's own error
             hf_error = hf_float64_floor(t.peft_model, input_ids=t.tokens)
         assert_parity(base, t.peft_logits(adapter=False), floor=hf_error, what=f"{arch} base TL vs HF")
-        assert _maxdiff(base, ref) > 1e-2  # the trained adapter does something
+        assert maxdiff(base, ref) > 1e-2  # the trained adapter does something
         merged = merge_lora(model, t.adapter_dir)(t.tokens)
         with attach_lora(model, t.adapter_dir):
             attached = model(t.tokens)
     print(
-        f"\nparity {arch}/{case}: merge {_maxdiff(merged, ref):.2e}, attach {_maxdiff(attached, ref):.2e}"
+        f"\nparity {arch}/{case}: merge {maxdiff(merged, ref):.2e}, attach {maxdiff(attached, ref):.2e}"
     )
     t.check(merged, ref, model, f"{arch}/{case} merge vs peft")
     t.check(attached, ref, model, f"{arch}/{case} attach vs peft")
@@ -312,7 +309,7 @@ def test_merge_scale_zero_gives_base_model(trained, tl_models):
     t = trained("llama", "organism")
     model = tl_models(t)
     with torch.no_grad():
-        assert _maxdiff(merge_lora(model, t.adapter_dir, scale=0.0)(t.tokens), model(t.tokens)) == 0
+        assert maxdiff(merge_lora(model, t.adapter_dir, scale=0.0)(t.tokens), model(t.tokens)) == 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -423,7 +420,7 @@ def test_steering_one_adapter_and_setting_its_scalar(trained, tl_models):
         with lora.steer(scale={"blocks.9.*": 0.0, "blocks.1?.mlp.lora_down": 0.0}):
             partial_by_glob = model(t.tokens)
     assert torch.equal(partial, partial_by_glob)
-    assert _maxdiff(partial, t.peft_logits()) > 1e-3
+    assert maxdiff(partial, t.peft_logits()) > 1e-3
     with pytest.raises(ValueError, match="No attached adapter matches 'blocks.4"):
         lora.select("blocks.4.mlp.lora_down")
 
@@ -529,11 +526,11 @@ def test_organism_parity_on_embedded_model(embedded_model):
             )
     # Floors measured here: the TL conversion of the base itself, HF's own float32 error on it,
     # and peft's merged-vs-unmerged difference; the adapters' effect is orders of magnitude above.
-    conversion = _maxdiff(tl_base, base)
+    conversion = maxdiff(tl_base, base)
     with peft_model.disable_adapter():
         hf_error = hf_float64_floor(peft_model, input_ids=batch.tokens)
     floor = max(conversion, hf_error) + peft_merge_floor(peft_model, input_ids=batch.tokens)
-    assert _maxdiff(ref, base) > 1e-2
+    assert maxdiff(ref, base) > 1e-2
     assert_parity(tl_base, base, floor=hf_error, what="embedded base TL vs HF")
     assert_parity(merged, ref, floor=floor, what="embedded organism merge vs peft")
     assert_parity(attached, ref, floor=floor, what="embedded organism attach vs peft")
