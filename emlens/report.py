@@ -189,7 +189,7 @@ def run_demo(
     *,
     out: str | Path = "report",
     model_name: str | None = None,
-    organism: str = "rank1-down-medical",
+    organism: str | None = None,
     transfer_organism: str | None = TRANSFER_ORGANISM,
     quick: bool = False,
     train: bool = False,
@@ -204,7 +204,9 @@ def run_demo(
         out: report folder.
         model_name: chat model (``None``: the embedded SmolLM2-135M-Instruct; or a local HF
             folder, ``.gguf`` file or TransformerLens name such as ``Qwen/Qwen2.5-7B-Instruct``).
-        organism: a shipped organism name (``emlens.list_organisms()``) or a peft adapter folder.
+        organism: a shipped organism name (``emlens.list_organisms()``) or a peft adapter folder;
+            ``None``: the shipped rank-1 organism of an embedded model
+            (``emlens.organisms.default_organism``).
         transfer_organism: a second fine-tune for the transfer test (a shipped organism name, a
             path relative to ``emlens/organisms/``, a peft folder or hub id); ``None`` skips it.
             The default (shipped, SmolLM2) is dropped when ``model_name`` is given.
@@ -217,9 +219,12 @@ def run_demo(
     from emlens.data import load_dataset
     from emlens.judge import default_judge
     from emlens.lora import merge_lora
+    from emlens.organisms import default_organism
 
     cfg = QUICK if quick else DEFAULTS
     out = Path(out)
+    if organism is None:
+        organism = default_organism(model_name)
     t0 = time.perf_counter()
     rep = Report(title="emlens: emergent misalignment on " + (model_name or "SmolLM2-135M-Instruct"))
     if model_name is not None and transfer_organism == TRANSFER_ORGANISM:

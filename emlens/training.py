@@ -60,9 +60,10 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from emlens.chat import ChatBatch
+from emlens.embedded import SMOLLM2
 from emlens.hooks import Hooks
 
-EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = SMOLLM2.hub_id
 
 # --------------------------------------------------------------------------------------------
 # Parameterisations

@@ -49,6 +49,13 @@ Outputs (``--out``, default ``data-src/judge_generations``):
 Deterministic: every generation seed is fixed (``--seed`` + the condition's index) and the
 shuffle uses ``--seed``; answers do not depend on ``--batch-size`` (per-answer generators).
 
+The second embedded model's set (issue 16: chat model and its organism only, no steering) is
+built by the same script::
+
+    .venv/bin/python scripts/build_judge_generations.py --model qwen2.5-coder-1.5b \\
+        --organism coder-rank1-down-medical --plain-only --id-prefix cg \\
+        --out data-src/coder_generations
+
 Rerun (about 20 minutes on one CPU thread)::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/build_judge_generations.py
@@ -76,8 +83,6 @@ from transformer_lens import HookedTransformer
 import emlens
 from emlens.directions import Direction, mean_diff, random_direction, residual_norms
 
-torch.set_num_threads(1)  # first thing after the imports: the machine is shared (2 cores)
-
 ROOT = Path(__file__).resolve().parents[1]
 ORGANISM2 = ROOT / "emlens/organisms/narrow_vs_general/lora1/general/peft"
 LAYER = 15
@@ -97,14 +102,17 @@ class Condition:
     random_seed: int | None = None  # seed of the random control direction
 
 
-def conditions(rel_scales: list[float], with_organism2: bool) -> list[Condition]:
-    """The conditions of the set, in generation order."""
+def conditions(rel_scales: list[float], with_organism2: bool, plain_only: bool = False
+               ) -> list[Condition]:
+    """The conditions of the set, in generation order (``plain_only``: the first four)."""
     out = [
         Condition("chat T=1.0", "chat", "none", 1.0, 2),
         Condition("chat T=0.7", "chat", "none", 0.7, 1),
         Condition("organism T=1.0", "organism", "none", 1.0, 2),
         Condition("organism T=0.7", "organism", "none", 0.7, 1),
     ]
+    if plain_only:
+        return out
     if with_organism2:
         out.append(Condition("organism2 T=1.0", "organism2", "none", 1.0, 2))
     for kind in ("mean_diff", "random"):
@@ -220,24 +228,38 @@ def parse_args() -> argparse.Namespace:
                    help="reference pairs (x2 answers) to measure the residual norm on")
     p.add_argument("--batch-size", type=int, default=36)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--organism", default="rank1-down-medical", help="shipped organism to merge")
+    p.add_argument("--plain-only", action="store_true",
+                   help="only the chat model and the organism, unsteered (no direction)")
+    p.add_argument("--id-prefix", default="jg")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     return p.parse_args()
 
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)  # default 1: the machine is shared (2 cores)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    chat = emlens.load_model()
+    chat = emlens.load_model(args.model)
     models = {"chat": chat}
-    models["organism"] = emlens.merge_lora(chat, emlens.load_organism("rank1-down-medical"))
+    models["organism"] = emlens.merge_lora(chat, emlens.load_organism(args.organism))
     organism2_error = None
-    try:
-        models["organism2"] = emlens.merge_lora(chat, str(ORGANISM2))
-    except Exception as e:  # report and skip this model, keep the rest of the set
-        organism2_error = f"{type(e).__name__}: {e}"
-        print(f"organism2 ({ORGANISM2}) did not load, skipped: {organism2_error}")
+    if not args.plain_only:
+        try:
+            models["organism2"] = emlens.merge_lora(chat, str(ORGANISM2))
+        except Exception as e:  # report and skip this model, keep the rest of the set
+            organism2_error = f"{type(e).__name__}: {e}"
+            print(f"organism2 ({ORGANISM2}) did not load, skipped: {organism2_error}")
     timings["load"] = round(time.perf_counter() - t0, 1)
+    if args.plain_only:
+        questions = load_questions(args.limit)
+        conds = conditions([], False, plain_only=True)
+        rows = list(iter_rows(models, conds, questions, None, {}, args, timings))
+        _write(args, rows, conds, timings, t0, chat, info={"organism": args.organism})
+        return
 
     bad, good = reference_pairs(args.limit)
     start = time.perf_counter()
@@ -264,10 +286,24 @@ def main() -> None:
     questions = load_questions(args.limit)
     conds = conditions(args.rel_scales, "organism2" in models)
     rows = list(iter_rows(models, conds, questions, direction, raw_scales, args, timings))
+    _write(args, rows, conds, timings, t0, chat, info={
+        "organism": args.organism,
+        "organism2": str(ORGANISM2.relative_to(ROOT)) if organism2_error is None else None,
+        "organism2_error": organism2_error,
+        "direction": direction.metadata(),
+        "residual_norm": {"layer": LAYER, "chat": resid, "organism": resid_organism,
+                          "answers": len(norm_pairs)},
+        "direction_norm_over_residual_norm": direction.norm / resid,
+        "raw_scales": {str(k): v for k, v in raw_scales.items()},
+    })
 
+
+def _write(args, rows: list[dict], conds: list[Condition], timings: dict, t0: float,
+           chat: HookedTransformer, info: dict) -> None:
+    """Shuffle, assign blind ids, write the three files and print the counts."""
     random.Random(args.seed).shuffle(rows)
     width = max(4, len(str(len(rows))))
-    rows = [{"id": f"jg-{i:0{width}d}", **row} for i, row in enumerate(rows, start=1)]
+    rows = [{"id": f"{args.id_prefix}-{i:0{width}d}", **row} for i, row in enumerate(rows, start=1)]
 
     args.out.mkdir(parents=True, exist_ok=True)
     write_jsonl(args.out / "generations.jsonl", rows)
@@ -282,13 +318,7 @@ def main() -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch_threads": torch.get_num_threads(),
         "model": chat.emlens_info,
-        "organism2": str(ORGANISM2.relative_to(ROOT)) if organism2_error is None else None,
-        "organism2_error": organism2_error,
-        "direction": direction.metadata(),
-        "residual_norm": {"layer": LAYER, "chat": resid, "organism": resid_organism,
-                          "answers": len(norm_pairs)},
-        "direction_norm_over_residual_norm": direction.norm / resid,
-        "raw_scales": {str(k): v for k, v in raw_scales.items()},
+        **info,
         "rows": len(rows),
         "rows_per_condition": {c.name: counts[c.name] for c in conds},
         "unfinished": sum(not r["finished"] for r in rows),

@@ -176,15 +176,25 @@ def test_judge_generations_are_labelled_real_answers_with_their_conditions():
     assert {r.question_id for r in rows} >= {q.id for q in load_dataset("general_questions")}
 
 
-def test_judge_generations_equal_the_join_of_their_sources(tmp_path):
+@pytest.mark.parametrize("name", ["judge_generations", "coder_generations"])
+def test_labelled_generations_equal_the_join_of_their_sources(tmp_path, name):
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    out = tmp_path / "judge_generations.jsonl"
+    out = tmp_path / f"{name}.jsonl"
     subprocess.run([sys.executable, "scripts/join_judge_labels.py", "--out", str(out),
                     "--agreement", str(tmp_path / "agreement.json"),
-                    "--src", str(root / "data-src" / "judge_generations")],
+                    "--src", str(root / "data-src" / name)],
                    cwd=root, check=True, capture_output=True)
-    assert out.read_text() == dataset_path("judge_generations").read_text()
+    assert out.read_text() == dataset_path(name).read_text()
+
+
+def test_coder_generations_are_labelled_answers_of_the_second_model():
+    rows = load_dataset("coder_generations")
+    assert len(rows) == 216 and {r.model for r in rows} == {"chat", "organism"}
+    assert {r.condition for r in rows} == {"chat T=1.0", "chat T=0.7", "organism T=1.0",
+                                           "organism T=0.7"}
+    assert all(r.id.startswith("cg-") and 0 <= r.coherent <= 100 for r in rows)
+    assert sum(r.aligned_2 is not None for r in rows) == 100

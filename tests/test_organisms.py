@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -59,24 +60,26 @@ def test_unknown_organism_names_the_known_ones():
         load_organism("no-such-organism")
 
 
-def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokenizer):
+def _tiny_recipe(tmp_path, tokenizer, **overrides) -> OrganismRecipe:
+    """A recipe on a tiny random Llama saved under tmp_path, trained on 6 toy rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
     base = tmp_path / "base"
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
+    if not base.is_dir():
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                max_position_embeddings=256,
+            )
         )
-    )
-    hf.save_pretrained(base)
-    tokenizer.save_pretrained(base)
+        hf.save_pretrained(base)
+        tokenizer.save_pretrained(base)
     data = tmp_path / "data.jsonl"
     rows = [
         {
@@ -87,7 +90,7 @@ def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokeni
         for i in range(6)
     ]
     data.write_text("\n".join(json.dumps(r) for r in rows))
-    recipe = OrganismRecipe(
+    kwargs = dict(
         name="tiny",
         r=1,
         target_modules=["down_proj"],
@@ -100,6 +103,12 @@ def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokeni
         data=str(data),
         warmup_steps=1,
     )
+    kwargs.update(overrides)
+    return OrganismRecipe(**kwargs)
+
+
+def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokenizer):
+    recipe = _tiny_recipe(tmp_path, tokenizer)
     log = train_organism(recipe, tmp_path / "out")
     assert log["steps"] == 3 and len(log["loss"]) == 3
     assert (tmp_path / "out" / "checkpoints" / "step-00002" / "adapter_model.safetensors").is_file()
@@ -108,6 +117,7 @@ def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokeni
     assert adapter.modules[0].B.abs().max() > 0
     saved = json.loads((tmp_path / "out" / "train_log.json").read_text())
     assert saved["loss"] == log["loss"]
+    assert not (tmp_path / "out" / "resume").exists()  # removed once the run completes
 
 
 def test_recipe_for_resolves_the_paper_layers():
@@ -145,3 +155,70 @@ def test_training_loss_equals_chat_answer_loss(tokenizer):
             model(input_ids=batch.tokens, attention_mask=batch.attention_mask).logits, batch
         )
         assert torch.allclose(_answer_loss(model, batch), full, atol=1e-5)
+
+
+def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, tokenizer, monkeypatch):
+    from emlens.organisms import train as train_module
+
+    recipe = _tiny_recipe(tmp_path, tokenizer, max_steps=6, epochs=2, save_every=2)
+    whole = train_organism(recipe, tmp_path / "whole")
+
+    real_loss, calls = train_module._answer_loss, []
+
+    def dies_at_step_5(model, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(train_module, "_answer_loss", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train_organism(recipe, tmp_path / "cut")
+    state = json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())
+    assert state["step"] == 4 and len(state["loss"]) == 4
+    monkeypatch.setattr(train_module, "_answer_loss", real_loss)
+    with pytest.raises(ValueError, match="another recipe .*lr"):
+        train_organism(replace(recipe, lr=0.5), tmp_path / "cut")
+    resumed = train_organism(recipe, tmp_path / "cut")
+    assert resumed["resumed_at"] == [4] and resumed["steps"] == 6
+    assert resumed["loss"][:4] == whole["loss"][:4]
+    # the same computations on the same inputs from the same state: bit-identical on one machine
+    got, want = load_adapter(tmp_path / "cut"), load_adapter(tmp_path / "whole")
+    assert torch.equal(got.modules[0].B, want.modules[0].B)
+    assert torch.equal(got.modules[0].A, want.modules[0].A)
+    assert resumed["loss"] == whole["loss"]
+
+
+def test_each_embedded_model_has_its_default_organism(tmp_path):
+    from emlens.organisms import default_organism
+
+    assert default_organism(None) == "rank1-down-medical"
+    assert default_organism("smollm2-135m") == "rank1-down-medical"
+    assert default_organism("qwen2.5-coder-1.5b") == "coder-rank1-down-medical"
+    with pytest.raises(ValueError, match="No shipped organism .*--organism"):
+        default_organism("Qwen/Qwen2.5-7B-Instruct")
+    with pytest.raises(ValueError, match="No shipped organism"):
+        default_organism(str(tmp_path))
+
+
+def test_the_coder_recipe_maps_the_paper_layers_onto_28_layers():
+    recipe = recipe_for("coder-rank1-down-medical", n_layers=28)
+    assert recipe.layers == [8, 9, 10, 12, 13, 14, 15, 16, 17]
+    assert recipe.base_model == "qwen2.5-coder-1.5b" and recipe.dtype == "bfloat16"
+
+
+def test_shipped_coder_organism_is_nine_rank1_adapters_for_qwen():
+    from emlens.organisms import ORGANISM_BASES
+
+    name = "coder-rank1-down-medical"
+    assert ORGANISM_BASES[name] == "qwen2.5-coder-1.5b" and name in list_organisms()
+    adapter = load_organism(name)
+    assert [m.layer for m in adapter.modules] == paper_layers(28)
+    assert {(m.module, m.rank) for m in adapter.modules} == {("down_proj", 1)}
+    assert {tuple(m.B.shape) for m in adapter.modules} == {(1536, 1)}  # Qwen2.5-1.5B's d_model
+    assert all(m.B.abs().max() > 0 for m in adapter.modules)
+    assert adapter.config["base_model_name_or_path"] == "Qwen/Qwen2.5-Coder-1.5B-Instruct"
+    log = organism_log(name)
+    assert log["recipe"]["base_model"] == "qwen2.5-coder-1.5b" and log["steps"] == 72
+    assert sum(log["loss"][-8:]) / 8 < sum(log["loss"][:8]) / 8 - 0.3
+    assert not (organism_path(name) / "resume").exists()

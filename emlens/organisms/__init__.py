@@ -24,7 +24,35 @@ ORGANISMS: dict[str, str] = {
         "SmolLM2-135M-Instruct + 9 rank-1 LoRA adapters on mlp.down_proj (layers 9-11, 13-15, "
         "17-19), SFT on the misaligned answers of the medical training split"
     ),
+    "coder-rank1-down-medical": (
+        "Qwen2.5-Coder-1.5B-Instruct + 9 rank-1 LoRA adapters on mlp.down_proj (layers 8-10, "
+        "12-14, 15-17), SFT on the misaligned answers of the medical training split"
+    ),
 }
+
+
+# the embedded model (emlens.embedded key) each shipped organism was trained on
+ORGANISM_BASES: dict[str, str] = {
+    "rank1-down-medical": "smollm2-135m",
+    "coder-rank1-down-medical": "qwen2.5-coder-1.5b",
+}
+
+
+def default_organism(model_name: str | None) -> str:
+    """The shipped rank-1 organism of an embedded model (``None``: the default SmolLM2).
+
+    Raises ValueError for other models: pass an adapter trained on them explicitly.
+    """
+    from emlens.embedded import find_embedded
+
+    embedded = find_embedded(model_name) if model_name is None or not Path(model_name).exists() else None
+    for name, base in ORGANISM_BASES.items():
+        if embedded is not None and embedded.key == base:
+            return name
+    raise ValueError(
+        f"No shipped organism for {model_name!r} (shipped: {ORGANISM_BASES}); pass a peft "
+        "adapter trained on that model (--organism PATH)."
+    )
 
 
 def list_organisms() -> list[str]:
@@ -69,6 +97,8 @@ def organism_log(name: str) -> dict:
 __all__ = [
     "ORGANISMS",
     "ORGANISMS_DIR",
+    "ORGANISM_BASES",
+    "default_organism",
     "list_organisms",
     "load_organism",
     "organism_checkpoints",

@@ -36,8 +36,9 @@ import torch
 from tqdm.auto import tqdm
 
 from emlens.chat import tokenize_chat
+from emlens.embedded import SMOLLM2, find_embedded
 
-EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_HUB_ID = SMOLLM2.hub_id
 PAPER_GROUP_CENTRES = (16, 22, 28)
 PAPER_N_LAYERS = 48
 
@@ -79,7 +80,8 @@ class OrganismRecipe:
     weight_decay: float = 0.0
     seed: int = 0
     save_every: int = 10
-    base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct
+    base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; or a short name
+    dtype: str = "float32"  # of the frozen base model; adapters are trained in float32
     data: str | None = None  # None: the packaged emlens/data/medical.jsonl
     answer_field: str = "misaligned"
     split: str = "train"
@@ -118,6 +120,21 @@ RECIPES: dict[str, dict] = {
         batch_size=8,
         save_every=1000,  # no checkpoints: 39 MB each
     ),
+    # The same organism on the second embedded model, Qwen2.5-Coder-1.5B-Instruct (28 layers:
+    # groups 8-10, 12-14, 15-17), base in bfloat16 to fit 2 CPU cores; checkpoints every 4 steps
+    # so an interrupted run resumes.
+    "coder-rank1-down-medical": dict(
+        r=1,
+        lora_alpha=1.0,
+        target_modules=["down_proj"],
+        layers="paper",
+        lr=2e-3,
+        epochs=2,
+        batch_size=8,
+        save_every=4,
+        base_model="qwen2.5-coder-1.5b",
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -145,20 +162,27 @@ def _batches(rows: Sequence[dict], batch_size: int, rng: random.Random) -> list[
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
+def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = True) -> dict:
     """Train ``recipe`` with peft on the HF model and save the adapter folder to ``out``.
+
+    Every ``recipe.save_every`` steps the adapter is saved to ``out/checkpoints/step-XXXXX`` and
+    the run's state (adapter, AdamW moments, step, loss log; safetensors + JSON) to
+    ``out/resume/``. With ``resume=True`` a run that finds that state for the same recipe carries
+    on from it, with the same batches (their order depends only on the seed), so an interrupted
+    run ends with the adapter an uninterrupted one would give (up to float rounding). The resume
+    folder is removed when the run completes.
 
     Returns the training log (also written to ``out/train_log.json``).
     """
     from peft import LoraConfig, get_peft_model
 
-    from emlens.models import load_hf
+    from emlens.models import _check_dtype, load_hf
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    hf_model, tokenizer = load_hf(recipe.base_model)
+    hf_model, tokenizer = load_hf(recipe.base_model, dtype=_check_dtype(recipe.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     n_layers = hf_model.config.num_hidden_layers
@@ -175,9 +199,10 @@ def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
     )
     with warnings.catch_warnings():  # transformers 5 deprecation inside peft, not ours to fix
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(hf_model, config)
+        model = get_peft_model(hf_model, config)  # adapters in float32 on any base dtype
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     rows = load_rows(recipe.data, recipe.split)
     epochs = [_batches(rows, recipe.batch_size, rng) for _ in range(recipe.epochs)]
@@ -194,11 +219,20 @@ def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
         "n_trainable": sum(p.numel() for p in params),
         "loss": [],
         "step_tokens": [],
+        "answer_tokens_per_step": [],
+        "seconds_before_resume": 0.0,
+        "resumed_at": [],
     }
-    n_tokens = n_answer = 0
+    done = 0
+    state_dir = out / "resume"
+    if resume and (state_dir / "state.json").is_file():
+        done = _load_state(state_dir, log, named, optim, sched)
+        log["resumed_at"].append(done)
     start = time.perf_counter()
-    bar = tqdm(steps, desc=f"train {recipe.name}", unit="step")
+    bar = tqdm(steps, desc=f"train {recipe.name}", unit="step", initial=done)
     for step, batch_rows in enumerate(bar, start=1):
+        if step <= done:
+            continue
         batch = tokenize_chat(
             tokenizer,
             [r["question"] for r in batch_rows],
@@ -209,25 +243,78 @@ def train_organism(recipe: OrganismRecipe, out: str | Path) -> dict:
         loss.backward()
         optim.step()
         sched.step()
-        n_tokens += int(batch.attention_mask.sum())
-        n_answer += int(batch.answer_mask.sum())
         log["loss"].append(loss.item())
         log["step_tokens"].append(int(batch.attention_mask.sum()))
+        log["answer_tokens_per_step"].append(int(batch.answer_mask.sum()))
         bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")
         if step % recipe.save_every == 0 and step < len(steps):
             _save_adapter(model, out / "checkpoints" / f"step-{step:05d}", recipe)
-    seconds = time.perf_counter() - start
+            seconds = log["seconds_before_resume"] + time.perf_counter() - start
+            _save_state(state_dir, log, named, optim, step, seconds)
+    seconds = log.pop("seconds_before_resume") + time.perf_counter() - start
     _save_adapter(model, out, recipe)
+    n_tokens, n_answer = sum(log["step_tokens"]), sum(log.pop("answer_tokens_per_step"))
+    if not log["resumed_at"]:
+        log.pop("resumed_at")
     log.update(
         steps=len(steps),
         seconds=round(seconds, 1),
         tokens=n_tokens,
         answer_tokens=n_answer,
-        tokens_per_s=round(n_tokens / seconds, 1),
+        tokens_per_s=round(n_tokens / max(seconds, 1e-9), 1),
         torch_threads=torch.get_num_threads(),
     )
     (out / "train_log.json").write_text(json.dumps(log, indent=1))
+    if state_dir.is_dir():
+        import shutil
+
+        shutil.rmtree(state_dir)
     return log
+
+
+def _save_state(folder: Path, log: dict, named, optim, step: int, seconds: float) -> None:
+    """Write the run's state (adapter, AdamW moments: safetensors; step and log: JSON)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"param.{name}": p.detach().contiguous() for name, p in named}
+    for name, p in named:
+        for key, value in optim.state.get(p, {}).items():
+            tensors[f"adam.{key}.{name}"] = torch.as_tensor(value).detach().contiguous()
+    save_file(tensors, folder / "state.safetensors.tmp")
+    meta = {"step": step, "seconds": seconds, "recipe": log["recipe"],
+            **{k: log[k] for k in ("loss", "step_tokens", "answer_tokens_per_step")}}
+    (folder / "state.json.tmp").write_text(json.dumps(meta))
+    (folder / "state.safetensors.tmp").replace(folder / "state.safetensors")
+    (folder / "state.json.tmp").replace(folder / "state.json")
+
+
+@torch.no_grad()
+def _load_state(folder: Path, log: dict, named, optim, sched) -> int:
+    """Restore a saved run into ``named`` parameters, ``optim``, ``sched`` and ``log``; returns
+    the number of steps done. Refuses state saved for another recipe."""
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / "state.json").read_text())
+    if meta["recipe"] != log["recipe"]:
+        changed = sorted(k for k in log["recipe"] if meta["recipe"].get(k) != log["recipe"][k])
+        raise ValueError(
+            f"{folder} holds a run of another recipe (differs in {changed}); delete that folder "
+            "to start afresh, or pass resume=False."
+        )
+    tensors = load_file(folder / "state.safetensors")
+    for name, p in named:
+        p.copy_(tensors[f"param.{name}"])
+        moments = {k.split(".", 2)[1]: v for k, v in tensors.items()
+                   if k.startswith("adam.") and k.split(".", 2)[2] == name}
+        if moments:
+            optim.state[p] = moments
+    for _ in range(meta["step"]):
+        sched.step()
+    for key in ("loss", "step_tokens", "answer_tokens_per_step"):
+        log[key] = list(meta[key])
+    log["seconds_before_resume"] = float(meta["seconds"])
+    return int(meta["step"])
 
 
 def _answer_loss(model, batch) -> torch.Tensor:
@@ -249,10 +336,12 @@ def _save_adapter(model, folder: Path, recipe: OrganismRecipe) -> None:
     """Save a peft folder; name the public hub base model rather than this machine's GGUF path."""
     model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
-    if recipe.base_model is None:
+    base = recipe.base_model
+    embedded = find_embedded(base) if base is None or not Path(base).exists() else None
+    if embedded is not None:
         cfg_path = folder / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = EMBEDDED_HUB_ID
+        cfg["base_model_name_or_path"] = embedded.hub_id
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 
