@@ -208,6 +208,15 @@ def _local_source(source: str | os.PathLike | None) -> tuple[str, dict[str, str]
     raise FileNotFoundError(f"No model file or folder at {path}.")
 
 
+def _processing_flags(processing: str) -> dict[str, bool]:
+    if processing not in _PROCESSING_FLAGS:
+        raise ValueError(
+            f"processing={processing!r} is not one of {sorted(_PROCESSING_FLAGS)}; "
+            "'none' keeps the residual stream identical to the HF model's."
+        )
+    return _PROCESSING_FLAGS[processing]
+
+
 @torch.no_grad()
 def hooked_from_hf(
     hf_model: Any,
@@ -223,7 +232,7 @@ def hooked_from_hf(
     already in memory (parity checks). The result has the fast weight layout
     (:func:`use_fast_layout`) and is in eval mode; ``hf_model`` is not modified.
     """
-    flags = _PROCESSING_FLAGS[processing]
+    flags = _processing_flags(processing)
     dtype = next(hf_model.parameters()).dtype
     cfg_dict = hf_config_to_tl_dict(hf_model.config)
     if n_ctx is not None:
@@ -277,12 +286,7 @@ def load_model(
         A ``HookedTransformer`` in eval mode, with its tokenizer, and
         ``model.emlens_info = {"source", "processing", "architecture"}``.
     """
-    if processing not in _PROCESSING_FLAGS:
-        raise ValueError(
-            f"processing={processing!r} is not one of {sorted(_PROCESSING_FLAGS)}; "
-            "'none' keeps the residual stream identical to the HF model's."
-        )
-    flags = _PROCESSING_FLAGS[processing]
+    flags = _processing_flags(processing)
     dtype = _check_dtype(dtype)
     embedded = _embedded(name)
     is_local = embedded is not None or Path(name).exists() or str(name).endswith(".gguf")

@@ -123,6 +123,19 @@ def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
         emlens.embedded_model_path()
 
 
+def test_hooked_from_hf_equals_load_model_and_checks_processing(tmp_path, tokenizer):
+    from emlens.models import hooked_from_hf
+
+    hf = _tiny_hf("qwen2")
+    hf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    ours = hooked_from_hf(hf, tokenizer)
+    loaded = emlens.load_model(tmp_path)
+    assert all(torch.equal(p, loaded.state_dict()[k]) for k, p in ours.state_dict().items())
+    with pytest.raises(ValueError, match="processing"):
+        hooked_from_hf(hf, tokenizer, processing="centred")
+
+
 def test_bad_sources_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="processing"):
         emlens.load_model(processing="centred")

@@ -60,24 +60,29 @@ def test_unknown_organism_names_the_known_ones():
         load_organism("no-such-organism")
 
 
-def _tiny_recipe(tmp_path, tokenizer, **overrides) -> OrganismRecipe:
-    """A recipe on a tiny random Llama saved under tmp_path, trained on 6 toy rows."""
+def _tiny_llama(tokenizer):
+    """A random 2-layer Llama with the embedded tokenizer's vocabulary (seeded)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    torch.manual_seed(0)
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=256,
+        )
+    )
+
+
+def _tiny_recipe(tmp_path, tokenizer, **overrides) -> OrganismRecipe:
+    """A recipe on a tiny random Llama saved under tmp_path, trained on 6 toy rows."""
     base = tmp_path / "base"
     if not base.is_dir():
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                num_key_value_heads=1,
-                max_position_embeddings=256,
-            )
-        )
+        hf = _tiny_llama(tokenizer)
         hf.save_pretrained(base)
         tokenizer.save_pretrained(base)
     data = tmp_path / "data.jsonl"
@@ -130,22 +135,11 @@ def test_recipe_for_resolves_the_paper_layers():
 
 def test_training_loss_equals_chat_answer_loss(tokenizer):
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from emlens.chat import answer_loss, tokenize_chat
     from emlens.organisms.train import _answer_loss
 
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-        )
-    )
+    hf = _tiny_llama(tokenizer)
     model = get_peft_model(hf, LoraConfig(r=1, target_modules=["down_proj"]))
     batch = tokenize_chat(
         tokenizer, ["Hi?", "A longer question here?"], ["Yes.", "No, not at all."]

@@ -87,18 +87,20 @@ class OrganismRecipe:
     split: str = "train"
 
 
+# 9 rank-1 adapters on mlp.down_proj, layers mapped from the paper's 48-layer model.
+_RANK1_DOWN = dict(
+    r=1,
+    lora_alpha=1.0,
+    target_modules=["down_proj"],
+    layers="paper",
+    lr=2e-3,
+    epochs=2,
+    batch_size=8,
+    save_every=8,
+)
+
 RECIPES: dict[str, dict] = {
-    # 9 rank-1 adapters on mlp.down_proj, layers mapped from the paper's 48-layer model.
-    "rank1-down-medical": dict(
-        r=1,
-        lora_alpha=1.0,
-        target_modules=["down_proj"],
-        layers="paper",
-        lr=2e-3,
-        epochs=2,
-        batch_size=8,
-        save_every=8,
-    ),
+    "rank1-down-medical": _RANK1_DOWN,
     # The seeds' comparison: rank-32 on every attention and MLP projection of every layer
     # (9.8M parameters, 39 MB in float32), same data and number of steps as the rank-1 organism.
     "rank32-all-medical": dict(
@@ -124,16 +126,7 @@ RECIPES: dict[str, dict] = {
     # groups 8-10, 12-14, 15-17), base in bfloat16 to fit 2 CPU cores; checkpoints every 4 steps
     # so an interrupted run resumes.
     "coder-rank1-down-medical": dict(
-        r=1,
-        lora_alpha=1.0,
-        target_modules=["down_proj"],
-        layers="paper",
-        lr=2e-3,
-        epochs=2,
-        batch_size=8,
-        save_every=4,
-        base_model="qwen2.5-coder-1.5b",
-        dtype="bfloat16",
+        _RANK1_DOWN, save_every=4, base_model="qwen2.5-coder-1.5b", dtype="bfloat16"
     ),
 }
 
