@@ -164,38 +164,57 @@ def find_embedded(name: str | None) -> EmbeddedModel | None:
     return None
 
 
-def embedded_model_path(name: str | None = None) -> Path:
-    """Path of an embedded model's GGUF file (``None``: the default SmolLM2-135M-Instruct).
+def embedded_source(source) -> EmbeddedModel | None:
+    """The embedded model a model source names (``None``: the default), or ``None`` when the
+    source is a local path (an existing file or folder, or any ``os.PathLike``) or not an
+    embedded model's name. How ``load_model``, ``load_hf`` and the organisms read a source."""
+    if source is not None and (not isinstance(source, str) or Path(source).exists()):
+        return None
+    return find_embedded(source)
 
-    ``"qwen2.5-coder-1.5b"`` is assembled into :func:`cache_dir` on first use (about 10 s), its
-    parts and the result checked against pinned sha256 digests.
-    """
+
+def _lookup(name: str | None) -> EmbeddedModel:
     model = find_embedded(name)
     if model is None:
         raise ValueError(
             f"{name!r} is not an embedded model; known: {sorted(EMBEDDED_MODELS)} "
             "(or None for the default)."
         )
-    return model.path()
+    return model
 
 
-def _package_dir(package: str, install: str) -> Path:
-    """The folder of an installed package, found without importing it."""
+def embedded_model_path(name: str | None = None) -> Path:
+    """Path of an embedded model's GGUF file (``None``: the default SmolLM2-135M-Instruct).
+
+    ``"qwen2.5-coder-1.5b"`` is assembled into :func:`cache_dir` on first use (about 10 s), its
+    parts and the result checked against pinned sha256 digests.
+    """
+    return _lookup(name).path()
+
+
+def _installed_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it (``None``: not installed)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"The package {package!r} is not installed. Install it with: {install}"
-        )
+        return None
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def _sha256_file(path: Path, progress: tqdm | None = None) -> str:
+def _package_dir(package: str, install: str) -> Path:
+    """The folder of an installed package; FileNotFoundError with the install command if absent."""
+    folder = _installed_dir(package)
+    if folder is None:
+        raise FileNotFoundError(
+            f"The package {package!r} is not installed. Install it with: {install}"
+        )
+    return folder
+
+
+def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(_CHUNK):
             digest.update(block)
-            if progress is not None:
-                progress.update(len(block))
     return digest.hexdigest()
 
 
@@ -203,11 +222,11 @@ def _part_paths(model: EmbeddedModel) -> list[Path]:
     """Every part's file, checked for presence and size (naming each missing package)."""
     missing, paths = [], []
     for part in model.parts:
-        spec = importlib.util.find_spec(part.package)
-        if spec is None or not spec.submodule_search_locations:
+        folder = _installed_dir(part.package)
+        if folder is None:
             missing.append(part.package)
             continue
-        path = Path(next(iter(spec.submodule_search_locations))) / part.relpath
+        path = folder / part.relpath
         if not path.is_file():
             missing.append(f"{part.package} (no {part.relpath})")
             continue
@@ -275,11 +294,12 @@ def _check_whole(model: EmbeddedModel, path: Path) -> None:
 
 
 def verify(name: str | None = None) -> Path:
-    """Check an embedded model's GGUF file against its pinned sha256 (reads the whole file);
-    returns its path. Raises ``ValueError`` on a mismatch."""
-    model = find_embedded(name)
-    if model is None:
-        raise ValueError(f"{name!r} is not an embedded model; known: {sorted(EMBEDDED_MODELS)}.")
+    """Make sure an embedded model's GGUF file matches its pinned size and sha256 (reading the
+    whole file unless this process already assembled or checked it); returns its path. Raises
+    ``ValueError`` on a mismatch."""
+    model = _lookup(name)
     path = model.path()
-    _check_whole(model, path)
+    if path not in _VERIFIED:
+        _check_whole(model, path)
+        _VERIFIED.add(path)
     return path

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-from emlens.embedded import EMBEDDED_MODELS, embedded_model_path, find_embedded  # noqa: F401  (re-exported)
+from emlens.embedded import EMBEDDED_MODELS, embedded_model_path, embedded_source  # noqa: F401  (re-exported)
 
 Processing = Literal["none", "fold_ln", "full"]
 _PROCESSING_FLAGS: dict[str, dict[str, bool]] = {
@@ -182,15 +182,8 @@ def load_hf(
     return hf_model, tokenizer
 
 
-def _embedded(source: str | os.PathLike | None):
-    """The embedded model ``source`` names (``None`` = the default), unless it is a local path."""
-    if source is not None and (not isinstance(source, str) or Path(source).exists()):
-        return None
-    return find_embedded(source)
-
-
 def _local_source(source: str | os.PathLike | None) -> tuple[str, dict[str, str]]:
-    embedded = _embedded(source)
+    embedded = embedded_source(source)
     path = embedded.path() if embedded is not None else Path(source)
     if path.is_file():
         if path.suffix != ".gguf":
@@ -288,7 +281,7 @@ def load_model(
     """
     flags = _processing_flags(processing)
     dtype = _check_dtype(dtype)
-    embedded = _embedded(name)
+    embedded = embedded_source(name)
     is_local = embedded is not None or Path(name).exists() or str(name).endswith(".gguf")
     looks_local = str(name).startswith(("/", "./", "../", "~")) or str(name).endswith(os.sep)
     if not is_local and looks_local:

@@ -43,9 +43,9 @@ def default_organism(model_name: str | None) -> str:
 
     Raises ValueError for other models: pass an adapter trained on them explicitly.
     """
-    from emlens.embedded import find_embedded
+    from emlens.embedded import embedded_source
 
-    embedded = find_embedded(model_name) if model_name is None or not Path(model_name).exists() else None
+    embedded = embedded_source(model_name)
     for name, base in ORGANISM_BASES.items():
         if embedded is not None and embedded.key == base:
             return name

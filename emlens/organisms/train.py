@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emlens.chat import tokenize_chat
-from emlens.embedded import SMOLLM2, find_embedded
+from emlens.embedded import SMOLLM2, embedded_source
 
 EMBEDDED_HUB_ID = SMOLLM2.hub_id
 PAPER_GROUP_CENTRES = (16, 22, 28)
@@ -329,8 +329,7 @@ def _save_adapter(model, folder: Path, recipe: OrganismRecipe) -> None:
     """Save a peft folder; name the public hub base model rather than this machine's GGUF path."""
     model.save_pretrained(folder)
     (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
-    base = recipe.base_model
-    embedded = find_embedded(base) if base is None or not Path(base).exists() else None
+    embedded = embedded_source(recipe.base_model)
     if embedded is not None:
         cfg_path = folder / "adapter_config.json"
         cfg = json.loads(cfg_path.read_text())
