@@ -1,10 +1,14 @@
 """Batched, KV-cached generation on a HookedTransformer, with interventions.
 
-``generate`` runs its own decode loop over ``HookedTransformer.forward`` with TransformerLens's
-key-value cache, so every hook on the model (from ``steer``/``ablate`` blocks, ``model.hooks`` or
-``interventions=``) applies during generation exactly as in a plain forward pass. It publishes the
-absolute position of each chunk to position-aware hooks (see :mod:`emlens.hooks`), so
-``positions="generated"`` touches only new tokens, with or without the cache.
+``generate`` runs its own decode loop with a key-value cache. For the models emlens loads (Llama,
+Qwen2) each step is :func:`emlens.decode.decode_forward`: TransformerLens's forward pass without
+the work its cached path redoes at every step, firing every hook point that has a hook with the
+tensor TransformerLens gives it; other models step through ``HookedTransformer.forward`` with
+TransformerLens's own cache. Either way every hook on the model (from ``steer``/``ablate``
+blocks, ``model.hooks`` or ``interventions=``, attached LoRA adapters) applies during generation
+exactly as in a plain forward pass. It publishes the absolute position of each chunk to
+position-aware hooks (see :mod:`emlens.hooks`), so ``positions="generated"`` touches only new
+tokens, with or without the cache.
 
 Sampling is reproducible per answer: each (prompt, sample) pair draws from its own generator
 seeded from ``seed``, with the Gumbel-max trick, so an answer does not depend on the batch size or
@@ -28,6 +32,7 @@ from transformer_lens import HookedTransformer
 from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 
 from emlens.chat import tokenize_chat
+from emlens.decode import FastKVCache, decode_forward, fast_decode_blocker
 from emlens.hooks import Hooks, generation_positions
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
@@ -200,7 +205,9 @@ def generate(
         interventions: extra ``(hook_name, fn)`` pairs active during generation (e.g.
             ``emlens.steering_hooks(...)``), equivalent to an enclosing ``steer`` block.
         system_prompt: optional system message for the chat template.
-        use_cache: use the KV cache (True) or re-run the whole sequence each step.
+        use_cache: use the KV cache (True) or re-run the whole sequence through the plain
+            ``model(...)`` forward each step (slow; the reference the cached paths are tested
+            against).
         progress: show a tqdm bar over batches.
         return_logits: keep each step's logits in ``Generation.logits`` (memory: n_new x d_vocab
             floats per answer; for tests and analysis).
@@ -294,9 +301,11 @@ def _decode(
     device = tokens.device
     done = torch.zeros(n, dtype=torch.bool, device=device)
     out = torch.empty(n, 0, dtype=torch.long, device=device)
-    cache = (
-        TransformerLensKeyValueCache.init_cache(model.cfg, device, n) if use_cache else None
-    )
+    fast = use_cache and fast_decode_blocker(model) is None
+    if fast:
+        cache = FastKVCache(model, n, prompt_len + max_new_tokens)
+    elif use_cache:
+        cache = TransformerLensKeyValueCache.init_cache(model.cfg, device, n)
     seq, mask = tokens, attention_mask
     kept: list[Tensor] = []
     with generation_positions(prompt_len) as state:
@@ -304,7 +313,10 @@ def _decode(
         for step in range(max_new_tokens):
             if use_cache:
                 state.offset = 0 if step == 0 else prompt_len + step - 1
-                logits = model(step_input, attention_mask=step_mask, past_kv_cache=cache)
+                if fast:
+                    logits = decode_forward(model, step_input, cache, step_mask)
+                else:
+                    logits = model(step_input, attention_mask=step_mask, past_kv_cache=cache)
             else:
                 state.offset = 0
                 logits = model(seq, attention_mask=mask)
@@ -321,7 +333,8 @@ def _decode(
             if bool(done.all()):
                 break
             ones = torch.ones(n, 1, dtype=mask.dtype, device=device)
-            seq, mask = torch.cat([seq, next_tok[:, None]], 1), torch.cat([mask, ones], 1)
+            if not use_cache:
+                seq, mask = torch.cat([seq, next_tok[:, None]], 1), torch.cat([mask, ones], 1)
             step_input, step_mask = next_tok[:, None], ones
     rows = []
     for i in range(n):
