@@ -307,6 +307,11 @@ def decode_forward(
         ``unembed`` can see them, else only the last (``n_out = 1``).
     """
     batch, n_new = tokens.shape
+    if batch != cache.keys[0].shape[0] or attention_mask.shape != tokens.shape:
+        raise ValueError(
+            f"tokens {tuple(tokens.shape)} and attention_mask {tuple(attention_mask.shape)} must have "
+            f"one shape, with the cache's batch size {cache.keys[0].shape[0]}."
+        )
     if cache.length + n_new > cache.max_len:
         raise ValueError(
             f"FastKVCache holds {cache.max_len} positions; this step needs {cache.length + n_new}."

@@ -236,6 +236,8 @@ def test_a_full_cache_is_refused_with_the_sizes(model):
     decode_forward(model, tokens, cache, mask)
     with pytest.raises(ValueError, match=f"holds {tokens.shape[1]} positions"):
         decode_forward(model, tokens[:, :1], cache, mask[:, :1])
+    with pytest.raises(ValueError, match="cache's batch size 3"):
+        decode_forward(model, tokens[:2, :1], FastKVCache(model, 3, 8), mask[:2, :1])
 
 
 def test_embedded_model_greedy_tokens_and_logits_match_the_plain_forward(embedded_model):
