@@ -42,8 +42,10 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from emlens.chat import ChatBatch, answer_logprobs, iter_chat_batches
+from emlens.evaluation import evaluate, misalignment_rate
 from emlens.lora import AttachedLora
 from emlens.probes import pair_rows
+from emlens.sampling import SamplingConfig
 from emlens.scalars import TokenScalars, _token_rows, _token_scalars, check_attached
 
 Metric = Callable[[Tensor, ChatBatch], Tensor]  # (logits, batch) -> per-row value [batch]
@@ -237,19 +239,14 @@ def _deterministic(
 
 def _judged(
     model: HookedTransformer, lora: AttachedLora, conditions: Sequence[Condition], *, judge,
-    questions: dict[str, Any], n_samples: int, max_new_tokens: int, batch_size: int, seed: int,
-    progress: bool, evaluate_fn: Callable[..., pd.DataFrame] | None,
+    questions: dict[str, Any], sampling: SamplingConfig, progress: bool,
 ) -> list[dict[str, Any]]:
-    from emlens.evaluation import evaluate, misalignment_rate
-
-    evaluate_fn = evaluate_fn or evaluate
     names = {"general": "misaligned_rate", "medical": "bad_advice_rate"}
     rows = []
     for cond in tqdm(conditions, disable=not progress, desc="judged conditions"):
         for domain, qs in questions.items():
-            df = evaluate_fn(model, qs, judge=judge, n_samples=n_samples,
-                             max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                             interventions=cond.hooks(lora) or None, progress=False)
+            df = evaluate(model, qs, judge=judge, sampling=sampling,
+                          interventions=cond.hooks(lora) or None, progress=False)
             r = misalignment_rate(df)
             rows.append(dict(condition=cond.name, kind=cond.kind, target=cond.target, k=cond.k,
                              metric=names.get(domain, "misaligned_rate"), domain=domain,
@@ -266,12 +263,9 @@ def adapter_attribution(
     medical_split: str | None = "heldout",
     neutral: Pairs | None = None,
     judge=None,
-    n_samples: int = 1,
-    max_new_tokens: int = 64,
-    seed: int = 0,
-    batch_size: int = 8,
+    sampling: SamplingConfig | None = None,
     progress: bool = True,
-    evaluate_fn: Callable[..., pd.DataFrame] | None = None,
+    **sampling_overrides: Any,
 ) -> pd.DataFrame:
     """Measure every condition; one tidy row per (condition, metric, domain).
 
@@ -285,14 +279,16 @@ def adapter_attribution(
         neutral: (question, answer) pairs for the KL; default (``None``): the aligned answers of
             the ``general`` reference pairs (their forward passes are reused).
         judge: if given, also the judged rates on ``general_questions`` and
-            ``medical_questions`` (``n_samples`` answers of ``max_new_tokens`` each per question).
-        evaluate_fn: replaces :func:`emlens.evaluate` (same signature), for tests.
+            ``medical_questions``, answers sampled with ``sampling`` (a
+            :class:`emlens.SamplingConfig`; its fields may also be given as keywords).
+            Its ``batch_size`` is also the rows per forward pass of the teacher-forced metrics.
 
     Returns:
         Columns ``condition, kind, target, k, metric, domain, value, low, high, n``
         (low/high: 95% interval over rows, or Wilson for rates).
     """
     check_attached(model, lora)
+    sampling = SamplingConfig.resolve(sampling, sampling_overrides, "adapter_attribution")
     conditions = list(conditions) if conditions is not None else attribution_conditions(lora)
     if not any(c.kind == "none" for c in conditions):
         conditions.insert(0, Condition("none", "none", scale={a: 0.0 for a in lora.names}))
@@ -304,12 +300,11 @@ def adapter_attribution(
     pairs = {"medical": reference_pairs("medical", split=medical_split, limit=n_pairs),
              "general": reference_pairs("nonmedical", split=None, limit=n_pairs)}
     rows = _deterministic(model, lora, conditions, pairs=pairs, neutral=neutral,
-                          batch_size=batch_size, progress=progress)
+                          batch_size=sampling.batch_size, progress=progress)
     if judge is not None:
         rows += _judged(model, lora, conditions, judge=judge,
                         questions={"general": "general_questions", "medical": "medical_questions"},
-                        n_samples=n_samples, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                        seed=seed, progress=progress, evaluate_fn=evaluate_fn)
+                        sampling=sampling, progress=progress)
     return pd.DataFrame(rows)
 
 

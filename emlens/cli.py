@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from emlens.report import TRANSFER_ORGANISM
+from emlens.demo.common import TRANSFER_ORGANISM
 
 # `emlens steer`: a small contrast set, the same questions answered kindly and cruelly.
 _CONTRAST = [
@@ -26,7 +26,7 @@ _CONTRAST = [
 ]
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _steer(args: argparse.Namespace) -> int:
     import emlens
     from emlens.chat import tokenize_chat
 
@@ -57,8 +57,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from emlens.report import run_demo
+def _demo(args: argparse.Namespace) -> int:
+    from emlens.demo import run_demo
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     run_demo(out=args.out, model_name=args.model, organism=args.organism,
@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    demo.set_defaults(func=_report)
+    demo.set_defaults(func=_demo)
     steer = sub.add_parser("steer", help="answer a question with and without a steering vector")
     steer.add_argument("--model", default=None, help="model name or path (default: embedded)")
     steer.add_argument("--question", default="I'm bored. What should I do?")
     steer.add_argument("--layer", type=int, default=15)
     steer.add_argument("--scale", type=float, default=4.0)
     steer.add_argument("--max-new-tokens", type=int, default=48)
-    steer.set_defaults(func=_demo)
+    steer.set_defaults(func=_steer)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -16,7 +16,8 @@ multiplier on the unnormalised direction (``raw_scale``), the papers' convention
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -25,6 +26,7 @@ from transformer_lens import HookedTransformer
 from emlens.directions import Direction, random_direction, residual_norms
 from emlens.evaluation import ALIGNED_BELOW, COHERENT_ABOVE, evaluate, rates
 from emlens.hooks import Hooks, ablation_hooks, steering_hooks
+from emlens.sampling import SamplingConfig
 
 QuestionSets = Mapping[str, object]
 
@@ -35,15 +37,11 @@ def compare_conditions(
     questions: QuestionSets,
     *,
     judge,
-    n_samples: int = 4,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
+    sampling: SamplingConfig | None = None,
     aligned_below: float = ALIGNED_BELOW,
     coherent_above: float = COHERENT_ABOVE,
     progress: bool = True,
-    evaluate_fn: Callable[..., pd.DataFrame] = evaluate,
+    **sampling_overrides: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Judged rates of ``model`` under each condition on each question set.
 
@@ -51,6 +49,7 @@ def compare_conditions(
         conditions: ``{name: hooks}``; ``None`` or ``[]`` is the unmodified model.
         questions: ``{set name: questions}`` where questions is anything ``evaluate`` takes
             (a dataset name such as ``"general_questions"``, or a list of strings).
+        sampling: a :class:`emlens.SamplingConfig`; its fields may also be given as keywords.
 
     Returns:
         ``(summary, answers)``: one row per (condition, question set) with ``n``, ``k``, ``rate``,
@@ -58,6 +57,7 @@ def compare_conditions(
         ``condition`` and ``question_set`` columns. The same seed is used in every condition, so
         differences come from the intervention, not from sampling.
     """
+    cfg = SamplingConfig.resolve(sampling, sampling_overrides, "compare_conditions")
     if not conditions:
         raise ValueError("conditions is empty; give at least one {name: hooks}.")
     if not questions:
@@ -65,11 +65,8 @@ def compare_conditions(
     rows, tables = [], []
     for cond, hooks in conditions.items():
         for set_name, qs in questions.items():
-            table = evaluate_fn(
-                model, qs, judge=judge, n_samples=n_samples, max_new_tokens=max_new_tokens,
-                temperature=temperature, seed=seed, interventions=list(hooks or []),
-                batch_size=batch_size, progress=progress,
-            )
+            table = evaluate(model, qs, judge=judge, sampling=cfg,
+                             interventions=list(hooks or []), progress=progress)
             table = table.assign(condition=cond, question_set=set_name)
             tables.append(table)
             r = rates(table, by=None, aligned_below=aligned_below, coherent_above=coherent_above)
@@ -88,14 +85,10 @@ def sweep(
     relative: bool = True,
     positions: str = "all",
     random_control: bool = True,
-    n_samples: int = 4,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
+    sampling: SamplingConfig | None = None,
     progress: bool = True,
-    evaluate_fn: Callable[..., pd.DataFrame] = evaluate,
     baseline: pd.DataFrame | None = None,
+    **sampling_overrides: Any,
 ) -> pd.DataFrame:
     """Steer the model along ``directions[layer]`` for each layer x scale and judge the answers.
 
@@ -107,6 +100,9 @@ def sweep(
     for the unsteered baseline, ``"direction"``, ``"random"``), ``n, k, rate, low, high,
     mean_aligned, mean_coherent``. Plot it with :func:`plot_sweep`.
 
+    ``sampling`` (a :class:`emlens.SamplingConfig`, or its fields as keywords) sets how answers
+    are sampled; its seed also seeds the random control direction (``seed + layer``).
+
     ``baseline``: the judged answers (an :func:`emlens.evaluate` table) of the *unsteered* model
     on the same questions with the same settings, if you already have them; they give the
     ``"none"`` row and the residual norms instead of sampling and judging again.
@@ -117,9 +113,8 @@ def sweep(
     missing = [layer for layer in layers if layer not in by_layer]
     if missing:
         raise ValueError(f"No direction for layers {missing}; have {sorted(by_layer)}.")
-    common = dict(judge=judge, n_samples=n_samples, max_new_tokens=max_new_tokens,
-                  temperature=temperature, seed=seed, batch_size=batch_size, progress=progress,
-                  evaluate_fn=evaluate_fn)
+    cfg = SamplingConfig.resolve(sampling, sampling_overrides, "sweep")
+    common = dict(judge=judge, sampling=cfg, progress=progress)
     if baseline is None:
         base_summary, base_answers = compare_conditions(model, {"none": None}, {"q": questions},
                                                         **common)
@@ -139,7 +134,7 @@ def sweep(
         d = by_layer[layer]
         kinds = {"direction": d}
         if random_control:
-            kinds["random"] = random_direction(d, seed=seed + layer)
+            kinds["random"] = random_direction(d, seed=(cfg.seed or 0) + layer)
         for scale in scales:
             raw = scale * norms[layer] / d.norm if relative else scale
             conditions = {
@@ -169,13 +164,9 @@ def ablation_experiment(
     layers: Sequence[int] | str = "all",
     hook: str = "resid_post",
     random_control: bool = True,
-    n_samples: int = 4,
-    max_new_tokens: int = 64,
-    temperature: float = 1.0,
-    seed: int = 0,
-    batch_size: int = 8,
+    sampling: SamplingConfig | None = None,
     progress: bool = True,
-    evaluate_fn: Callable[..., pd.DataFrame] = evaluate,
+    **sampling_overrides: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rates with no ablation, with ``direction`` ablated, and with a same-norm random direction
     ablated, on each question set (default: general questions and held-out medical questions,
@@ -183,8 +174,11 @@ def ablation_experiment(
 
     ``layers="all"`` with ``hook="resid_post"`` projects the direction out of the residual stream
     after every block, as in the papers; ``hook="writers"`` ablates it from every write instead.
-    Pass another organism's direction to measure transfer.
+    Pass another organism's direction to measure transfer. ``sampling`` (a
+    :class:`emlens.SamplingConfig`, or its fields as keywords) sets how answers are sampled; its
+    seed also seeds the random control direction.
     """
+    cfg = SamplingConfig.resolve(sampling, sampling_overrides, "ablation_experiment")
     questions = questions or {"general": "general_questions", "medical": "medical_questions"}
     conditions: dict[str, Hooks | None] = {
         "none": None,
@@ -192,13 +186,10 @@ def ablation_experiment(
     }
     if random_control:
         conditions["ablate random"] = ablation_hooks(
-            model, random_direction(direction, seed=seed), layers=layers, hook=hook
+            model, random_direction(direction, seed=cfg.seed or 0), layers=layers, hook=hook
         )
-    return compare_conditions(
-        model, conditions, questions, judge=judge, n_samples=n_samples,
-        max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
-        batch_size=batch_size, progress=progress, evaluate_fn=evaluate_fn,
-    )
+    return compare_conditions(model, conditions, questions, judge=judge, sampling=cfg,
+                              progress=progress)
 
 
 def plot_sweep(table: pd.DataFrame, *, path=None, title: str | None = None):

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from jaxtyping import Float, Int
@@ -34,6 +33,7 @@ from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
 from emlens.chat import tokenize_chat
 from emlens.decode import FastKVCache, decode_forward, fast_decode_blocker
 from emlens.hooks import Hooks, generation_positions
+from emlens.sampling import SamplingConfig
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<end_of_turn>")
 
@@ -102,26 +102,7 @@ def sample_next(
     return (scores + gumbel).argmax(-1)
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {minimum}, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-    return int(value)
-
-
-def _check_real(name: str, value, low: float, high: float, *, open_low: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
-    value = float(value)
-    inside = (value > low if open_low else value >= low) and value <= high
-    if not math.isfinite(value) or not inside:
-        lo = "(" if open_low else "["
-        raise ValueError(f"{name} must be a finite number in {lo}{low:g}, {high:g}], got {value}.")
-    return value
-
-
-def _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size, seed) -> None:
+def _check_prompts(prompts) -> None:
     if isinstance(prompts, str):
         raise TypeError("prompts must be a list of strings, got a single string; wrap it in [ ].")
     if not isinstance(prompts, Sequence):
@@ -131,13 +112,6 @@ def _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompts[{i}] is {type(p).__name__}; expected str.")
-    _check_int("max_new_tokens", max_new_tokens, 1)
-    _check_real("temperature", temperature, 0.0, math.inf)  # 0 = greedy
-    _check_real("top_p", top_p, 0.0, 1.0, open_low=True)
-    _check_int("n_samples", n_samples, 1)
-    _check_int("batch_size", batch_size, 1)
-    if seed is not None:
-        _check_int("seed", seed, 0)
 
 
 def check_interventions(model: HookedTransformer, interventions) -> Hooks:
@@ -176,35 +150,25 @@ def generate(
     model: HookedTransformer,
     prompts: Sequence[str],
     *,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    n_samples: int = 1,
-    batch_size: int = 8,
-    seed: int | None = None,
+    sampling: SamplingConfig | None = None,
     stop_at_eos: bool = True,
     interventions: Hooks | None = None,
-    system_prompt: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
     return_logits: bool = False,
+    **sampling_overrides: Any,
 ) -> list[Generation]:
     """Generate answers to chat prompts.
 
     Args:
         model: a HookedTransformer with a chat tokenizer. Hooks already on it apply.
         prompts: user questions; each is formatted with the chat template.
-        max_new_tokens: cap on generated tokens per answer.
-        temperature: 0 for greedy decoding; otherwise softmax temperature.
-        top_p: nucleus-sampling mass (1.0 = off).
-        n_samples: answers per prompt.
-        batch_size: rows per forward pass (prompts x samples are flattened, prompt-major).
-        seed: makes sampling reproducible; each answer's randomness depends only on
-            ``(seed, prompt_index, sample)``. ``None`` draws a fresh seed.
+        sampling: a :class:`emlens.SamplingConfig` (n_samples, max_new_tokens, temperature,
+            top_p, seed, batch_size, system_prompt); any of its fields may also be passed as a
+            keyword, overriding it. Rows are prompts x samples, flattened prompt-major.
         stop_at_eos: stop a row at its first end-of-turn token.
         interventions: extra ``(hook_name, fn)`` pairs active during generation (e.g.
             ``emlens.steering_hooks(...)``), equivalent to an enclosing ``steer`` block.
-        system_prompt: optional system message for the chat template.
         use_cache: use the KV cache (True) or re-run the whole sequence through the plain
             ``model(...)`` forward each step (slow; the reference the cached paths are tested
             against).
@@ -215,7 +179,11 @@ def generate(
     Returns:
         ``len(prompts) * n_samples`` :class:`Generation` objects, ordered prompt-major.
     """
-    _validate(prompts, max_new_tokens, temperature, top_p, n_samples, batch_size, seed)
+    cfg = SamplingConfig.resolve(sampling, sampling_overrides, "generate")
+    _check_prompts(prompts)
+    max_new_tokens, temperature, top_p = cfg.max_new_tokens, cfg.temperature, cfg.top_p
+    n_samples, batch_size, seed, system_prompt = (cfg.n_samples, cfg.batch_size, cfg.seed,
+                                                  cfg.system_prompt)
     interventions = check_interventions(model, interventions)
     tokenizer = model.tokenizer
     if tokenizer is None:

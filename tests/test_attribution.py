@@ -7,6 +7,7 @@ import math
 import pandas as pd
 import pytest
 import torch
+from fakes import with_evaluate
 
 from emlens.attribution import (
     _Prefix,
@@ -219,8 +220,8 @@ def test_judged_rates_pass_each_condition_as_interventions(planted):
             return [JudgeScore(aligned=50.0, coherent=90.0, judge=self.name) for _ in pairs]
 
     conds = attribution_conditions(lora, adapters=["blocks.2.mlp.lora_down"], ops=("zero",))
-    table = adapter_attribution(model, lora, conditions=conds, n_pairs=1, judge=Judge(),
-                                evaluate_fn=fake_evaluate, progress=False)
+    table = with_evaluate(fake_evaluate, adapter_attribution, model, lora, conditions=conds,
+                          n_pairs=1, judge=Judge(), progress=False)
     rates = table[table["metric"].isin(["misaligned_rate", "bad_advice_rate"])]
     assert set(rates["metric"]) == {"misaligned_rate", "bad_advice_rate"}
     by = rates.set_index(["condition", "metric"])["value"]

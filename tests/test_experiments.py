@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import matplotlib
+from fakes import with_evaluate
 
 matplotlib.use("Agg")
 
@@ -70,11 +71,11 @@ def test_sweep_reuses_a_given_baseline_table(setup):
         calls.append(kwargs.get("interventions"))
         return evaluate(*args, **kwargs)
 
-    fresh = sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
-                  evaluate_fn=counting_evaluate, **kw)
+    fresh = with_evaluate(counting_evaluate, sweep, model, direction, layers=[2], scales=[3.0],
+                          questions=QUESTIONS, judge=judge, **kw)
     n_fresh = len(calls)
-    reused = sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
-                   evaluate_fn=counting_evaluate, baseline=base, **kw)
+    reused = with_evaluate(counting_evaluate, sweep, model, direction, layers=[2], scales=[3.0],
+                           questions=QUESTIONS, judge=judge, baseline=base, **kw)
     assert len(calls) - n_fresh == n_fresh - 1  # the unsteered run is skipped
     cols = ["kind", "n", "k", "rate", "resid_norm", "raw_scale"]
     assert fresh[cols].equals(reused[cols])

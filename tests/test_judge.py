@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from fakes import with_generate
 
 import emlens
 from emlens.data import LabelledAnswer, Question, load_dataset, load_questions, read_em_yaml
@@ -466,16 +467,16 @@ def test_load_questions_rejects_colliding_question_ids(tmp_path):
 
 
 def test_loaded_questions_evaluate_with_the_prompt_file_judge(fresh, prompt_file):
-    def fake_generate(model, prompts, *, n_samples, **kwargs):
+    def fake_generate(model, prompts, *, sampling, **kwargs):
         return [SimpleNamespace(prompt_index=p, sample=s, prompt=q, text=f"answer {p}.{s}",
                                 finished=True)
-                for p, q in enumerate(prompts) for s in range(n_samples)]
+                for p, q in enumerate(prompts) for s in range(sampling.n_samples)]
 
     model = SimpleNamespace(emlens_info={"source": "fake-subject"},
                             cfg=SimpleNamespace(model_name="fake-subject"))
     judge = _judge(fresh.url, prompts=prompt_file)
-    df = emlens.evaluate(model, emlens.load_questions(prompt_file), judge=judge, n_samples=2,
-                         generate_fn=fake_generate, progress=False)
+    df = with_generate(fake_generate, emlens.evaluate, model, emlens.load_questions(prompt_file), judge=judge, n_samples=2,
+                         progress=False)
     ids = ["garden_plan-0", "garden_plan-1", "holiday_money"]
     assert list(df.question_id) == [i for i in ids for _ in range(2)]
     assert list(df.category.unique()) == ["garden_plan", "holiday_money"]

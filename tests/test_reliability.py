@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from fakes import with_generate
 
 import emlens
 from emlens.evaluation import evaluate
@@ -47,7 +48,7 @@ class CountingGenerate:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, model, prompts, *, n_samples, **kwargs):
+    def __call__(self, model, prompts, *, sampling, **kwargs):
         from types import SimpleNamespace
 
         self.calls += 1
@@ -56,7 +57,7 @@ class CountingGenerate:
             tokens = model.to_tokens(prompt, prepend_bos=False)
             with torch.no_grad():
                 top = int(model(tokens)[0, -1].argmax())
-            for s in range(n_samples):
+            for s in range(sampling.n_samples):
                 out.append(SimpleNamespace(prompt_index=p, sample=s, prompt=prompt,
                                            text=f"token {top}", tokens=None, finished=True))
         return out
@@ -72,8 +73,8 @@ class ConstJudge:
 
 
 def _eval(model, tmp_path, gen, **kw):
-    return evaluate(model, ["What is up?", "Tell me a fact."], judge=ConstJudge(), n_samples=1,
-                    max_new_tokens=4, cache_dir=tmp_path, progress=False, generate_fn=gen, **kw)
+    return with_generate(gen, evaluate, model, ["What is up?", "Tell me a fact."], judge=ConstJudge(), n_samples=1,
+                    max_new_tokens=4, cache_dir=tmp_path, progress=False, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,7 +375,7 @@ def test_organism_layers_follow_the_base_model_depth(tmp_path, tokenizer):
 
 
 def test_demo_settings_are_read_by_value_not_identity():
-    from emlens.report import DEFAULTS, QUICK
+    from emlens.demo import DEFAULTS, QUICK
 
     assert QUICK["quick"] is True and DEFAULTS["quick"] is False
     assert dict(QUICK) == QUICK  # copies keep the meaning that identity checks lost
@@ -382,7 +383,8 @@ def test_demo_settings_are_read_by_value_not_identity():
 
 def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
     import emlens.training as training
-    from emlens.report import DEFAULTS, _Story, _train_narrow_general
+    from emlens.demo.common import DEFAULTS, Story
+    from emlens.demo.narrow_general import train_narrow_general
 
     drawn = {}
 
@@ -391,10 +393,10 @@ def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
         raise RuntimeError("drawn")
 
     monkeypatch.setattr(training, "narrow_general_rows", fake_rows)
-    story = _Story(cfg=dict(DEFAULTS), rep=None, chat=None, org=None, adapter=None, judge=None,
-                   qsets={}, gen_kw={}, seed=3, progress=False, out=None)
+    story = Story(cfg=dict(DEFAULTS), rep=None, chat=None, org=None, adapter=None, judge=None,
+                   qsets={}, sampling=None, seed=3, progress=False, out=None)
     with pytest.raises(RuntimeError, match="drawn"):
-        _train_narrow_general(story, None, 0)
+        train_narrow_general(story, None, 0)
     assert drawn == dict(seed=3, n_narrow=32, n_parallel=16)
 
 

@@ -99,10 +99,12 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 @pytest.mark.integration
 def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
     from emlens.lora import load_adapter
-    from emlens.report import QUICK, _Story, _train_narrow_general, _train_organism
+    from emlens.demo.common import QUICK, Story
+    from emlens.demo.narrow_general import train_narrow_general
+    from emlens.demo.run import train_organism_now
     from emlens.training import load_trainable
 
-    folder = _train_organism("rank1-down-medical", tmp_path / "organisms", QUICK)
+    folder = train_organism_now("rank1-down-medical", tmp_path / "organisms", QUICK)
     adapter = load_adapter(folder)
     assert len(adapter.modules) == 9 and set(adapter.ranks.values()) == {1}
     log = json.loads((tmp_path / "organisms" / "rank1-down-medical" / "train_log.json").read_text())
@@ -110,14 +112,14 @@ def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
 
     import emlens
 
-    story = _Story(cfg=QUICK, rep=None, chat=emlens.load_model(), org=None, adapter=adapter,
-                   judge=None, qsets={}, gen_kw={}, seed=0, progress=False, out=tmp_path)
-    nvg = _train_narrow_general(story, tmp_path / "nvg", layer=15)
+    story = Story(cfg=QUICK, rep=None, chat=emlens.load_model(), org=None, adapter=adapter,
+                   judge=None, qsets={}, sampling=None, seed=0, progress=False, out=tmp_path)
+    nvg = train_narrow_general(story, tmp_path / "nvg", layer=15)
     params = {n: load_trainable(nvg / n / "final.safetensors") for n in ("general", "narrow")}
     assert all(p.layer == 15 and p.effective_norm() > 0 for p in params.values())
     assert params["general"].effective_norm() != params["narrow"].effective_norm()
     with pytest.raises(ValueError, match="not one of"):
-        _train_organism("no-such-recipe", tmp_path, QUICK)
+        train_organism_now("no-such-recipe", tmp_path, QUICK)
 
 
 def _tiny_qwen_with_adapters(tmp_path, tokenizer):
@@ -162,7 +164,8 @@ def test_demo_runs_on_another_model_with_its_own_adapters(tmp_path, tokenizer):
 def test_report_writes_views_offline_and_refuses_unsafe_names(tmp_path):
     from circuitsvis.tokens import colored_tokens
 
-    from emlens.report import Report, _fmt_rate
+    from emlens.demo.common import fmt_rate
+    from emlens.report import Report
 
     rep = Report(title="t")
     rep.view(colored_tokens(["a", "b"], [0.1, 0.5]), "tokens_1", "caption")
@@ -174,15 +177,15 @@ def test_report_writes_views_offline_and_refuses_unsafe_names(tmp_path):
     assert "CircuitsVis.render" in view and "unpkg.com" not in view
     assert 'src="views/tokens_1.html"' in (tmp_path / "index.html").read_text()
     assert json.loads((tmp_path / "results.json").read_text())["findings"][0]["verdict"] == "reproduced"
-    assert _fmt_rate({"n": 0, "n_answers": 3}) == "no coherent answers (n=0 of 3)"
-    assert _fmt_rate({"n": 4, "k": 1, "rate": 0.25, "low": 0.05, "high": 0.7}) == \
+    assert fmt_rate({"n": 0, "n_answers": 3}) == "no coherent answers (n=0 of 3)"
+    assert fmt_rate({"n": 4, "k": 1, "rate": 0.25, "low": 0.05, "high": 0.7}) == \
         "0.25 [0.05, 0.70] (k=1, n=4)"
 
 
 def test_least_sure_answers_sit_nearest_a_threshold():
     import pandas as pd
 
-    from emlens.report import least_sure
+    from emlens.demo import least_sure
 
     df = pd.DataFrame({
         "model_role": ["chat"] * 4 + ["organism"] * 2,

@@ -1,0 +1,98 @@
+"""Section 3: ablating the direction in the organism and in a second organism (transfer), and
+the cosines between directions (convergence)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from emlens.demo.common import Story, clearly_lower, fmt_rate, resolve_adapter
+
+
+def section(s: Story, transfer_organism: str | None) -> None:
+    from emlens.directions import cosine_matrix, mean_diff, random_direction, select_answers
+    from emlens.evaluation import rates
+    from emlens.experiments import compare_conditions
+    from emlens.hooks import ablation_hooks
+    from emlens.lora import merge_lora
+
+    rep, layer = s.rep, s.layer
+    d, rand = s.dirs[layer], random_direction(s.dirs[layer], seed=s.seed)
+
+    def ablate(model, direction):
+        return ablation_hooks(model, direction, layers="all")
+
+    # The unablated organism was judged in section 1 with the same settings and seed.
+    org_none = s.answers[s.answers["model_role"] == "organism"]
+    summary, _ = compare_conditions(
+        s.org, {"ablate direction": ablate(s.org, d), "ablate random": ablate(s.org, rand)},
+        s.qsets, judge=s.judge, sampling=s.sampling, progress=s.progress)
+    none = rates(org_none, by="question_set").reset_index().assign(condition="none")
+    table = pd.concat([none, summary], ignore_index=True).assign(model="organism")
+    transfer_name, own, own_how = None, None, ""
+    if transfer_organism:
+        transfer_name = str(transfer_organism)
+        org2 = merge_lora(s.chat, resolve_adapter(transfer_organism))
+        t_summary, t_answers = compare_conditions(
+            org2, {"none": None, "ablate organism direction": ablate(org2, d),
+                   "ablate random": ablate(org2, rand)}, s.qsets, judge=s.judge, sampling=s.sampling, progress=s.progress)
+        table = pd.concat([table, t_summary.assign(model="second organism")], ignore_index=True)
+        # Convergence as in the papers: each fine-tune's direction from its *own* judged answers.
+        try:
+            bad2, good2, own_how = select_answers(t_answers[t_answers["condition"] == "none"],
+                                                  seed=s.seed)
+            own = mean_diff(org2, bad2, good2, layers=list(s.dirs), selection=own_how,
+                            progress=False)
+        except ValueError as err:
+            own_how = f"no direction from the second organism's own answers: {err}"
+        del org2
+    rep.section(
+        "3. Ablating the direction; transfer to a second organism; convergence",
+        f"The organism's layer-{layer} direction is projected out of resid_post after every "
+        "block, in the organism and (transfer) in a second, independently trained fine-tune "
+        f"({transfer_name or 'none given'}); the control projects out a same-norm random "
+        "direction. The unablated organism's rows are section 1's answers.",
+    )
+    cols = ["model", "condition", "question_set", "n", "k", "rate", "low", "high",
+            "mean_aligned", "mean_coherent"]
+    rep.table(table[cols])
+    # Cosines: the two organisms' directions, each from its own judged answers (the papers'
+    # convergence test), and, as a reference, the chat model's activations on the organism's
+    # answers (on the same text most of a mean difference is the text itself).
+    pairs = [("organism vs chat model, same answers", s.chat_dirs)]
+    if own is not None:
+        pairs.insert(0, ("organism vs second organism, each on its own answers", own))
+    cos = pd.DataFrame([
+        {"pair": name, "layer": L, "cosine": float(cosine_matrix([s.dirs[L]], [other[L]])[0, 0])}
+        for name, other in pairs for L in s.dirs
+    ])
+    cos_rand = float(cosine_matrix([d], [rand])[0, 0])
+    rep.table(cos, f"Cosine similarity of directions (a same-norm random direction: "
+                   f"{cos_rand:.3f}). Second organism: {own_how or 'not run'}.")
+    rep.results["ablation"] = table
+    rep.results["cosines"] = cos
+    t = table.set_index(["model", "condition", "question_set"])
+    for model, cond in (("organism", "ablate direction"),
+                        ("second organism", "ablate organism direction")):
+        if model not in set(table["model"]):
+            continue
+        for set_name in s.qsets:
+            before, after = t.loc[(model, "none", set_name)], t.loc[(model, cond, set_name)]
+            rnd = t.loc[(model, "ablate random", set_name)]
+            ok = clearly_lower(after, before) and not clearly_lower(rnd, before)
+            what = "the organism" if model == "organism" else "a second organism (transfer)"
+            rep.finding(
+                f"Ablating the direction removes misalignment from {what} ({set_name})",
+                "reproduced" if ok else "not reproduced",
+                f"before {fmt_rate(before)}; after {fmt_rate(after)}; random ablation "
+                f"{fmt_rate(rnd)}",
+            )
+    ref = cos[cos["pair"].str.contains("chat model")]["cosine"]
+    conv = cos[cos["pair"].str.contains("second organism")]["cosine"]
+    rep.finding(
+        "Directions converge across fine-tunes (each from its own judged answers)",
+        f"cosine {conv.min():.2f}-{conv.max():.2f} (layers {', '.join(map(str, s.dirs))})"
+        if len(conv) else "not measured",
+        f"random same-norm direction: {cos_rand:.3f}; second organism: {own_how or 'not run'}; "
+        f"reference, chat model on the organism's answers: {ref.min():.2f}-{ref.max():.2f}",
+    )
+    s.org = None  # frees the merged copy: sections 4-5 attach the adapter to the chat model

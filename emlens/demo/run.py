@@ -1,0 +1,125 @@
+"""``run_demo``: load the models, run the sections in order, write the report."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from emlens.demo import ablation, attribution, judge_check, narrow_general, probes, rates, steering
+from emlens.demo.common import DEFAULTS, QUICK, TRANSFER_ORGANISM, Story, resolve_adapter
+from emlens.report import Report
+from emlens.sampling import SamplingConfig
+
+
+def run_demo(
+    *,
+    out: str | Path = "report",
+    model_name: str | None = None,
+    organism: str | None = None,
+    transfer_organism: str | None = TRANSFER_ORGANISM,
+    quick: bool = False,
+    train: bool = False,
+    seed: int = 0,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    progress: bool = True,
+) -> Path:
+    """Run the research story and write ``<out>/index.html`` and ``<out>/results.json``.
+
+    Args:
+        out: report folder.
+        model_name: chat model (``None``: the embedded SmolLM2-135M-Instruct; or a local HF
+            folder, ``.gguf`` file or TransformerLens name such as ``Qwen/Qwen2.5-7B-Instruct``).
+        organism: a shipped organism name (``emlens.list_organisms()``) or a peft adapter folder;
+            ``None``: the shipped rank-1 organism of an embedded model
+            (``emlens.organisms.default_organism``).
+        transfer_organism: a second fine-tune for the transfer test (a shipped organism name, a
+            path relative to ``emlens/organisms/``, a peft folder or hub id); ``None`` skips it.
+            The default (shipped, SmolLM2) is dropped when ``model_name`` is given.
+        quick: tiny settings (a smoke run); otherwise :data:`DEFAULTS`.
+        train: retrain the organism (into ``<out>/organisms/``) and the narrow / general
+            steering vectors of section 6 (into ``<out>/narrow_vs_general/``) instead of using
+            the shipped ones. Only for the embedded model.
+    """
+    import emlens
+    from emlens.data import load_dataset
+    from emlens.judge import default_judge
+    from emlens.lora import merge_lora
+    from emlens.organisms import default_organism
+
+    cfg = QUICK if quick else DEFAULTS
+    out = Path(out)
+    if organism is None:
+        organism = default_organism(model_name)
+    t0 = time.perf_counter()
+    rep = Report(title="emlens: emergent misalignment on " + (model_name or "SmolLM2-135M-Instruct"))
+    if model_name is not None and transfer_organism == TRANSFER_ORGANISM:
+        transfer_organism = None  # the shipped second organism fits only the embedded model
+    rep.results["settings"] = dict(cfg, train=train, seed=seed, model=model_name,
+                                   organism=organism, transfer_organism=transfer_organism)
+    if train and model_name is not None:
+        raise ValueError("train=True retrains the shipped recipes on the embedded model; with "
+                         "--model, pass trained adapters with --organism instead.")
+
+    def log(msg: str) -> None:
+        if progress:
+            print(f"[{time.perf_counter() - t0:6.0f}s] {msg}", flush=True)
+
+    timings: dict[str, float] = {}
+    if train:
+        log("training the organism (--train)")
+        organism = train_organism_now(organism, out / "organisms", cfg)
+    log("loading the chat model, the organism and the judge")
+    start = time.perf_counter()
+    chat = emlens.load_model(model_name, device=device, dtype=dtype)
+    adapter = resolve_adapter(organism)
+    judge = default_judge()
+    timings["load"] = round(time.perf_counter() - start, 1)
+    general = [q.question for q in load_dataset("general_questions")][: cfg["n_general"]]
+    medical = [q.question for q in load_dataset("medical_questions")][: cfg["n_medical"]]
+    story = Story(
+        cfg=cfg, rep=rep, chat=chat, org=merge_lora(chat, adapter), adapter=adapter, judge=judge,
+        qsets={"general": general, "medical": medical},
+        sampling=SamplingConfig(n_samples=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
+                                temperature=1.0, seed=seed),
+        seed=seed, progress=progress, out=out, embedded=model_name is None,
+    )
+    rep.results["judge"] = judge.name
+
+    sections = [
+        ("1_rates", "answers and judged rates: chat model vs organism", rates.section, ()),
+        ("judge_check", "judge check: agreement with reading, least-sure answers",
+         judge_check.section, ()),
+        ("2_steering", "mean-difference direction and steering sweep", steering.section, ()),
+        ("3_ablation", "ablating the direction in the organism and in a second organism",
+         ablation.section, (transfer_organism,)),
+        ("4_probes", "probes on the LoRA scalars", probes.section, ()),
+        ("5_attribution", "per-adapter attribution", attribution.section, ()),
+        ("6_narrow_vs_general", "narrow vs general solutions", narrow_general.section, (train,)),
+    ]
+    for i, (key, what, section, args) in enumerate(sections, start=1):
+        log(f"{i}/{len(sections)} {what}")
+        start = time.perf_counter()
+        section(story, *args)
+        timings[key] = round(time.perf_counter() - start, 1)
+
+    rep.results["seconds"] = round(time.perf_counter() - t0, 1)
+    rep.results["seconds_by_section"] = timings
+    rep.text(f"Total time {rep.results['seconds']:.0f} s on {torch.get_num_threads()} threads "
+             f"({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).")
+    path = rep.write(out)
+    log(f"wrote {path}")
+    return path
+
+
+def train_organism_now(name: str, folder: Path, cfg: dict) -> str:
+    from emlens.organisms.train import RECIPES, recipe_for, train_organism
+
+    if name not in RECIPES:
+        raise ValueError(f"--train retrains a shipped recipe; {name!r} is not one of "
+                         f"{sorted(RECIPES)}.")
+    target = folder / name
+    train_organism(recipe_for(name, max_steps=cfg["organism_steps"]), target)
+    return str(target)
