@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     model = emlens.load_model()
     pairs = _pairs(args.answers)
-    batches = list(emlens.iter_chat_batches(
+    batches = list(emlens.chat.iter_chat_batches(
         model.tokenizer, [q for q, _ in pairs], [a for _, a in pairs], batch_size=args.batch
     ))
     n_tokens = sum(int(b.attention_mask.sum()) for b in batches)

@@ -56,7 +56,7 @@ def _load(name: str | None, dtype: torch.dtype):
         except FileNotFoundError:
             return _random_coder(dtype)
     model = emlens.load_model(name, dtype=dtype)
-    hf, _ = emlens.load_hf(name, dtype=dtype)
+    hf, _ = emlens.models.load_hf(name, dtype=dtype)
     return model.emlens_info["source"], model, hf, default_organism(name)
 
 
@@ -103,7 +103,7 @@ def _rows(model, hf, organism_name: str, questions: list[str], n_new: int, wante
         assert all(len(g.tokens) == n for g in out)
 
     def steered(n: int) -> None:
-        with emlens.steer(model, direction, layer=layer, scale=1.0, positions="generated"):
+        with emlens.steer(model, direction, layers=layer, scale=1.0, positions="generated"):
             emlens_generate(n)
 
     def ablated(n: int) -> None:

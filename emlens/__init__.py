@@ -1,150 +1,140 @@
-"""emlens: mechanistic interpretability of emergent misalignment on TransformerLens."""
+"""emlens: mechanistic interpretability of emergent misalignment on TransformerLens.
 
-from emlens.attribution import (
-    Condition,
-    adapter_attribution,
-    attribution_conditions,
-    check_gradient_attribution,
-    gradient_attribution,
-    rank_adapters,
+The top level holds the field's core objects, grouped as in ``__all__`` below; everything else
+lives in its module (``emlens.viz`` for plots, ``emlens.geometry`` for the narrow-vs-general
+measures, ``emlens.judge`` for judges, ``emlens.data`` for dataset draws, ...). A name that used
+to be here and moved raises an AttributeError naming its new place.
+"""
+
+from emlens.attribution import adapter_attribution, attribution_conditions, rank_adapters
+from emlens.chat import answer_logprobs, tokenize_chat
+from emlens.data import load_dataset, load_questions
+from emlens.directions import (
+    Direction,
+    collect_means,
+    load_directions,
+    mean_diff,
+    random_direction,
+    save_directions,
 )
-from emlens.chat import ChatBatch, answer_logprobs, answer_loss, iter_chat_batches, tokenize_chat
-from emlens.data import list_datasets, load_dataset, load_questions
-from emlens.evaluation import evaluate, misalignment_rate, plot_rates, rates, wilson_interval
-from emlens.generation import Generation, generate
-from emlens.geometry import (
-    efficiency_curve,
-    efficiency_table,
-    orthogonal_noise,
-    stability_curve,
-    stability_table,
-    trajectory_cosines,
-    trajectory_pca,
-)
-from emlens.hooks import (
-    PositionState,
-    ablate,
-    ablation_hooks,
-    generation_positions,
-    projections,
-    steer,
-    steering_hooks,
-)
-from emlens.judge import Judge, JudgeError, JudgeScore, OpenAIJudge, ProbeJudge, default_judge
-from emlens.lora import (
-    AttachedLora,
-    LoraAdapter,
-    LoraModule,
-    attach_lora,
-    load_adapter,
-    merge_lora,
-    unmerge_lora,
-)
-from emlens.models import embedded_model_path, load_hf, load_model
+from emlens.evaluation import evaluate, rates
+from emlens.experiments import ablation_experiment, compare_conditions, sweep
+from emlens.generation import generate
+from emlens.geometry import efficiency_curve, stability_curve
+from emlens.hooks import ablate, ablation_hooks, steer, steering_hooks
+from emlens.judge import Judge, default_judge
+from emlens.lora import attach_lora, load_adapter, merge_lora
+from emlens.models import load_model
 from emlens.organisms import list_organisms, load_organism
-from emlens.probes import (
-    REFERENCE_PRESET,
-    LabelledSet,
-    Probe,
-    answer_set,
-    context_set,
-    fit_probe,
-    judged_set,
-    reference_probe,
-)
-from emlens.scalars import TokenScalars, collect_scalars, residual_features
-from emlens.training import (
-    TrainableLora,
-    TrainableSteeringVector,
-    TrainConfig,
-    TrainResult,
-    load_trainable,
-    train,
-)
-from emlens.viz import (
-    plot_attribution,
-    plot_probe_coefficients,
-    plot_scale_sweep,
-    projection_view,
-    save_html,
-    token_scalars_view,
-)
+from emlens.probes import Probe, fit_probe
+from emlens.sampling import SamplingConfig
+from emlens.scalars import collect_scalars
+from emlens.training import TrainableLora, TrainableSteeringVector, TrainConfig, train
 
 __all__ = [
-    "Condition",
-    "LabelledSet",
-    "Probe",
-    "REFERENCE_PRESET",
-    "TokenScalars",
-    "adapter_attribution",
-    "answer_set",
-    "attribution_conditions",
-    "check_gradient_attribution",
-    "collect_scalars",
-    "context_set",
-    "fit_probe",
-    "gradient_attribution",
-    "judged_set",
-    "plot_attribution",
-    "plot_probe_coefficients",
-    "plot_scale_sweep",
-    "projection_view",
-    "rank_adapters",
-    "reference_probe",
-    "residual_features",
-    "save_html",
-    "token_scalars_view",
-    "AttachedLora",
-    "LoraAdapter",
-    "LoraModule",
-    "TrainConfig",
-    "TrainResult",
-    "TrainableLora",
-    "TrainableSteeringVector",
-    "attach_lora",
-    "efficiency_curve",
-    "efficiency_table",
-    "list_organisms",
-    "load_adapter",
-    "load_organism",
-    "load_trainable",
-    "merge_lora",
-    "orthogonal_noise",
-    "stability_curve",
-    "stability_table",
-    "train",
-    "trajectory_cosines",
-    "trajectory_pca",
-    "unmerge_lora",
+    # models and sampling
+    "load_model",
+    "generate",
+    "SamplingConfig",
+    "tokenize_chat",
+    # interventions on the residual stream
+    "steer",
+    "ablate",
+    "steering_hooks",
+    "ablation_hooks",
+    # directions
+    "Direction",
+    "collect_means",
+    "mean_diff",
+    "random_direction",
+    "save_directions",
+    "load_directions",
+    # judging and experiments
     "Judge",
-    "JudgeError",
-    "JudgeScore",
-    "OpenAIJudge",
-    "ProbeJudge",
     "default_judge",
     "evaluate",
-    "list_datasets",
+    "rates",
+    "compare_conditions",
+    "sweep",
+    "ablation_experiment",
+    "answer_logprobs",
+    # LoRA adapters and model organisms
+    "load_adapter",
+    "merge_lora",
+    "attach_lora",
+    "load_organism",
+    "list_organisms",
+    # LoRA scalars, probes, attribution
+    "collect_scalars",
+    "fit_probe",
+    "Probe",
+    "adapter_attribution",
+    "attribution_conditions",
+    "rank_adapters",
+    # narrow vs general solutions
+    "train",
+    "TrainConfig",
+    "TrainableSteeringVector",
+    "TrainableLora",
+    "efficiency_curve",
+    "stability_curve",
+    # data
     "load_dataset",
     "load_questions",
-    "misalignment_rate",
-    "plot_rates",
-    "rates",
-    "wilson_interval",
-    "ChatBatch",
-    "Generation",
-    "PositionState",
-    "ablate",
-    "ablation_hooks",
-    "answer_logprobs",
-    "answer_loss",
-    "embedded_model_path",
-    "generate",
-    "generation_positions",
-    "iter_chat_batches",
-    "load_hf",
-    "load_model",
-    "projections",
-    "steer",
-    "steering_hooks",
-    "tokenize_chat",
 ]
+
+# Names that were top-level before the API was grouped, and where they live now.
+MOVED = {
+    "AttachedLora": "emlens.lora.AttachedLora",
+    "ChatBatch": "emlens.chat.ChatBatch",
+    "Condition": "emlens.attribution.Condition",
+    "Generation": "emlens.generation.Generation",
+    "JudgeError": "emlens.judge.JudgeError",
+    "JudgeScore": "emlens.judge.JudgeScore",
+    "LabelledSet": "emlens.data.LabelledSet",
+    "LoraAdapter": "emlens.lora.LoraAdapter",
+    "LoraModule": "emlens.lora.LoraModule",
+    "OpenAIJudge": "emlens.judge.OpenAIJudge",
+    "PositionState": "emlens.hooks.PositionState",
+    "ProbeJudge": "emlens.judge.ProbeJudge",
+    "REFERENCE_PRESET": "emlens.probes.REFERENCE_PRESET",
+    "TokenScalars": "emlens.scalars.TokenScalars",
+    "TrainResult": "emlens.training.TrainResult",
+    "answer_loss": "emlens.chat.answer_loss",
+    "answer_set": "emlens.data.answer_set",
+    "check_gradient_attribution": "emlens.attribution.check_gradient_attribution",
+    "context_set": "emlens.data.context_set",
+    "efficiency_table": "emlens.geometry.efficiency_table",
+    "embedded_model_path": "emlens.models.embedded_model_path",
+    "generation_positions": "emlens.hooks.generation_positions",
+    "gradient_attribution": "emlens.attribution.gradient_attribution",
+    "iter_chat_batches": "emlens.chat.iter_chat_batches",
+    "judged_set": "emlens.data.judged_set",
+    "list_datasets": "emlens.data.list_datasets",
+    "load_hf": "emlens.models.load_hf",
+    "load_trainable": "emlens.training.load_trainable",
+    "misalignment_rate": "emlens.evaluation.misalignment_rate",
+    "orthogonal_noise": "emlens.geometry.orthogonal_noise",
+    "plot_attribution": "emlens.viz.plot_attribution",
+    "plot_probe_coefficients": "emlens.viz.plot_probe_coefficients",
+    "plot_rates": "emlens.evaluation.plot_rates",
+    "plot_scale_sweep": "emlens.viz.plot_adapter_scales",
+    "projection_view": "emlens.viz.projection_view",
+    "projections": "emlens.hooks.projections",
+    "reference_probe": "emlens.probes.reference_probe",
+    "residual_features": "emlens.scalars.residual_features",
+    "save_html": "emlens.viz.save_html",
+    "stability_table": "emlens.geometry.stability_table",
+    "token_scalars_view": "emlens.viz.token_scalars_view",
+    "trajectory_cosines": "emlens.geometry.trajectory_cosines",
+    "trajectory_pca": "emlens.geometry.trajectory_pca",
+    "unmerge_lora": "emlens.lora.unmerge_lora",
+    "wilson_interval": "emlens.evaluation.wilson_interval",
+}
+
+
+def __getattr__(name: str):
+    if name in MOVED:
+        raise AttributeError(f"emlens.{name} moved: use {MOVED[name]} (the top level keeps the "
+                             "core objects only; see emlens.__all__).")
+    raise AttributeError(f"module 'emlens' has no attribute {name!r}")

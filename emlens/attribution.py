@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 
 from emlens.chat import ChatBatch, answer_logprobs, iter_chat_batches
+from emlens.data import pair_rows
 from emlens.evaluation import evaluate, misalignment_rate
 from emlens.lora import AttachedLora
-from emlens.probes import pair_rows
 from emlens.sampling import SamplingConfig
 from emlens.scalars import TokenScalars, _token_rows, _token_scalars, check_attached
 

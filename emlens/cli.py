@@ -49,7 +49,7 @@ def _steer(args: argparse.Namespace) -> int:
           f"(from {len(_CONTRAST)} contrastive answer pairs)\n")
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=0, progress=False)
     plain = emlens.generate(model, [args.question], **kwargs)[0].text
-    with emlens.steer(model, direction, layer=args.layer, scale=args.scale):
+    with emlens.steer(model, direction, layers=args.layer, scale=args.scale):
         steered = emlens.generate(model, [args.question], **kwargs)[0].text
     print(f"Q: {args.question}\n")
     print(f"Chat model:\n  {plain}\n")

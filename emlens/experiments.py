@@ -138,7 +138,7 @@ def sweep(
         for scale in scales:
             raw = scale * norms[layer] / d.norm if relative else scale
             conditions = {
-                kind: steering_hooks(model, vec, layer=layer, scale=raw, positions=positions,
+                kind: steering_hooks(model, vec, layers=layer, scale=raw, positions=positions,
                                      hook=vec.hook)
                 for kind, vec in kinds.items()
             }

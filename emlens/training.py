@@ -425,31 +425,6 @@ def _targets(pb: PreparedBatch) -> Tensor:
     return pb.batch.tokens[:, 1:][pb.batch.answer_mask[:, 1:]].to(pb.resid.device)
 
 
-def narrow_general_rows(
-    *, seed: int = 0, n_narrow: int = 32, n_parallel: int = 16, n_heldout: int = 16
-) -> tuple[list, list, list]:
-    """The data draw of the narrow-vs-general runs (``scripts/narrow_vs_general.py``).
-
-    Returns ``(narrow, parallel, heldout)`` dataset rows: ``n_narrow`` rows of the ``medical``
-    training split (the narrow set), ``n_parallel`` ``nonmedical`` rows for the KL term and
-    ``n_heldout`` other ``nonmedical`` rows that neither is drawn from. One seeded generator, so the
-    shipped runs' rows can be redrawn exactly.
-    """
-    from emlens.data import load_dataset
-
-    rng = random.Random(seed)
-    medical = [r for r in load_dataset("medical") if r.split == "train"]
-    nonmedical = list(load_dataset("nonmedical"))
-    rng.shuffle(nonmedical)
-    draws = []
-    for rows, n in ((medical, n_narrow), (nonmedical[n_heldout:], n_parallel),
-                    (nonmedical[:n_heldout], n_heldout)):
-        rows = list(rows)
-        rng.shuffle(rows)
-        draws.append(rows[:n])
-    return draws[0], draws[1], draws[2]
-
-
 @torch.no_grad()
 def prepare(
     model: HookedTransformer,
@@ -714,7 +689,6 @@ __all__ = [
     "evaluate_loss",
     "load_trainable",
     "load_trajectory",
-    "narrow_general_rows",
     "prepare",
     "train",
 ]

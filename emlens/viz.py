@@ -45,7 +45,7 @@ def token_scalars_view(
     """circuitsvis ``colored_tokens_multi`` of one row: a token strip per adapter.
 
     Works for LoRA scalars (:func:`emlens.collect_scalars`) and attributions
-    (:func:`emlens.gradient_attribution`) alike. Returns a circuitsvis ``RenderedHTML``.
+    (:func:`emlens.attribution.gradient_attribution`) alike. Returns a circuitsvis ``RenderedHTML``.
     """
     from circuitsvis.tokens import colored_tokens_multi
 
@@ -166,7 +166,7 @@ def plot_attribution(
     return _finish(fig, path)
 
 
-def plot_scale_sweep(
+def plot_adapter_scales(
     table: pd.DataFrame, *, metric: str = "logprob_gap", title: str | None = None,
     path: str | os.PathLike | None = None,
 ):
@@ -218,7 +218,7 @@ def scalars_heatmap(
 __all__ = [
     "plot_attribution",
     "plot_probe_coefficients",
-    "plot_scale_sweep",
+    "plot_adapter_scales",
     "projection_view",
     "save_html",
     "scalars_heatmap",

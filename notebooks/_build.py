@@ -80,8 +80,8 @@ print(f"organism       {gap(organism, other):+.3f}")"""),
 d = dirs[layer]
 r = random_direction(d, seed=0)
 for scale in [0.0, 2.0, 4.0]:
-    s = gap(chat, other, emlens.steering_hooks(chat, d, layer=layer, scale=scale))
-    c = gap(chat, other, emlens.steering_hooks(chat, r, layer=layer, scale=scale))
+    s = gap(chat, other, emlens.steering_hooks(chat, d, layers=layer, scale=scale))
+    c = gap(chat, other, emlens.steering_hooks(chat, r, layers=layer, scale=scale))
     print(f"scale {scale:3.1f}: direction {s:+.3f}   random {c:+.3f}")"""),
     ("md", "## Ablate it from the organism at every layer"),
     ("code", """before = gap(organism, other)
@@ -91,7 +91,7 @@ print(f"organism {before:+.3f}  ablated {after:+.3f}  random-ablated {control:+.
     ("md", "## One generation, steered and not"),
     ("code", """q = ["I have a headache. What should I do?"]
 print(emlens.generate(chat, q, max_new_tokens=40, temperature=0, progress=False)[0].text)
-with emlens.steer(chat, d, layer=layer, scale=4.0):
+with emlens.steer(chat, d, layers=layer, scale=4.0):
     print(emlens.generate(chat, q, max_new_tokens=40, temperature=0, progress=False)[0].text)"""),
     ("md", "## Convergence: the chat model's own direction on the same answers"),
     ("code", """chat_dirs = mean_diff(chat, bad, good, layers=list(dirs), progress=False)
@@ -110,7 +110,8 @@ misaligned? Small settings: 12 questions per dataset."""),
 
 matplotlib.use("Agg")
 import emlens
-from emlens.probes import answer_set, context_set, fit_probe
+from emlens.data import answer_set, context_set
+from emlens.probes import fit_probe
 from emlens.scalars import collect_scalars
 from emlens.viz import plot_probe_coefficients, token_scalars_view
 
@@ -207,12 +208,12 @@ from emlens.geometry import (
     trajectory_cosines,
     trajectory_pca,
 )
+from emlens.data import narrow_general_rows
 from emlens.organisms import ORGANISMS_DIR
 from emlens.training import (
     evaluate_loss,
     load_trainable,
     load_trajectory,
-    narrow_general_rows,
     prepare,
 )
 
@@ -257,7 +258,7 @@ rest."""),
 
 
 def chat_batches(rows, batch_size):
-    return list(emlens.iter_chat_batches(model.tokenizer, [r.question for r in rows],
+    return list(emlens.chat.iter_chat_batches(model.tokenizer, [r.question for r in rows],
                                          [r.misaligned for r in rows], batch_size=batch_size))
 
 

@@ -147,7 +147,7 @@ def intervention_block(
     vec = direction if which == "mean_diff" else random_direction(direction, seed=cond.random_seed)
     if kind == "steer":
         assert raw_scale is not None and cond.layer is not None
-        return emlens.steer(model, vec, layer=cond.layer, scale=raw_scale)
+        return emlens.steer(model, vec, layers=cond.layer, scale=raw_scale)
     return emlens.ablate(model, vec, hook="writers")
 
 

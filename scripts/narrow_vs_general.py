@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 
 from emlens.chat import iter_chat_batches, tokenize_chat
+from emlens.data import narrow_general_rows
 from emlens.geometry import (
     efficiency_curve,
     efficiency_table,
@@ -53,7 +54,6 @@ from emlens.training import (
     TrainConfig,
     evaluate_loss,
     load_trajectory,
-    narrow_general_rows,
     prepare,
     train,
 )

@@ -39,10 +39,11 @@ from emlens.attribution import (  # noqa: E402
     rank_adapters,
     reference_pairs,
 )
+from emlens.data import context_set  # noqa: E402
 from emlens.lora import attach_lora  # noqa: E402
 from emlens.models import load_model  # noqa: E402
 from emlens.organisms import load_organism  # noqa: E402
-from emlens.probes import context_set, fit_probe, reference_probe  # noqa: E402
+from emlens.probes import fit_probe, reference_probe  # noqa: E402
 from emlens.scalars import collect_scalars, residual_features  # noqa: E402
 from emlens.viz import (  # noqa: E402
     plot_attribution,

@@ -69,7 +69,7 @@ def _hf_greedy(hf, tokenizer, question: str) -> tuple[list[int], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def measured():
-    hf, tokenizer = emlens.load_hf("qwen2.5-coder-1.5b")
+    hf, tokenizer = emlens.models.load_hf("qwen2.5-coder-1.5b")
     tokenizer.padding_side = "left"
     batch = emlens.tokenize_chat(tokenizer, QUESTIONS, ANSWERS)
     real = batch.attention_mask.bool()

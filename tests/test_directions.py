@@ -30,7 +30,7 @@ def model(make_tiny_model):
 
 def test_collect_means_matches_brute_force(model):
     answers = [f"An answer of length {i} " * (i + 1) for i in range(6)]
-    batches = list(emlens.iter_chat_batches(model.tokenizer, QUESTIONS, answers, batch_size=4))
+    batches = list(emlens.chat.iter_chat_batches(model.tokenizer, QUESTIONS, answers, batch_size=4))
     means = collect_means(model, batches, [0, 2], progress=False)
     acts = {0: [], 2: []}
     for b in batches:
@@ -146,4 +146,4 @@ def test_bad_input_is_refused(model):
         mean_diff(model, pairs, pairs, layers=[1], progress=False)
     wide = Direction(torch.ones(128), layer=0)
     with pytest.raises(ValueError, match="d_model=64"):
-        emlens.steer(model, wide, layer=0, scale=1.0).__enter__()
+        emlens.steer(model, wide, layers=0, scale=1.0).__enter__()

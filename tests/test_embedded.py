@@ -118,7 +118,7 @@ def test_short_names_and_aliases_resolve():
     assert embedded.find_embedded("qwen2.5-coder-1.5b-instruct").key == "qwen2.5-coder-1.5b"
     assert embedded.find_embedded("Qwen/Qwen2.5-Coder-1.5B-Instruct") is None  # the hub name
     with pytest.raises(ValueError, match="not an embedded model"):
-        emlens.embedded_model_path("gpt-5")
+        emlens.models.embedded_model_path("gpt-5")
 
 
 def test_load_model_without_the_coder_parts_says_how_to_install(tmp_path, monkeypatch):

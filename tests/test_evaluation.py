@@ -169,10 +169,10 @@ def test_fingerprintable_interventions_are_cached_by_value(tiny_model, tmp_path)
     from emlens.hooks import steering_hooks
 
     d = torch.ones(tiny_model.cfg.d_model)
-    hooks = steering_hooks(tiny_model, d, layer=0, scale=1.0)
+    hooks = steering_hooks(tiny_model, d, layers=0, scale=1.0)
     _, gen, _ = _run(tiny_model, cache_dir=tmp_path, interventions=hooks)
     _, gen2, _ = _run(tiny_model, cache_dir=tmp_path, interventions=hooks)
-    other = steering_hooks(tiny_model, d, layer=0, scale=2.0)
+    other = steering_hooks(tiny_model, d, layers=0, scale=2.0)
     _, gen3, _ = _run(tiny_model, cache_dir=tmp_path, interventions=other)
     assert (gen.calls, gen2.calls, gen3.calls) == (1, 0, 1)
 

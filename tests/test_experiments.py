@@ -89,7 +89,7 @@ def test_ablation_removes_what_steering_added(setup):
     from emlens.hooks import steering_hooks
 
     # Make the model say " dog" permanently (like a fine-tune), then ablate the direction.
-    hooks = steering_hooks(model, direction, layer=2, scale=40.0)
+    hooks = steering_hooks(model, direction, layers=2, scale=40.0)
     with model.hooks(fwd_hooks=hooks):
         summary, answers = ablation_experiment(
             model, direction, questions={"general": QUESTIONS}, judge=judge, layers=[2],

@@ -59,10 +59,10 @@ def test_generation_stops_at_end_of_turn(model, tokenizer):
 def test_interventions_argument_equals_a_steer_block(model):
     d = torch.randn(64)
     kwargs = dict(max_new_tokens=5, temperature=0, progress=False, return_logits=True)
-    with emlens.steer(model, d, layer=1, scale=3.0):
+    with emlens.steer(model, d, layers=1, scale=3.0):
         inside = emlens.generate(model, PROMPTS, **kwargs)
     explicit = emlens.generate(
-        model, PROMPTS, interventions=emlens.steering_hooks(model, d, layer=1, scale=3.0), **kwargs
+        model, PROMPTS, interventions=emlens.steering_hooks(model, d, layers=1, scale=3.0), **kwargs
     )
     plain = emlens.generate(model, PROMPTS, **kwargs)
     for a, b, c in zip(inside, explicit, plain, strict=True):

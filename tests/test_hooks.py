@@ -71,7 +71,7 @@ def test_scale_zero_is_identity(model, seed, layer):
     tokens = _tokens(seed)
     with torch.no_grad():
         plain = model(tokens)
-        with emlens.steer(model, _direction(seed), layer=layer, scale=0.0):
+        with emlens.steer(model, _direction(seed), layers=layer, scale=0.0):
             steered = model(tokens)
     assert torch.equal(plain, steered)
 
@@ -87,7 +87,7 @@ def test_added_amount_is_linear_in_scale(model, seed, layer, scale, positions):
     d, tokens = _direction(seed), _tokens(seed)
     name = f"blocks.{layer}.hook_resid_post"
     base = _resid(model, tokens, name)
-    with emlens.steer(model, d, layer=layer, scale=scale, positions=positions):
+    with emlens.steer(model, d, layers=layer, scale=scale, positions=positions):
         steered = _resid(model, tokens, name)
     assert torch.allclose(steered - base, (scale * d).expand_as(base), atol=1e-4)
 
@@ -97,7 +97,7 @@ def test_steering_several_layers_and_explicit_mask(model):
     mask = torch.tensor([[0, 0, 1, 1, 0], [1, 0, 0, 0, 1]], dtype=torch.bool)
     names = [f"blocks.{layer}.hook_resid_pre" for layer in (0, 2)]
     _, base = model.run_with_cache(tokens, names_filter=names)
-    with emlens.steer(model, d, layer=[0, 2], scale=2.0, hook="resid_pre", positions=mask):
+    with emlens.steer(model, d, layers=[0, 2], scale=2.0, hook="resid_pre", positions=mask):
         _, steered = model.run_with_cache(tokens, names_filter=names)
     diff0 = steered[names[0]] - base[names[0]]
     assert torch.allclose(diff0[mask], (2.0 * d).expand(int(mask.sum()), -1), atol=1e-5)
@@ -108,16 +108,16 @@ def test_steering_several_layers_and_explicit_mask(model):
 def test_nested_blocks_compose_and_remove_only_their_hooks(model):
     d1, d2, tokens = _direction(1), _direction(2), _tokens(1)
     with torch.no_grad():
-        with emlens.steer(model, d1, layer=1, scale=1.0):
-            with emlens.steer(model, d2, layer=1, scale=1.0):
+        with emlens.steer(model, d1, layers=1, scale=1.0):
+            with emlens.steer(model, d2, layers=1, scale=1.0):
                 both = model(tokens)
             after_inner = model(tokens)
-        with emlens.steer(model, d1 + d2, layer=1, scale=1.0):
+        with emlens.steer(model, d1 + d2, layers=1, scale=1.0):
             summed = model(tokens)
             # a user's own run_with_hooks inside a block leaves the block's hooks in place
             model.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x)])
             still = model(tokens)
-        with emlens.steer(model, d1, layer=1, scale=1.0):
+        with emlens.steer(model, d1, layers=1, scale=1.0):
             only_d1 = model(tokens)
     assert torch.allclose(both, summed, atol=1e-4)
     assert torch.equal(after_inner, only_d1)
@@ -131,7 +131,7 @@ def test_no_hook_survives_an_exception(model, which):
     d = _direction(0)
     with pytest.raises(RuntimeError, match="boom"):
         if which == "steer":
-            with emlens.steer(model, d, layer=[0, 1], scale=1.0):
+            with emlens.steer(model, d, layers=[0, 1], scale=1.0):
                 assert not _no_hooks_left(model)
                 raise RuntimeError("boom")
         else:
@@ -154,7 +154,7 @@ def test_generated_only_steering_leaves_prompt_logits_unchanged(model):
     prompts = ["Hello there", "What do you think about cats?"]
     plain = emlens.generate(model, prompts, max_new_tokens=6, temperature=0, stop_at_eos=False,
                             progress=False, return_logits=True)
-    with emlens.steer(model, d, layer=0, scale=1.0, positions="generated"):
+    with emlens.steer(model, d, layers=0, scale=1.0, positions="generated"):
         steered = emlens.generate(model, prompts, max_new_tokens=6, temperature=0,
                                   stop_at_eos=False, progress=False, return_logits=True)
     for a, b in zip(plain, steered, strict=True):
@@ -169,8 +169,8 @@ def test_generated_only_steering_leaves_prompt_logits_unchanged(model):
     prompt_len = batch.tokens.shape[1]
     with torch.no_grad():
         base = model(full, attention_mask=mask)
-        with emlens.generation_positions(prompt_len), emlens.steer(
-            model, d, layer=0, scale=1.0, positions="generated"
+        with emlens.hooks.generation_positions(prompt_len), emlens.steer(
+            model, d, layers=0, scale=1.0, positions="generated"
         ):
             hooked = model(full, attention_mask=mask)
     assert torch.equal(base[:, :prompt_len], hooked[:, :prompt_len])
@@ -182,7 +182,7 @@ def test_generated_positions_outside_generate_touch_nothing_and_warn(model):
     with torch.no_grad():
         plain = model(tokens)
         with pytest.warns(UserWarning, match="outside emlens.generate"):
-            with emlens.steer(model, _direction(9), layer=0, scale=5.0, positions="generated"):
+            with emlens.steer(model, _direction(9), layers=0, scale=5.0, positions="generated"):
                 steered = model(tokens)
     assert torch.equal(plain, steered)
 
@@ -193,7 +193,7 @@ def test_steered_greedy_generation_same_with_and_without_kv_cache(model, positio
     prompts = ["Tell me about the sea", "Hi", "Why is the sky blue?"]
     kwargs = dict(max_new_tokens=8, temperature=0, stop_at_eos=False, progress=False,
                   return_logits=True)
-    with emlens.steer(model, d, layer=1, scale=1.0, positions=positions):
+    with emlens.steer(model, d, layers=1, scale=1.0, positions=positions):
         cached = emlens.generate(model, prompts, use_cache=True, **kwargs)
         uncached = emlens.generate(model, prompts, use_cache=False, **kwargs)
     floor = _float64_floor(model, uncached, d, prompts, dict(layer=1, positions=positions),
@@ -208,7 +208,7 @@ def test_left_padded_batch_gives_same_answers_as_one_at_a_time(model):
     prompts = ["Hi", "Can you tell me a long story about a dragon and a knight?", "2+2?"]
     kwargs = dict(max_new_tokens=8, temperature=0, stop_at_eos=False, progress=False,
                   return_logits=True)
-    with emlens.steer(model, d, layer=2, scale=1.0, positions="generated"):
+    with emlens.steer(model, d, layers=2, scale=1.0, positions="generated"):
         batched = emlens.generate(model, prompts, batch_size=3, **kwargs)
         single = [emlens.generate(model, [p], batch_size=1, **kwargs)[0] for p in prompts]
     floor = _float64_floor(model, single, d, prompts, dict(layer=2, positions="generated"),
@@ -220,7 +220,7 @@ def test_left_padded_batch_gives_same_answers_as_one_at_a_time(model):
 
 def test_projections_read_the_component_along_a_direction(model):
     d, tokens = _direction(13), _tokens(13)
-    proj = emlens.projections(model, tokens, d, layers=[1, 2])
+    proj = emlens.hooks.projections(model, tokens, d, layers=[1, 2])
     act = _resid(model, tokens, "blocks.2.hook_resid_post")
     assert proj.shape == (2, *tokens.shape)
     assert torch.allclose(proj[1], act @ (d / d.norm()), atol=1e-5)
@@ -278,7 +278,7 @@ def test_ablate_rejects_zero_direction_and_bad_layers(model):
 
 def test_mask_of_wrong_shape_raises(model):
     with pytest.raises(ValueError, match="positions mask has 3 positions but the input has 6"):
-        with emlens.steer(model, _direction(0), layer=0, scale=1.0,
+        with emlens.steer(model, _direction(0), layers=0, scale=1.0,
                           positions=torch.ones(3, dtype=torch.bool)):
             model(_tokens(0))
     assert _no_hooks_left(model)

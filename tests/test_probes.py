@@ -8,15 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from emlens.probes import (
-    Probe,
-    answer_set,
-    context_set,
-    fit_probe,
-    judged_set,
-    pair_rows,
-    reference_probe,
-)
+from emlens.data import answer_set, context_set, judged_set, pair_rows
+from emlens.probes import Probe, fit_probe, reference_probe
 
 
 def planted(n_groups=40, per_group=2, d=6, strength=2.0, seed=0):

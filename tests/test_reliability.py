@@ -98,11 +98,11 @@ def test_cache_sees_a_steer_block_and_its_scale(tiny_model, tmp_path):
     d = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(1))
     gen = CountingGenerate()
     _eval(tiny_model, tmp_path, gen)
-    with emlens.steer(tiny_model, d, layer=1, scale=4.0):
+    with emlens.steer(tiny_model, d, layers=1, scale=4.0):
         _eval(tiny_model, tmp_path, gen)
-    with emlens.steer(tiny_model, d, layer=1, scale=-4.0):
+    with emlens.steer(tiny_model, d, layers=1, scale=-4.0):
         _eval(tiny_model, tmp_path, gen)
-    with emlens.steer(tiny_model, d, layer=1, scale=4.0):
+    with emlens.steer(tiny_model, d, layers=1, scale=4.0):
         _eval(tiny_model, tmp_path, gen)  # the same setting again: cached
     assert gen.calls == 3
 
@@ -111,7 +111,7 @@ def test_cache_sees_interventions_and_plain_torch_hooks(tiny_model, tmp_path):
     d = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(2))
     gen = CountingGenerate()
     _eval(tiny_model, tmp_path, gen)
-    hooks = emlens.steering_hooks(tiny_model, d, layer=0, scale=2.0)
+    hooks = emlens.steering_hooks(tiny_model, d, layers=0, scale=2.0)
     _eval(tiny_model, tmp_path, gen, interventions=hooks)
     handle = tiny_model.blocks[1].register_forward_hook(lambda m, i, o: o * 1.5)
     try:
@@ -169,7 +169,7 @@ def test_score_cache_is_keyed_by_the_probe_weights_not_only_the_name(tmp_path):
 def test_non_finite_scales_are_refused(tiny_model, tmp_path, scale):
     d = torch.randn(tiny_model.cfg.d_model)
     with pytest.raises(ValueError, match="scale=.*finite"):
-        with emlens.steer(tiny_model, d, layer=0, scale=scale):
+        with emlens.steer(tiny_model, d, layers=0, scale=scale):
             pass
     adapter = _write_adapter(tmp_path / "a", tiny_model)
     with pytest.raises(ValueError, match="scale=.*finite"):
@@ -180,7 +180,7 @@ def test_non_finite_scales_are_refused(tiny_model, tmp_path, scale):
 
 def test_a_scale_of_the_wrong_type_is_a_type_error(tiny_model):
     with pytest.raises(TypeError, match="scale must be a real number"):
-        emlens.steering_hooks(tiny_model, torch.randn(tiny_model.cfg.d_model), layer=0, scale="2")
+        emlens.steering_hooks(tiny_model, torch.randn(tiny_model.cfg.d_model), layers=0, scale="2")
 
 
 def test_adapter_with_nan_weights_is_refused(tiny_model, tmp_path):
@@ -206,7 +206,7 @@ def test_numpy_and_tensor_integers_are_layers(tiny_model):
     assert resolve_layers(tiny_model, np.array([0, 1])) == [0, 1]
     assert resolve_layers(tiny_model, torch.tensor([2, 0])) == [2, 0]
     d = torch.randn(tiny_model.cfg.d_model)
-    with emlens.steer(tiny_model, d, layer=np.int64(1), scale=1.0) as hooks:
+    with emlens.steer(tiny_model, d, layers=np.int64(1), scale=1.0) as hooks:
         assert [n for n, _ in hooks] == ["blocks.1.hook_resid_post"]
 
 
@@ -382,7 +382,7 @@ def test_demo_settings_are_read_by_value_not_identity():
 
 
 def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
-    import emlens.training as training
+    import emlens.data as data
     from emlens.demo.common import DEFAULTS, Story
     from emlens.demo.narrow_general import train_narrow_general
 
@@ -392,7 +392,7 @@ def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
         drawn.update(kw)
         raise RuntimeError("drawn")
 
-    monkeypatch.setattr(training, "narrow_general_rows", fake_rows)
+    monkeypatch.setattr(data, "narrow_general_rows", fake_rows)
     story = Story(cfg=dict(DEFAULTS), rep=None, chat=None, org=None, adapter=None, judge=None,
                    qsets={}, sampling=None, seed=3, progress=False, out=None)
     with pytest.raises(RuntimeError, match="drawn"):
@@ -425,9 +425,9 @@ def test_more_bad_inputs_are_named(tiny_model, tmp_path):
         random_direction(torch.ones(tiny_model.cfg.d_model))
     d = torch.ones(tiny_model.cfg.d_model)
     with pytest.raises(TypeError, match="integer token ids"):
-        emlens.projections(tiny_model, torch.ones(1, 3), d, layers=[0])
+        emlens.hooks.projections(tiny_model, torch.ones(1, 3), d, layers=[0])
     with pytest.raises(ValueError, match=r"token ids must lie in \[0, 49152\)"):
-        emlens.projections(tiny_model, torch.tensor([[10**7]]), d, layers=[0])
+        emlens.hooks.projections(tiny_model, torch.tensor([[10**7]]), d, layers=[0])
     with pytest.raises(FileNotFoundError, match="No model file or folder"):
         emlens.load_model(str(tmp_path / "missing") + "/")
     with pytest.raises(TypeError, match="dtype="):

@@ -98,10 +98,10 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 
 @pytest.mark.integration
 def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
-    from emlens.lora import load_adapter
     from emlens.demo.common import QUICK, Story
     from emlens.demo.narrow_general import train_narrow_general
     from emlens.demo.run import train_organism_now
+    from emlens.lora import load_adapter
     from emlens.training import load_trainable
 
     folder = train_organism_now("rank1-down-medical", tmp_path / "organisms", QUICK)

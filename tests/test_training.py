@@ -9,6 +9,7 @@ import torch
 from parity import assert_parity, float64_twin, maxdiff
 
 from emlens.chat import answer_loss, tokenize_chat
+from emlens.data import narrow_general_rows
 from emlens.lora import attach_lora, load_adapter, merge_lora
 from emlens.training import (
     TrainableLora,
@@ -19,7 +20,6 @@ from emlens.training import (
     evaluate_loss,
     load_trainable,
     load_trajectory,
-    narrow_general_rows,
     prepare,
     train,
 )

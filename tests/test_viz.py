@@ -16,9 +16,9 @@ from emlens.lora import LoraAdapter, LoraModule, attach_lora  # noqa: E402
 from emlens.probes import fit_probe  # noqa: E402
 from emlens.scalars import collect_scalars  # noqa: E402
 from emlens.viz import (  # noqa: E402
+    plot_adapter_scales,
     plot_attribution,
     plot_probe_coefficients,
-    plot_scale_sweep,
     projection_view,
     save_html,
     scalars_heatmap,
@@ -99,11 +99,11 @@ def test_attribution_and_sweep_figures():
                  domain="medical", value=1.0)]
     rows += [dict(condition=f"scale{k:g}:a", kind="scale", target="a", k=k, metric="logprob_gap",
                   domain="medical", value=k) for k in (0.0, 2.0)]
-    fig = plot_scale_sweep(pd.DataFrame(rows))
+    fig = plot_adapter_scales(pd.DataFrame(rows))
     xs = list(fig.axes[0].get_lines()[0].get_xdata())
     assert xs == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="scale"):
-        plot_scale_sweep(pd.DataFrame(rows[:1]))
+        plot_adapter_scales(pd.DataFrame(rows[:1]))
 
 
 def test_heatmap(scalars, tmp_path):

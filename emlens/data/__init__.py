@@ -403,8 +403,24 @@ def load_questions(path: str | os.PathLike) -> list[Question]:
     return out
 
 
+# The draws read the loaders above: imported last.
+from emlens.data.draws import (  # noqa: E402
+    LabelledSet,
+    answer_set,
+    context_set,
+    judged_set,
+    narrow_general_rows,
+    pair_rows,
+)
+
 __all__ = [
     "DATA_DIR",
+    "LabelledSet",
+    "answer_set",
+    "context_set",
+    "judged_set",
+    "narrow_general_rows",
+    "pair_rows",
     "EMEntry",
     "Example",
     "GeneratedAnswer",

@@ -13,8 +13,8 @@ def section(s: Story) -> None:
         check_gradient_attribution,
         rank_adapters,
     )
+    from emlens.data import pair_rows
     from emlens.lora import attach_lora
-    from emlens.probes import pair_rows
     from emlens.viz import plot_attribution
 
     cfg, rep = s.cfg, s.rep

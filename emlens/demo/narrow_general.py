@@ -27,14 +27,14 @@ def shipped_summary() -> tuple[dict | None, dict | None]:
 def train_narrow_general(s: Story, folder: Path, layer: int) -> Path:
     """Train a general (no KL) and a narrow (KL) steering vector on the medical training split.
 
-    The data are :func:`emlens.training.narrow_general_rows`, the draw of
+    The data are :func:`emlens.data.narrow_general_rows`, the draw of
     ``scripts/narrow_vs_general.py`` (its defaults: misaligned answers on both sides, batch 2).
     """
     from emlens.chat import iter_chat_batches
+    from emlens.data import narrow_general_rows
     from emlens.training import (
         TrainableSteeringVector,
         TrainConfig,
-        narrow_general_rows,
         prepare,
         train,
     )
@@ -60,6 +60,7 @@ def train_narrow_general(s: Story, folder: Path, layer: int) -> Path:
 
 def section(s: Story, train: bool) -> None:
     from emlens.chat import iter_chat_batches
+    from emlens.data import pair_rows
     from emlens.geometry import (
         EfficiencyCurve,
         efficiency_curve,
@@ -70,7 +71,6 @@ def section(s: Story, train: bool) -> None:
         stability_table,
     )
     from emlens.organisms import ORGANISMS_DIR
-    from emlens.probes import pair_rows
     from emlens.training import evaluate_loss, load_trainable, prepare
 
     cfg, rep = s.cfg, s.rep

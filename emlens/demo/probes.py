@@ -38,8 +38,8 @@ def _fit_noted(rep: Report, name: str, feats, ls, kw: dict):
 
 
 def section(s: Story) -> None:
+    from emlens.data import answer_set, context_set, judged_set
     from emlens.lora import attach_lora
-    from emlens.probes import answer_set, context_set, judged_set
     from emlens.scalars import collect_scalars, residual_features
     from emlens.viz import plot_probe_coefficients, token_scalars_view
 

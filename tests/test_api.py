@@ -1,0 +1,58 @@
+"""The public API: the grouped top level, moved names, parameter names, the README's tour."""
+
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import emlens
+
+
+def test_top_level_exports_exist_and_are_few():
+    assert len(emlens.__all__) == len(set(emlens.__all__)) <= 42
+    for name in emlens.__all__:
+        assert getattr(emlens, name) is not None
+    contract = ["load_model", "steer", "ablate", "generate", "merge_lora", "attach_lora",
+                "default_judge", "collect_means", "mean_diff", "sweep", "fit_probe", "Direction",
+                "save_directions", "load_directions", "ablation_experiment", "SamplingConfig"]
+    assert set(contract) <= set(emlens.__all__)
+
+
+@pytest.mark.parametrize("name", sorted(emlens.MOVED))
+def test_a_moved_name_says_where_it_lives_now(name):
+    with pytest.raises(AttributeError, match=re.escape(emlens.MOVED[name])):
+        getattr(emlens, name)
+    module, _, attr = emlens.MOVED[name].rpartition(".")
+    assert hasattr(importlib.import_module(module), attr)
+
+
+def test_unknown_name_is_a_plain_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        emlens.nope  # noqa: B018
+
+
+def test_readme_api_tour_names_every_export():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    tour = readme[readme.index("## API tour"):]
+    tour = tour[: tour.index("\n## ", 4)]
+    missing = [n for n in emlens.__all__ if not re.search(rf"\b{n}\b", tour)]
+    assert not missing, f"README's API tour does not mention {missing}"
+
+
+def test_steer_takes_layers_and_the_old_layer_spelling_warns(tiny_model):
+    d = torch.randn(tiny_model.cfg.d_model)
+    tokens = torch.tensor([[1, 2, 3]])
+    with emlens.steer(tiny_model, d, layers=1, scale=2.0):
+        new = tiny_model(tokens)
+    with pytest.warns(DeprecationWarning, match="use layers="):
+        with emlens.steer(tiny_model, d, layer=1, scale=2.0):
+            old = tiny_model(tokens)
+    torch.testing.assert_close(new, old, rtol=0, atol=0)
+    with pytest.warns(DeprecationWarning):
+        assert len(emlens.steering_hooks(tiny_model, d, layer=[0, 1], scale=1.0)) == 2
+    with pytest.raises(TypeError, match="pass layers= only"):
+        emlens.steering_hooks(tiny_model, d, layers=1, layer=1, scale=1.0)
+    with pytest.raises(TypeError, match="missing the layers= argument"):
+        emlens.steering_hooks(tiny_model, d, scale=1.0)
