@@ -32,7 +32,7 @@ def test_the_package_holds_no_sources_or_trajectories():
 @pytest.fixture(scope="module")
 def wheel_files(tmp_path_factory) -> list[str]:
     """Build the wheel offline (``pip wheel --no-deps --no-build-isolation``) from a copy of the
-    project with a stray ``checkpoints/`` folder planted in an organism, and list it."""
+    project with stray ``checkpoints/`` folders planted among the organisms, and list it."""
     pytest.importorskip("setuptools")
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
@@ -40,10 +40,12 @@ def wheel_files(tmp_path_factory) -> list[str]:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(PACKAGE, src / "emlens", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    stray = src / "emlens" / "organisms" / "rank1-down-medical" / "checkpoints" / "step-00001"
-    stray.mkdir(parents=True)
-    (stray / "adapter_config.json").write_text("{}")
-    (stray / "adapter_model.safetensors").write_bytes(b"")
+    organisms = src / "emlens" / "organisms"
+    for stray in (organisms / "rank1-down-medical" / "checkpoints" / "step-00001",
+                  organisms / "narrow_vs_general" / "lora1" / "general" / "checkpoints" / "x"):
+        stray.mkdir(parents=True)
+        (stray / "adapter_config.json").write_text("{}")  # matches the organisms' *.json globs
+        (stray / "adapter_model.safetensors").write_bytes(b"")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
          "-q", "-w", str(tmp / "dist"), str(src)],
