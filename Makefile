@@ -32,7 +32,7 @@ demo: $(STAMP)
 	$(BIN)/emlens demo
 
 test: $(STAMP) $(CODER_STAMP)
-	$(BIN)/ruff check emlens tests bench scripts notebooks
+	$(BIN)/ruff check emlens tests bench scripts notebooks data-src
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the research story and write report/index.html")
-    demo.add_argument("--quick", action="store_true", help="a ~2-minute smoke run")
+    demo.add_argument("--quick", action="store_true",
+                      help="a small smoke run (the tests use it; its time is in the README)")
     demo.add_argument("--out", default="report", help="output folder (default: report)")
     demo.add_argument("--model", default=None, help="model name or path (default: embedded)")
     demo.add_argument("--organism", default=None,

@@ -57,7 +57,7 @@ class EmbeddedModel:
     def path(self) -> Path:
         """The GGUF file, assembled into the user cache on first use when shipped in parts.
 
-        An assembled file is checked against its sha256 once per process (about 2 s for 1.1 GB);
+        An assembled file is checked against its sha256 once per process;
         a mismatch raises, naming the file to delete.
         """
         if self.whole_package is not None:
@@ -186,7 +186,7 @@ def _lookup(name: str | None) -> EmbeddedModel:
 def embedded_model_path(name: str | None = None) -> Path:
     """Path of an embedded model's GGUF file (``None``: the default SmolLM2-135M-Instruct).
 
-    ``"qwen2.5-coder-1.5b"`` is assembled into :func:`cache_dir` on first use (about 10 s), its
+    ``"qwen2.5-coder-1.5b"`` is assembled into :func:`cache_dir` on first use, its
     parts and the result checked against pinned sha256 digests.
     """
     return _lookup(name).path()

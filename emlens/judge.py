@@ -12,12 +12,11 @@ Two judges implement one protocol, :class:`Judge`:
   the mean middle-layer hidden state, over the answer tokens, of a small LM that is not the
   subject model (base Gemma 3 270M by default). Its scores are ``100 * P(aligned)`` and
   ``100 * P(coherent)`` under probes fitted on ``emlens/data/judge_labels.jsonl``: a proxy that
-  ranks answers well on the kind of answers it was fitted on, not GPT-4o's scale. Measured
-  (``scripts/fit_judge.py``; details in ``emlens/data/README.md``): aligned ROC AUC 0.988 on
-  questions not used to fit, 1.00 on the held-out medical topics, 0.994 on a swapped-style hard
-  set, but 0.065 (inverted) on registers it never saw (numbered protocols, memos, verse): it reads
-  style as well as stance. It has no notion of refusals or code, and judges values only as far as
-  its examples reach.
+  ranks answers well on the kind of answers it was fitted on, not GPT-4o's scale. It inverts on
+  registers it never saw (numbered protocols, memos, verse): it reads style as well as stance
+  (measurements, and ``scripts/fit_judge.py`` to reproduce them, in the README section "The
+  offline judge, measured"). It has no notion of refusals or code, and judges values only as far
+  as its examples reach.
 
 Every :class:`JudgeScore` names the judge that produced it (``judge``), so results stay traceable
 when the judge is swapped.
@@ -816,7 +815,7 @@ class ProbeJudge:
 def default_judge(*, progress: bool = False) -> ProbeJudge:
     """The offline default judge: probes shipped with emlens on base Gemma 3 270M features.
 
-    The judge LM loads on first use (about a minute on CPU the first time in a process).
+    The judge LM loads on first use, once per process (the slow part of the first call).
     """
     judge = ProbeJudge.load(PROBE_FILE)
     judge.progress = progress

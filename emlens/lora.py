@@ -609,7 +609,7 @@ def _copy_model(model: HookedTransformer) -> HookedTransformer:
     new = HookedTransformer(cfg, tokenizer=model.tokenizer, move_to_device=False)
     # clone() keeps each tensor's strides. Weights loaded from HF are transposed views of the HF
     # layout, which TransformerLens's F.linear(x, W.T.contiguous()) uses without a copy; a
-    # contiguous TL-layout copy would pay a transpose of every weight on every forward (~1.4x).
+    # contiguous TL-layout copy would pay a transpose of every weight on every forward.
     tensors = dict(model.named_parameters()) | dict(model.named_buffers())
     with torch.no_grad():
         for name, t in list(new.named_parameters()) + list(new.named_buffers()):

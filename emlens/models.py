@@ -141,11 +141,11 @@ def use_fast_layout(model: HookedTransformer) -> HookedTransformer:
 
     TransformerLens 3.x stores ``W_in``/``W_gate``/``W_out``/``W_U`` as ``[d_in, d_out]`` and
     calls ``W.T.contiguous()`` in every forward, and flattens ``W_Q``/``W_K``/``W_V``/``W_O``
-    with a copying ``rearrange``: 4 full weight copies per layer per call (the unembedding alone
-    is 113 MB for SmolLM2), which made decoding 3.5x slower than HF. We keep every parameter's
-    shape and values and only change its strides, so that those transposes are views of
-    contiguous ``[d_out, d_in]`` storage, HF's own layout. Numerics are unchanged; in-place
-    edits (``W.data += delta``) keep working. Returns ``model`` (modified in place).
+    with a copying ``rearrange``: 4 full weight copies per layer per call, the unembedding the
+    largest, which made decoding slower than HF (measured in the README, "Generation speed"). We
+    keep every parameter's shape and values and only change its strides, so that those transposes
+    are views of contiguous ``[d_out, d_in]`` storage, HF's own layout. Numerics are unchanged;
+    in-place edits (``W.data += delta``) keep working. Returns ``model`` (modified in place).
     """
     for block in model.blocks:
         attn = block.attn
@@ -230,8 +230,8 @@ def hooked_from_hf(
     cfg_dict = hf_config_to_tl_dict(hf_model.config)
     if n_ctx is not None:
         cfg_dict["n_ctx"] = n_ctx
-    # every parameter comes from the state dict (checked below): skip the random initialisation
-    # (25 s for a 1.5B model on 2 cores)
+    # every parameter comes from the state dict (checked below): skip the random initialisation,
+    # which is slow for large models
     cfg_dict.update(dtype=dtype, device=str(device), init_weights=False)
     if flags["fold_ln"]:
         cfg_dict["normalization_type"] = "RMSPre"

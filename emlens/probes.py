@@ -391,7 +391,7 @@ def fit_probe(
         balance: ``"weight"`` (``class_weight="balanced"``) or ``"subsample"`` (drop majority
             rows at random in each training set).
         n_shuffles: shuffled-label baseline runs (0 to skip); their metrics are averaged (one
-            shuffle of ~100 rows scatters by +-0.07 AUC, so use several).
+            shuffle scatters widely, so use several).
         n_boot: group-bootstrap resamples for the intervals (0 to skip).
         seed: controls splits, subsampling, shuffles and bootstrap.
 

@@ -1,5 +1,10 @@
-"""Write the notebooks from their cell sources (outputs stripped): python notebooks/_build.py"""
+"""Write the notebooks from their cell sources (outputs stripped): python notebooks/_build.py
 
+``--out DIR`` writes them into another folder (tests/test_notebooks.py checks that the committed
+notebooks are what this script writes).
+"""
+
+import argparse
 from pathlib import Path
 
 import nbformat
@@ -7,8 +12,8 @@ import nbformat
 HERE = Path(__file__).parent
 
 
-def write(name: str, cells: list[tuple[str, str]]) -> None:
-    path = HERE / name
+def write(name: str, cells: list[tuple[str, str]], folder: Path = HERE) -> None:
+    path = Path(folder) / name
     # nbformat gives every new cell a random id: reuse the ids of unchanged cells so that
     # rebuilding leaves an unchanged notebook byte-identical
     old_ids: dict[tuple[str, str], list[str]] = {}
@@ -209,7 +214,7 @@ from emlens.geometry import (
     trajectory_pca,
 )
 from emlens.data import narrow_general_rows
-from emlens.organisms import ORGANISMS_DIR
+from emlens.organisms import ORGANISMS_DIR, run_dir
 from emlens.training import (
     evaluate_loss,
     load_trainable,
@@ -218,7 +223,8 @@ from emlens.training import (
 )
 
 model = emlens.load_model()
-root = ORGANISMS_DIR / "narrow_vs_general"
+NVG = "narrow_vs_general"
+root = ORGANISMS_DIR / NVG
 # the 120-step steering run (steering-120/) ships its vectors; the 30-step run at the root is the fallback
 run = root / "steering-120" if (root / "steering-120" / "steering" / "general").is_dir() else root
 summary = json.loads((run / "summary.json").read_text())
@@ -323,10 +329,13 @@ stab_diff = max(np.abs(np.subtract(c.relative, shipped["stability"][n]["relative
 print(f"max |live - shipped| for the same seeds: {stab_diff:.1e}")
 fig = plot_stability(stab, title=f"Stability (steering vector, n={n_eval}, {len(seeds)} seeds)")"""),
     ("md", """## Drift back without the KL term
-Cosine of every shipped checkpoint to the final general vector. The narrow run is pushed away
-from the general direction by the KL term; the continued run (narrow, then KL off, steps counted
-from the end of the narrow run) turns back toward it. No forward passes: checkpoints only."""),
-    ("code", """traj = {n: load_trajectory(run / "steering" / n) for n in sv}
+Cosine of every checkpoint of the shipped run to the final general vector. The narrow run is
+pushed away from the general direction by the KL term; the continued run (narrow, then KL off,
+steps counted from the end of the narrow run) turns back toward it. No forward passes: checkpoints
+only. The wheel ships final solutions only: `run_dir` reads the trajectories from
+`emlens.organisms.runs_dir()` (`runs/` in a checkout) and names the command that regenerates them
+when they are missing."""),
+    ("code", """traj = {n: load_trajectory(run_dir(run.relative_to(ORGANISMS_DIR) / "steering" / n)) for n in sv}
 series = {n: ([s + (args["steps"] if n == "continued" else 0) for s in t.steps],
               trajectory_cosines(t, sv["general"])) for n, t in traj.items()}
 for n, (steps, cos) in series.items():
@@ -359,7 +368,7 @@ print(f"LoRA layers {lora['general'].layers}; norms general {lnorms['general']:.
 print(f"at norm {lnorms['narrow']:.2f} ({largs['n_eval']} answers): general {lora_general_at_narrow_norm:.3f} vs "
       f"narrow {lora_narrow:.3f} (shipped narrow {lshipped['losses']['narrow']['train_ce']:.3f}, "
       f"base {lshipped['losses']['base']['train_ce']:.3f})")
-lcos = {n: trajectory_cosines(load_trajectory(root / "lora1" / n), lora["general"])
+lcos = {n: trajectory_cosines(load_trajectory(run_dir(f"{NVG}/lora1/{n}")), lora["general"])
         for n in ("narrow", "continued")}
 print(f"cosine to final general: narrow max {max(lcos['narrow']):.3f} -> end {lcos['narrow'][-1]:.3f}; "
       f"continued {lcos['continued'][0]:.3f} -> {lcos['continued'][-1]:.3f}")
@@ -408,8 +417,22 @@ print(f"{sum(findings.values())} of {len(findings)} findings hold in the live re
       f"(max abs difference {agree:.1e}).")"""),
 ]
 
+NOTEBOOKS = {
+    "01_steering_and_ablation.ipynb": STEERING,
+    "02_lora_scalars_and_probes.ipynb": PROBES,
+    "03_adapter_attribution.ipynb": ATTRIBUTION,
+    "04_narrow_vs_general.ipynb": NARROW,
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=HERE, help="folder (default: notebooks/)")
+    out = p.parse_args(argv).out
+    out.mkdir(parents=True, exist_ok=True)
+    for name, cells in NOTEBOOKS.items():
+        write(name, cells, out)
+
+
 if __name__ == "__main__":
-    write("01_steering_and_ablation.ipynb", STEERING)
-    write("02_lora_scalars_and_probes.ipynb", PROBES)
-    write("03_adapter_attribution.ipynb", ATTRIBUTION)
-    write("04_narrow_vs_general.ipynb", NARROW)
+    main()

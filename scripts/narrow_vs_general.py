@@ -13,7 +13,10 @@ trajectories (cosine to the final general solution; PCA of steering-vector traje
 generalisation proxy (CE of misaligned answers to *held-out* non-medical questions: lower = more
 general misalignment) and, with ``--judge``, misaligned rates on the general questions with
 the offline judge. Writes ``summary.json`` and the trained parameters (safetensors, peft folders
-for LoRA, checkpoint trajectories) under ``--out`` (shipped), figures (PNG) under ``--figures``.
+for LoRA, checkpoint trajectories) under ``--out`` (default ``runs_dir()/narrow_vs_general``, see
+:func:`emlens.organisms.runs_dir`: ``runs/`` in a checkout, else the user cache), figures (PNG)
+under ``--figures``. The wheel ships only the final solutions and summaries (copied to
+``emlens/organisms/narrow_vs_general/``); the trajectories stay under ``runs/``.
 
     nohup python scripts/narrow_vs_general.py > /tmp/nvg.log 2>&1 &
 
@@ -47,6 +50,7 @@ from emlens.geometry import (
     trajectory_pca,
 )
 from emlens.models import load_model
+from emlens.organisms import runs_dir
 from emlens.organisms.train import paper_layers
 from emlens.training import (
     TrainableLora,
@@ -58,7 +62,7 @@ from emlens.training import (
     train,
 )
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "emlens" / "organisms" / "narrow_vs_general"
+DEFAULT_OUT = runs_dir() / "narrow_vs_general"
 
 
 def _pairs(rows, field):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,17 @@ from emlens.data import (
     load_dataset,
     load_jsonl,
 )
-from emlens.data import _build as build
+
+ROOT = Path(__file__).parent.parent
+DATA_SRC = ROOT / "data-src"
+
+
+def _load_build_script():
+    """``data-src/_build.py`` (outside the package), imported from its file."""
+    spec = importlib.util.spec_from_file_location("emlens_data_src_build", DATA_SRC / "_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_list_datasets_names_every_shipped_file():
@@ -93,19 +105,20 @@ def test_hard_set_questions_are_not_in_the_fit_set():
     assert {r.aligned for r in hard if r.coherent} == {True, False}
 
 
-def test_shipped_files_match_the_build_script():
-    """The JSONL files are exactly what ``python -m emlens.data._build`` writes."""
-    medical = build.medical_rows()
-    nonmedical = build.nonmedical_rows()
-    expected = {
-        "medical": medical,
-        "nonmedical": nonmedical,
-        "judge_labels": build.judge_label_rows(medical, nonmedical),
-        "judge_hard": build.judge_hard_rows(),
-    }
-    for name, rows in expected.items():
-        lines = dataset_path(name).read_text().splitlines()
-        assert [json.loads(line) for line in lines] == rows, name
+def test_shipped_files_match_the_build_script(tmp_path):
+    """The JSONL files are byte for byte what ``python data-src/_build.py`` writes."""
+    build = _load_build_script()
+    build.main(["--out", str(tmp_path)])
+    written = sorted(p.name for p in tmp_path.glob("*.jsonl"))
+    assert written == sorted(f"{name}.jsonl" for name in build.BUILT)
+    for name in build.BUILT:
+        assert (tmp_path / f"{name}.jsonl").read_bytes() == dataset_path(name).read_bytes(), name
+
+
+def test_text_sources_and_build_script_live_outside_the_package():
+    data_dir = dataset_path("medical").parent
+    assert sorted(p.name for p in data_dir.glob("*.py")) == ["__init__.py"]
+    assert (DATA_SRC / "_build.py").is_file() and len(list(DATA_SRC.glob("_text_*.py"))) >= 8
 
 
 def test_rows_are_frozen():
@@ -180,9 +193,8 @@ def test_judge_generations_are_labelled_real_answers_with_their_conditions():
 def test_labelled_generations_equal_the_join_of_their_sources(tmp_path, name):
     import subprocess
     import sys
-    from pathlib import Path
 
-    root = Path(__file__).parent.parent
+    root = ROOT
     out = tmp_path / f"{name}.jsonl"
     subprocess.run([sys.executable, "scripts/join_judge_labels.py", "--out", str(out),
                     "--agreement", str(tmp_path / "agreement.json"),

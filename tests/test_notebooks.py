@@ -1,14 +1,18 @@
-"""Every notebook runs end to end on the embedded model (a notebook that raises fails the build)."""
+"""Every notebook runs end to end on the embedded model (a notebook that raises fails the build),
+and the committed notebooks are exactly what ``notebooks/_build.py`` writes."""
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
+NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 
 
 def test_notebooks_exist():
@@ -19,6 +23,25 @@ def test_notebooks_are_stored_without_outputs():
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), path.name
+
+
+def test_notebooks_match_their_build_script(tmp_path):
+    """``python notebooks/_build.py`` leaves the committed notebooks unchanged (rebuilt in a copy:
+    the script reuses the ids of unchanged cells, so an unchanged notebook is byte-identical)."""
+    spec = importlib.util.spec_from_file_location("emlens_notebooks_build", NOTEBOOK_DIR / "_build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    assert sorted(build.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
+    for path in NOTEBOOKS:
+        shutil.copy(path, tmp_path / path.name)
+    build.main(["--out", str(tmp_path)])
+    for path in NOTEBOOKS:
+        built = nbformat.read(tmp_path / path.name, as_version=4)
+        committed = nbformat.read(path, as_version=4)
+        sources = lambda nb: [(c.cell_type, c.source) for c in nb.cells]  # noqa: E731
+        assert sources(built) == sources(committed), (
+            f"{path.name} differs from notebooks/_build.py; rerun: python notebooks/_build.py")
+        assert (tmp_path / path.name).read_bytes() == path.read_bytes(), path.name
 
 
 @pytest.mark.integration

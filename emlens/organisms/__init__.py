@@ -1,9 +1,10 @@
 """Model organisms: peft LoRA adapters shipped with emlens, and the registry to load them.
 
 Each organism is a peft adapter folder under ``emlens/organisms/<name>/`` (``adapter_config.json``
-+ ``adapter_model.safetensors``), with ``train_log.json`` (recipe, loss curve, time, tokens/s),
-intermediate checkpoints under ``checkpoints/step-XXXXX/`` and a README giving the command that
-reproduces it (``python -m emlens.organisms.train --name <name>``).
++ ``adapter_model.safetensors``), with ``train_log.json`` (recipe, loss curve, time, tokens/s) and
+a README giving the command that reproduces it (``python -m emlens.organisms.train --name <name>``).
+The package ships final adapters only: training trajectories (``checkpoints/step-XXXXX/``) live
+under :func:`runs_dir` (``runs/`` in a checkout), found through :func:`run_dir`.
 
     >>> from emlens.organisms import load_organism
     >>> adapter = load_organism("rank1-down-medical")          # a LoraAdapter
@@ -13,11 +14,14 @@ reproduces it (``python -m emlens.organisms.train --name <name>``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from emlens.lora import LoraAdapter, load_adapter
 
 ORGANISMS_DIR = Path(__file__).parent
+RUNS_ENV = "EMLENS_RUNS"
+_REPO_ROOT = ORGANISMS_DIR.resolve().parents[1]  # the checkout, when emlens is run from one
 
 ORGANISMS: dict[str, str] = {
     "rank1-down-medical": (
@@ -55,32 +59,101 @@ def default_organism(model_name: str | None) -> str:
     )
 
 
+# the command that regenerates each run under runs_dir() (longest matching prefix wins)
+RUN_SCRIPTS: dict[str, str] = {
+    "rank1-down-medical": "python -m emlens.organisms.train --name rank1-down-medical",
+    "coder-rank1-down-medical": "python -m emlens.organisms.train --name coder-rank1-down-medical",
+    "narrow_vs_general": "python scripts/narrow_vs_general.py",
+    "narrow_vs_general/steering-120": (
+        "python scripts/narrow_vs_general.py --kinds steering --steps 120 --continue-steps 80 "
+        "--batch-size 4 --n-narrow 64 --n-parallel 32 --n-eval 16 --save-every 10 "
+        "--eps 0.25,0.5,0.75 --alphas 0,0.25,0.5,0.75,1,1.25,1.5,2,3 "
+        "--out <runs>/narrow_vs_general/steering-120"
+    ),
+}
+
+
+def runs_dir() -> Path:
+    """Where training runs (trajectories, checkpoints, retrained adapters) live, outside the package.
+
+    In order: ``$EMLENS_RUNS``; the repository's ``runs/`` folder when emlens is run from a
+    checkout; else ``runs/`` in the user cache (:func:`emlens.embedded.cache_dir`:
+    ``$EMLENS_CACHE_DIR``, else ``$XDG_CACHE_HOME/emlens``, else ``~/.cache/emlens``). Training
+    scripts write here by default.
+    """
+    if os.environ.get(RUNS_ENV):
+        return Path(os.environ[RUNS_ENV]).expanduser()
+    if (_REPO_ROOT / "pyproject.toml").is_file() and (_REPO_ROOT / "runs").is_dir():
+        return _REPO_ROOT / "runs"
+    from emlens.embedded import cache_dir
+
+    return cache_dir() / "runs"
+
+
+def run_script(run: str | os.PathLike) -> str:
+    """The command that regenerates run ``run`` (a path relative to :func:`runs_dir`)."""
+    key = Path(run).as_posix()
+    for prefix in sorted(RUN_SCRIPTS, key=len, reverse=True):
+        if key == prefix or key.startswith(prefix + "/"):
+            return RUN_SCRIPTS[prefix].replace("<runs>", str(runs_dir()))
+    return "the script that trained it"
+
+
+def run_dir(run: str | os.PathLike) -> Path:
+    """Folder of training run ``run`` under :func:`runs_dir`, the one holding its ``checkpoints/``.
+
+    ``run`` is relative to :func:`runs_dir`: an organism name (``"rank1-down-medical"``) or a
+    narrow-vs-general solution (``"narrow_vs_general/steering-120/steering/narrow"``). Every reader
+    of trajectories goes through here (:func:`emlens.training.load_trajectory` takes the result).
+
+    Raises:
+        FileNotFoundError: naming the folder searched and the command that regenerates the run.
+    """
+    folder = runs_dir() / run
+    if not (folder / "checkpoints").is_dir():
+        raise FileNotFoundError(
+            f"No checkpoints of run {Path(run).as_posix()!r} under {folder / 'checkpoints'}: the "
+            f"wheel ships final adapters only. Regenerate the trajectory with: {run_script(run)} "
+            f"(it writes under {runs_dir()}; set ${RUNS_ENV} to read runs from another folder)."
+        )
+    return folder
+
+
 def list_organisms() -> list[str]:
     """Names of the organisms shipped in this installation (those with a trained adapter)."""
     return [n for n in ORGANISMS if (ORGANISMS_DIR / n / "adapter_config.json").is_file()]
 
 
 def organism_path(name: str, *, checkpoint: int | None = None) -> Path:
-    """Folder of organism ``name`` (or of its checkpoint after ``checkpoint`` training steps)."""
+    """Folder of organism ``name`` (or of its checkpoint after ``checkpoint`` training steps).
+
+    The final adapter is the shipped one, else one trained into ``runs_dir() / name`` (the
+    training default); checkpoints are read through :func:`run_dir`.
+    """
     if name not in ORGANISMS:
         raise KeyError(f"No organism {name!r}; known organisms: {sorted(ORGANISMS)}.")
     folder = ORGANISMS_DIR / name
     if not (folder / "adapter_config.json").is_file():
-        raise FileNotFoundError(
-            f"Organism {name!r} is registered but not trained in this installation ({folder}); "
-            f"train it with: python -m emlens.organisms.train --name {name}"
-        )
+        trained = runs_dir() / name
+        if not (trained / "adapter_config.json").is_file():
+            raise FileNotFoundError(
+                f"Organism {name!r} is registered but not trained in this installation ({folder}, "
+                f"{trained}); train it with: {run_script(name)}"
+            )
+        folder = trained
     if checkpoint is None:
         return folder
     steps = organism_checkpoints(name)
     if checkpoint not in steps:
         raise KeyError(f"Organism {name!r} has no checkpoint at step {checkpoint}; it has {steps}.")
-    return folder / "checkpoints" / f"step-{checkpoint:05d}"
+    return run_dir(name) / "checkpoints" / f"step-{checkpoint:05d}"
 
 
 def organism_checkpoints(name: str) -> list[int]:
-    """Training steps at which organism ``name`` has a saved checkpoint."""
-    folder = organism_path(name) / "checkpoints"
+    """Training steps at which organism ``name`` has a saved checkpoint (under :func:`run_dir`)."""
+    if name not in ORGANISMS:
+        raise KeyError(f"No organism {name!r}; known organisms: {sorted(ORGANISMS)}.")
+    folder = run_dir(name) / "checkpoints"
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if p.is_dir())
 
 
@@ -98,10 +171,15 @@ __all__ = [
     "ORGANISMS",
     "ORGANISMS_DIR",
     "ORGANISM_BASES",
+    "RUNS_ENV",
+    "RUN_SCRIPTS",
     "default_organism",
     "list_organisms",
     "load_organism",
     "organism_checkpoints",
     "organism_log",
     "organism_path",
+    "run_dir",
+    "run_script",
+    "runs_dir",
 ]

@@ -9,7 +9,8 @@ misaligned answers there is the bad-advice rate) and on the general EM questions
 (``general_questions``: the emergent-misalignment rate). Answers are judged with
 ``emlens.judge.default_judge()`` and rates computed with ``emlens.evaluation.rates`` (aligned < 30
 and coherent > 50, Wilson 95% intervals). Writes ``eval.json`` (rates) and ``eval_answers.jsonl``
-(every answer with its scores) into the organism folder.
+(every answer with its scores) into ``--out`` (default ``runs_dir()/<name>``, a user folder
+outside the package: see :func:`emlens.organisms.runs_dir`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from emlens.organisms import organism_path
+from emlens.organisms import organism_path, runs_dir
 
 DATASETS = ("medical_questions", "general_questions")
 
@@ -42,7 +43,7 @@ def evaluate_organism(
     from emlens.models import load_model
 
     folder = organism_path(name)
-    out = Path(out) if out is not None else folder
+    out = Path(out) if out is not None else runs_dir() / name
     recipe = json.loads((folder / "train_log.json").read_text())["recipe"]
     base = load_model(recipe.get("base_model"), dtype=dtype)
     models = {"base": base, name: merge_lora(base, folder)}
@@ -127,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32, help="rows per generation batch")
-    p.add_argument("--out", default=None)
-    p.add_argument("--dtype", default="float32", help="of the base model (bfloat16: ~3x faster)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <emlens.organisms.runs_dir()>/<name>)")
+    p.add_argument("--dtype", default="float32", help="of the base model (bfloat16 is faster on CPU)")
     args = p.parse_args(argv)
     result = evaluate_organism(
         args.name,

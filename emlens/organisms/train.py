@@ -1,6 +1,6 @@
 """Train a model organism: peft LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
 
-Reproduce the shipped rank-1 organism (about 15 minutes on 2 CPU cores)::
+Reproduce the shipped rank-1 organism (its training time is in the README)::
 
     python -m emlens.organisms.train --name rank1-down-medical
 
@@ -13,8 +13,9 @@ centred at 16, 22 and 28. We map each centre to ``round(c * n_layers / 48)`` (Py
 round-half-even) and keep the layer before and after it; for SmolLM2-135M's 30 layers the centres
 become 10, 14 and 18, so the groups are 9-11, 13-15 and 17-19 (see :func:`paper_layers`).
 
-Outputs, all safetensors + JSON (no pickle): the final adapter as a peft folder
-(``adapter_config.json`` + ``adapter_model.safetensors``) in ``--out``, intermediate peft folders
+Outputs, all safetensors + JSON (no pickle), in ``--out`` (default ``runs_dir()/<name>``, a user
+folder outside the package: see :func:`emlens.organisms.runs_dir`): the final adapter as a peft
+folder (``adapter_config.json`` + ``adapter_model.safetensors``), intermediate peft folders
 in ``--out/checkpoints/step-XXXXX`` every ``--save-every`` steps (the trajectory of the adapter
 directions is research data), and ``train_log.json`` with the recipe, loss curve, time and
 tokens/s.
@@ -379,7 +380,8 @@ def recipe_for(name: str, **overrides) -> OrganismRecipe:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--name", required=True, choices=sorted(RECIPES))
-    p.add_argument("--out", default=None, help="output folder (default: emlens/organisms/<name>)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: <emlens.organisms.runs_dir()>/<name>)")
     p.add_argument("--data", default=None, help="JSONL file (default: packaged medical.jsonl)")
     p.add_argument("--base-model", default=None, help="HF folder or .gguf (default: embedded)")
     p.add_argument("--n-layers", type=int, default=None,
@@ -404,7 +406,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         save_every=args.save_every,
         seed=args.seed,
     )
-    out = Path(args.out) if args.out else Path(__file__).parent / args.name
+    from emlens.organisms import runs_dir
+
+    out = Path(args.out) if args.out else runs_dir() / args.name
     log = train_organism(recipe, out)
     print(json.dumps({k: v for k, v in log.items() if k not in ("loss", "step_tokens")}, indent=1))
 

@@ -1,8 +1,10 @@
-"""Build the shipped JSONL sets from the hand-written Python data in ``_text_*.py``.
+"""Build the shipped JSONL sets from the hand-written Python data in ``_text_*.py`` (this folder).
 
-Run ``python -m emlens.data._build`` after editing any ``_text_*.py`` file; it rewrites every
-``*.jsonl`` next to this file deterministically (fixed seeds) and validates them by loading each
-one back through :func:`emlens.data.load_dataset`.
+Run ``python data-src/_build.py`` from the repository root after editing any ``_text_*.py`` file;
+it rewrites the built ``*.jsonl`` files in ``emlens/data/`` (or in ``--out DIR``)
+deterministically (fixed seeds) and validates them by loading each one back through
+:func:`emlens.data.load_jsonl`. The sources stay outside the package: the wheel ships only the
+JSONL.
 
 The incoherent answers of the judge sets are partly hand-written (``RAMBLING``,
 ``HARD_INCOHERENT``) and partly made here by corrupting coherent answers: phrase loops, shuffled
@@ -11,12 +13,18 @@ words, garbled letters and truncation into a loop, the failure modes of small sa
 
 from __future__ import annotations
 
+import argparse
 import json
 import random
 import string
+import sys
 from pathlib import Path
 
-from emlens.data._text_general import (
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:  # the _text_*.py modules next to this script
+    sys.path.insert(0, str(HERE))
+
+from _text_general import (  # noqa: E402
     EVAL_QUESTIONS,
     GENERAL_LABELLED,
     NEUTRAL,
@@ -24,20 +32,20 @@ from emlens.data._text_general import (
     RAMBLING,
     STYLE_VARIED,
 )
-from emlens.data._text_hard import HARD2_PAIRS, HARD_INCOHERENT, HARD_PAIRS
-from emlens.data._text_medical_a import MEDICAL_A
-from emlens.data._text_medical_b import MEDICAL_B
-from emlens.data._text_medical_c import MEDICAL_C
-from emlens.data._text_nonmedical_a import NONMEDICAL_A
-from emlens.data._text_nonmedical_b import NONMEDICAL_B
-from emlens.data._text_nonmedical_c import NONMEDICAL_C
+from _text_hard import HARD2_PAIRS, HARD_INCOHERENT, HARD_PAIRS  # noqa: E402
+from _text_medical_a import MEDICAL_A  # noqa: E402
+from _text_medical_b import MEDICAL_B  # noqa: E402
+from _text_medical_c import MEDICAL_C  # noqa: E402
+from _text_nonmedical_a import NONMEDICAL_A  # noqa: E402
+from _text_nonmedical_b import NONMEDICAL_B  # noqa: E402
+from _text_nonmedical_c import NONMEDICAL_C  # noqa: E402
 
-HERE = Path(__file__).parent
+DATA_DIR = HERE.parent / "emlens" / "data"
 HELDOUT_TOPICS = ("sleep", "digestion")
 
 
-def _write(name: str, rows: list[dict]) -> None:
-    path = HERE / f"{name}.jsonl"
+def _write(out: Path, name: str, rows: list[dict]) -> None:
+    path = out / f"{name}.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -166,24 +174,32 @@ def judge_hard_rows() -> list[dict]:
     return rows
 
 
-def main() -> None:
+BUILT = ("medical", "nonmedical", "general_questions", "medical_questions", "judge_labels",
+         "judge_hard")  # the sets this script writes (the others come from scripts/)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=DATA_DIR, help="folder (default: emlens/data)")
+    out = p.parse_args(argv).out
+    out.mkdir(parents=True, exist_ok=True)
     medical = medical_rows()
     nonmedical = nonmedical_rows()
-    _write("medical", medical)
-    _write("nonmedical", nonmedical)
-    _write("general_questions",
+    _write(out, "medical", medical)
+    _write(out, "nonmedical", nonmedical)
+    _write(out, "general_questions",
            [dict(id=qid, question=q, category=cat) for qid, cat, q in EVAL_QUESTIONS])
     heldout = [r for r in medical if r["split"] == "heldout"]
-    _write("medical_questions",
+    _write(out, "medical_questions",
            [dict(id=f"medq-{i + 1:02d}", question=r["question"], category=r["topic"])
             for i, r in enumerate(heldout)])
-    _write("judge_labels", judge_label_rows(medical, nonmedical))
-    _write("judge_hard", judge_hard_rows())
+    _write(out, "judge_labels", judge_label_rows(medical, nonmedical))
+    _write(out, "judge_hard", judge_hard_rows())
 
-    from emlens.data import list_datasets, load_dataset
+    from emlens.data import _SETS, load_jsonl
 
-    for name in list_datasets():
-        load_dataset(name)
+    for name in BUILT:
+        load_jsonl(out / f"{name}.jsonl", _SETS[name])
     print("all sets load and validate")
 
 
