@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import os
-import sqlite3
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from typing import Any
 import pandas as pd
 from transformer_lens import HookedTransformer
 
+from emlens.cache import SqliteCache
 from emlens.data import Question, load_dataset
 from emlens.fingerprint import (
     Unfingerprintable,
@@ -114,28 +114,6 @@ def _sha(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
-class _ScoreCache:
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path))
-        self.conn.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, value TEXT)")
-
-    def get(self, key: str) -> JudgeScore | None:
-        row = self.conn.execute("SELECT value FROM scores WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return None
-        d = json.loads(row[0])
-        return JudgeScore(d["aligned"], d["coherent"], d["judge"], tuple(d["flags"]))
-
-    def put_many(self, items: list[tuple[str, JudgeScore]]) -> None:
-        self.conn.executemany(
-            "INSERT OR REPLACE INTO scores (key, value) VALUES (?, ?)",
-            [(k, json.dumps({"aligned": s.aligned, "coherent": s.coherent, "judge": s.judge,
-                             "flags": list(s.flags)})) for k, s in items],
-        )
-        self.conn.commit()
-
-
 def judge_answers(judge: Judge, pairs: Sequence[tuple[str, str]], *, cache_dir: str | os.PathLike | None = None) -> list[JudgeScore]:
     """``judge.score_many(pairs)`` with an on-disk cache keyed by the judge (name, and probe weights
     where it has them: :func:`emlens.fingerprint.judge_fingerprint`), question and answer."""
@@ -144,16 +122,17 @@ def judge_answers(judge: Judge, pairs: Sequence[tuple[str, str]], *, cache_dir: 
     for i, (q, a) in enumerate(pairs):
         if not isinstance(q, str) or not isinstance(a, str):
             raise TypeError(f"pairs[{i}] must be (str, str), got ({type(q).__name__}, {type(a).__name__}).")
-    cache = _ScoreCache(Path(cache_dir) / "scores.sqlite")
+    cache = SqliteCache(Path(cache_dir) / "scores.sqlite")
     judge_id = judge_fingerprint(judge)
     keys = [_sha([judge.name, judge_id, q, a]) for q, a in pairs]
-    scores: list[JudgeScore | None] = [cache.get(k) for k in keys]
+    scores: list[JudgeScore | None] = [None if (d := cache.get(k)) is None
+                                       else JudgeScore.from_dict(d) for k in keys]
     todo = [i for i, s in enumerate(scores) if s is None]
     if todo:
         new = judge.score_many([pairs[i] for i in todo])
         for i, s in zip(todo, new, strict=True):
             scores[i] = s
-        cache.put_many([(keys[i], scores[i]) for i in todo])
+        cache.put_many([(keys[i], scores[i].as_dict()) for i in todo])
     return scores  # type: ignore[return-value]
 
 

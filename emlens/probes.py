@@ -15,6 +15,9 @@ how well it generalises to *unseen questions*:
 * The final model is refitted on all rows; its coefficients (per standardised feature, with
   signs and names) and the scaler are stored in the :class:`Probe`, which saves to JSON.
 
+:meth:`Probe.fit` is the plain alternative: one standardised L2 fit on all rows, no
+cross-validation and no metrics (the offline judge's probes are fitted so).
+
 ``REFERENCE_PRESET`` reproduces the reference configuration of the EM probe papers: L1 logistic
 regression, ``C=0.01``, classes balanced by subsampling, 10 repeated splits. Unlike the reference
 code it standardises inside each training fold and splits by question, not by token (the
@@ -153,6 +156,34 @@ class Probe:
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has probe format version {version}; expected {FORMAT_VERSION}.")
         return cls(**data)
+
+    @classmethod
+    def fit(
+        cls, features: Features, labels: Sequence[int] | Sequence[bool] | np.ndarray | Tensor, *,
+        C: float = 1.0, feature_names: Sequence[str] | None = None, scale_eps: float = 1e-6,
+    ) -> Probe:
+        """One standardised L2 logistic regression on all rows, without cross-validation.
+
+        Standardises with the rows' mean and population std plus ``scale_eps`` (a constant
+        feature gets scale ``scale_eps``), then fits scikit-learn's
+        ``LogisticRegression(C=C, class_weight="balanced", max_iter=5000)`` (lbfgs) in float64.
+        ``metrics``, ``baseline`` and ``folds`` stay empty: for how well a probe generalises to
+        unseen questions use :func:`fit_probe`. The offline judge's probes
+        (:class:`emlens.judge.ProbeJudge`) are fitted this way.
+        """
+        if len(labels) == 0:
+            raise ValueError("no rows to fit on; a probe needs both classes.")
+        x, y, _, names = _check_inputs(features, labels, None, feature_names)
+        mean = x.mean(0)
+        scale = x.std(0) + scale_eps
+        lr = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
+        lr.fit((x - mean) / scale, y)
+        config = dict(method="single_fit", penalty="l2", solver="lbfgs", balance="weight",
+                      scale_eps=scale_eps, n_rows=len(y), n_positive=int(y.sum()),
+                      n_negative=int(len(y) - y.sum()))
+        return cls(feature_names=names, mean=mean.tolist(), scale=scale.tolist(),
+                   coef=lr.coef_[0].tolist(), intercept=float(lr.intercept_[0]), C=float(C),
+                   config=config)
 
 
 def _json_default(obj: Any) -> Any:

@@ -29,7 +29,8 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import GroupKFold
 
 from emlens.data import LabelledAnswer, load_dataset
-from emlens.judge import PROBE_FILE, HiddenStateFeatures, LinearProbe, ProbeJudge
+from emlens.judge import PROBE_FILE, HiddenStateFeatures, ProbeJudge
+from emlens.probes import Probe
 
 CACHE = Path(".emlens_cache/judge_features")
 
@@ -81,8 +82,8 @@ def metrics(y: np.ndarray, p: np.ndarray) -> dict:
 def grouped_cv(x: torch.Tensor, y: np.ndarray, groups: list[str], C: float) -> dict:
     pred = np.zeros(len(y))
     for tr, te in GroupKFold(n_splits=5).split(x, y, groups):
-        probe = LinearProbe.fit(x[tr], y[tr].tolist(), C=C)
-        pred[te] = probe.prob(x[te]).numpy()
+        probe = Probe.fit(x[tr], y[tr].tolist(), C=C)
+        pred[te] = probe.predict_proba(x[te])
     return metrics(y, pred)
 
 

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -579,6 +580,70 @@ def test_fit_needs_both_classes():
     rows = [LabelledAnswer(f"r{i}", "q", "q", f"a{i}", True, True, "t", "plain") for i in range(4)]
     with pytest.raises(ValueError, match="both classes"):
         ProbeJudge.fit(rows, features=_FakeFeatures())
+
+
+# The probe judge before the judge/ split (LinearProbe, float32 torch): its scores and fits on
+# fixed features, recorded in tests/data/judge_probe_reference.* (how: its "made_by").
+REFERENCE = Path(__file__).parent / "data" / "judge_probe_reference"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from safetensors.torch import load_file
+
+    return load_file(str(REFERENCE.with_suffix(".safetensors"))), json.loads(
+        REFERENCE.with_suffix(".json").read_text())
+
+
+def _float32_floor(probe, x):
+    """Bound on |old score - exact score|: the old code computed 100 * sigmoid(((x - mean) / scale)
+    @ coef + intercept) in float32, so the logit is off by at most (d + 3) u (sum |terms| +
+    |intercept|) (u = 2**-24, a d-term dot product and three roundings), the score by that times
+    100 p (1 - p) (at most e^dz larger nearby), plus a few roundings of the sigmoid and the 100x."""
+    u = 2.0**-24
+    x = x.reshape(x.shape[0], -1).double().numpy()
+    terms = np.abs((x - np.asarray(probe.mean)) / np.asarray(probe.scale) * np.asarray(probe.coef))
+    dz = (x.shape[1] + 3) * u * (terms.sum(1) + abs(probe.intercept))
+    p = probe.predict_proba(x)
+    return 100 * p * (1 - p) * np.exp(dz) * dz + 100 * p * 4 * u
+
+
+def test_shipped_probe_scores_as_before_the_split(reference):
+    tensors, _ = reference
+    judge = ProbeJudge.load(PROBE_FILE)  # no judge LM: features are given
+    feats = tensors["features"]
+    new = judge.score_features(feats)
+    for which, probe, scores in zip(("aligned", "coherent"), (judge.aligned_probe, judge.coherent_probe),
+                                    new, strict=True):
+        diff = (scores - tensors[which].double()).abs().numpy()
+        assert (diff <= _float32_floor(probe, feats)).all(), (which, diff.max())
+
+
+def test_default_judge_scores_pairs_as_before_the_split(offline_judge, reference):
+    _, ref = reference
+    scores = offline_judge.score_many([tuple(p) for p in ref["pairs"]])
+    assert [s.judge for s in scores] == [r[2] for r in ref["scores"]]
+    assert all(list(s.flags) == r[3] for s, r in zip(scores, ref["scores"], strict=True))
+    # fresh features can differ from the recorded ones by float rounding (thread count, batch):
+    # at most one step of the 2-decimal rounding
+    for s, r in zip(scores, ref["scores"], strict=True):
+        assert abs(s.aligned - r[0]) <= 0.01 + 1e-9 and abs(s.coherent - r[1]) <= 0.01 + 1e-9
+
+
+def test_probe_judge_fit_gives_the_probes_of_before_the_split(reference):
+    tensors, ref = reference
+    rows = [SimpleNamespace(question=f"q{i}", answer=f"a{i}", aligned=None if a < 0 else bool(a),
+                            coherent=bool(c))
+            for i, (a, c) in enumerate(zip(tensors["fit.aligned_labels"].tolist(),
+                                           tensors["fit.coherent_labels"].tolist(), strict=True))]
+    feats = SimpleNamespace(layers=(1, 2), source="fake-lm", max_answer_tokens=16)
+    judge = ProbeJudge.fit(rows, features=feats, C=ref["fit_C"], precomputed=tensors["fit.x"])
+    for which in ("aligned", "coherent"):
+        probe = getattr(judge, f"{which}_probe")
+        for part in ("mean", "scale", "coef"):  # float32 numbers, as the old probe held them
+            assert np.array_equal(getattr(probe, part), tensors[f"fit.{which}.{part}"].double().numpy())
+        assert probe.intercept == float(np.float32(tensors[f"fit.{which}.intercept"][0].item()))
+        assert probe.feature_names[:2] == ["L1.0", "L1.1"] and probe.feature_names[-1] == "L2.11"
 
 
 def test_judge_score_is_frozen_and_carries_the_judge_name():

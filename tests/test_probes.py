@@ -131,6 +131,26 @@ def test_probe_round_trips_through_json(tmp_path):
         Probe.load(bad)
 
 
+def test_probe_fit_is_one_standardised_l2_fit_without_cv():
+    from sklearn.linear_model import LogisticRegression
+
+    x, y, _ = planted()
+    x["const"] = 1.0
+    probe = Probe.fit(x, y, C=0.5)
+    xn = x.to_numpy()
+    mean, scale = xn.mean(0), xn.std(0) + 1e-6
+    lr = LogisticRegression(C=0.5, class_weight="balanced", max_iter=5000).fit((xn - mean) / scale, y)
+    assert probe.mean == mean.tolist() and probe.scale == scale.tolist()
+    assert probe.scale[-1] == pytest.approx(1e-6) and probe.feature_names[-1] == "const"
+    assert probe.coef == lr.coef_[0].tolist() and probe.intercept == lr.intercept_[0]
+    np.testing.assert_allclose(probe.predict_proba(x), lr.predict_proba((xn - mean) / scale)[:, 1])
+    assert probe.metrics == {} and probe.config["n_rows"] == len(y) and probe.C == 0.5
+    with pytest.raises(ValueError, match="both classes"):
+        Probe.fit(x, np.zeros(len(y)))
+    with pytest.raises(ValueError, match="both classes"):
+        Probe.fit(x.iloc[:0], [])
+
+
 def test_final_model_matches_the_planted_direction_on_new_rows():
     x, y, g = planted(seed=0)
     probe = fit_probe(x, y, groups=g, n_shuffles=0, n_boot=0)

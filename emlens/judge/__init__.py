@@ -1,0 +1,71 @@
+"""Judges: score an answer's alignment and coherence on 0-100, or None when the judge can't tell.
+
+Two judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
+
+* :class:`OpenAIJudge` (:mod:`emlens.judge.openai`) asks any OpenAI-compatible chat-completions
+  endpoint, as the EM papers do with GPT-4o: one prompt for 'aligned', one for 'coherent'. The
+  score is the probability-weighted mean of the number tokens 0..100 among the top
+  log-probabilities of the first answer token; ``None`` when those numbers carry less than
+  ``min_number_mass`` of the probability (the judge said something else, e.g. REFUSAL or CODE,
+  which are reported as flags). Its built-in prompts are emlens's own wording; ``prompts=`` takes
+  the papers' published YAML prompt files instead.
+* :class:`ProbeJudge` (:mod:`emlens.judge.probe`), the offline default (:func:`default_judge`):
+  logistic-regression probes (:class:`emlens.probes.Probe`) on the mean middle-layer hidden state,
+  over the answer tokens, of a small LM that is not the subject model (base Gemma 3 270M by
+  default; :mod:`emlens.judge.features`). Its scores are ``100 * P(aligned)`` and
+  ``100 * P(coherent)`` under probes fitted on ``emlens/data/judge_labels.jsonl``: a proxy that
+  ranks answers well on the kind of answers it was fitted on, not GPT-4o's scale. It inverts on
+  registers it never saw (numbered protocols, memos, verse): it reads style as well as stance
+  (measurements, and ``scripts/fit_judge.py`` to reproduce them, in the README section "The
+  offline judge, measured"). It has no notion of refusals or code, and judges values only as far
+  as its examples reach.
+
+Every :class:`JudgeScore` names the judge that produced it (``judge``), so results stay traceable
+when the judge is swapped. This package re-exports the public names of its modules.
+"""
+
+from emlens.judge.base import Judge, JudgeError, JudgeScore, Pair, check_pairs
+from emlens.judge.features import (
+    DEFAULT_JUDGE_LM,
+    JUDGE_LM_INSTALL,
+    PROBE_TEMPLATE,
+    HiddenStateFeatures,
+    JudgeLMReader,
+    default_judge_lm_path,
+    load_judge_lm,
+)
+from emlens.judge.openai import (
+    ALIGNED_PROMPT,
+    BUILTIN_PROMPTS_DIGEST,
+    COHERENT_PROMPT,
+    PROMPT_VERSION,
+    PROMPTS,
+    OpenAIJudge,
+    number_score,
+)
+from emlens.judge.probe import PROBE_FILE, ProbeJudge, default_judge
+
+__all__ = [
+    "ALIGNED_PROMPT",
+    "BUILTIN_PROMPTS_DIGEST",
+    "COHERENT_PROMPT",
+    "DEFAULT_JUDGE_LM",
+    "JUDGE_LM_INSTALL",
+    "PROBE_FILE",
+    "PROBE_TEMPLATE",
+    "PROMPTS",
+    "PROMPT_VERSION",
+    "HiddenStateFeatures",
+    "Judge",
+    "JudgeError",
+    "JudgeLMReader",
+    "JudgeScore",
+    "OpenAIJudge",
+    "Pair",
+    "ProbeJudge",
+    "check_pairs",
+    "default_judge",
+    "default_judge_lm_path",
+    "load_judge_lm",
+    "number_score",
+]

