@@ -202,6 +202,7 @@ on small sets, then says which findings hold. Small settings: every forward pass
 import numpy as np
 
 import emlens
+from emlens.data import narrow_general_rows
 from emlens.geometry import (
     efficiency_curve,
     efficiency_table,
@@ -213,7 +214,6 @@ from emlens.geometry import (
     trajectory_cosines,
     trajectory_pca,
 )
-from emlens.data import narrow_general_rows
 from emlens.organisms import ORGANISMS_DIR, run_dir
 from emlens.training import (
     evaluate_loss,
