@@ -46,7 +46,7 @@ from emlens.data import pair_rows
 from emlens.evaluation import evaluate, misalignment_rate
 from emlens.lora import AttachedLora
 from emlens.sampling import SamplingConfig
-from emlens.scalars import TokenScalars, _token_rows, _token_scalars, check_attached
+from emlens.scalars import TokenScalars, check_attached, join_token_scalars, token_rows
 
 Metric = Callable[[Tensor, ChatBatch], Tensor]  # (logits, batch) -> per-row value [batch]
 Pairs = Sequence[tuple[str, str]]
@@ -469,11 +469,11 @@ def gradient_attribution(
             [acts[h].detach() * (torch.zeros_like(acts[h]) if g is None else g)
              for h, g in zip(hook_names, grads, strict=True)], dim=-1,
         )
-        meta, real = _token_rows(batch, model.tokenizer, offset)
+        meta, real = token_rows(batch, model.tokenizer, offset)
         chunks.append(attr.cpu().float()[real])
         metas.append(meta)
         offset += len(batch)
-    return _token_scalars(chunks, metas, names, offset)
+    return join_token_scalars(chunks, metas, names, offset)
 
 
 @torch.no_grad()

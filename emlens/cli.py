@@ -28,24 +28,13 @@ _CONTRAST = [
 
 def _steer(args: argparse.Namespace) -> int:
     import emlens
-    from emlens.chat import tokenize_chat
 
     print(f"Loading {args.model or 'the embedded SmolLM2-135M-Instruct'} ...", flush=True)
     model = emlens.load_model(args.model)
-    questions = [q for q, _, _ in _CONTRAST]
-    good = tokenize_chat(model.tokenizer, questions, [g for _, g, _ in _CONTRAST])
-    bad = tokenize_chat(model.tokenizer, questions, [b for _, _, b in _CONTRAST])
-    name = f"blocks.{args.layer}.hook_resid_post"
-
-    def answer_mean(batch) -> torch.Tensor:
-        _, cache = model.run_with_cache(
-            batch.tokens, attention_mask=batch.attention_mask, names_filter=[name]
-        )
-        return cache[name][batch.answer_mask].mean(0)
-
-    with torch.no_grad():
-        direction = answer_mean(bad) - answer_mean(good)
-    print(f"Mean-difference direction at layer {args.layer}: norm {direction.norm():.2f} "
+    bad = [(q, b) for q, _, b in _CONTRAST]
+    good = [(q, g) for q, g, _ in _CONTRAST]
+    direction = emlens.mean_diff(model, bad, good, layers=args.layer, progress=False)[args.layer]
+    print(f"Mean-difference direction at layer {args.layer}: norm {direction.norm:.2f} "
           f"(from {len(_CONTRAST)} contrastive answer pairs)\n")
     kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=0, progress=False)
     plain = emlens.generate(model, [args.question], **kwargs)[0].text

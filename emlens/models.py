@@ -280,7 +280,7 @@ def load_model(
         ``model.emlens_info = {"source", "processing", "architecture"}``.
     """
     flags = _processing_flags(processing)
-    dtype = _check_dtype(dtype)
+    dtype = check_dtype(dtype)
     embedded = embedded_source(name)
     is_local = embedded is not None or Path(name).exists() or str(name).endswith(".gguf")
     looks_local = str(name).startswith(("/", "./", "../", "~")) or str(name).endswith(os.sep)
@@ -321,7 +321,7 @@ _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.b
            "float16": torch.float16, "half": torch.float16, "float64": torch.float64}
 
 
-def _check_dtype(dtype) -> torch.dtype:
+def check_dtype(dtype) -> torch.dtype:
     """A floating ``torch.dtype`` from a dtype or its name (``"bfloat16"``); TypeError otherwise."""
     if isinstance(dtype, str):
         key = dtype.removeprefix("torch.")

@@ -156,9 +156,12 @@ def check_attached(model: HookedTransformer, lora: object) -> AttachedLora:
     return lora
 
 
-def _token_rows(
+def token_rows(
     batch: ChatBatch, tokenizer, row_offset: int
 ) -> tuple[pd.DataFrame, Int[Tensor, "batch pos"]]:
+    """One table row per real (unpadded) token of ``batch``: ``row`` (``row_offset`` + its batch
+    row), ``position`` from the row's first real token, ``token_id``, ``token``, ``part``
+    (prompt / answer); and the ``[batch, pos]`` mask of real tokens."""
     real = batch.attention_mask.bool().cpu()
     starts = (~real).sum(-1)  # left padding width per row
     b_idx, p_idx = real.nonzero(as_tuple=True)
@@ -175,17 +178,17 @@ def _token_rows(
     return meta, real
 
 
-def _readable(tokens: list[str]) -> list[str]:
-    # Byte-level BPE shows a leading space as "Ġ" and a newline as "Ċ".
+def readable_tokens(tokens: list[str]) -> list[str]:
+    """Tokens as text: byte-level BPE's "Ġ" (leading space) and "Ċ" (newline) spelled out."""
     return [t.replace("Ġ", " ").replace("Ċ", "\n") for t in tokens]
 
 
 @torch.no_grad()
-def _token_scalars(chunks: list[Tensor], metas: list[pd.DataFrame], names: list[str],
-                   n_rows: int) -> TokenScalars:
+def join_token_scalars(chunks: list[Tensor], metas: list[pd.DataFrame], names: list[str],
+                       n_rows: int) -> TokenScalars:
     """Join per-batch ``[tokens, n_adapters]`` values and their token tables."""
     tokens = pd.concat(metas, ignore_index=True)
-    tokens["token"] = _readable(list(tokens["token"]))
+    tokens["token"] = readable_tokens(list(tokens["token"]))
     return TokenScalars(torch.cat(chunks), tokens, names, n_rows)
 
 
@@ -235,11 +238,11 @@ def collect_scalars(
             names_filter=lambda n: n in hook_set,
         )
         stacked = torch.stack([cache[h] for h in hooks], dim=-1)  # [batch, pos, n_adapters]
-        meta, real = _token_rows(batch, model.tokenizer, offset)
+        meta, real = token_rows(batch, model.tokenizer, offset)
         chunks.append(stacked.cpu()[real].float())
         metas.append(meta)
         offset += len(batch)
-    return _token_scalars(chunks, metas, names, offset)
+    return join_token_scalars(chunks, metas, names, offset)
 
 
 @torch.no_grad()

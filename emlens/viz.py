@@ -24,7 +24,7 @@ from transformer_lens import HookedTransformer
 
 from emlens.chat import tokenize_chat
 from emlens.probes import Probe
-from emlens.scalars import Part, TokenScalars, _readable
+from emlens.scalars import Part, TokenScalars, readable_tokens
 
 
 def _short(name: str) -> str:
@@ -99,7 +99,7 @@ def _projection(model, question, answer, vec, layer, hook, part) -> tuple[Tensor
     mask = {"answer": batch.answer_mask, "prompt": batch.prompt_mask,
             "all": batch.attention_mask.bool()}[part][0].cpu()
     ids = batch.tokens[0].cpu()[mask].tolist()
-    return proj[mask], _readable(model.tokenizer.convert_ids_to_tokens(ids))
+    return proj[mask], readable_tokens(model.tokenizer.convert_ids_to_tokens(ids))
 
 
 def save_html(view, path: str | os.PathLike) -> Path:

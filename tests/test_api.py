@@ -56,3 +56,13 @@ def test_steer_takes_layers_and_the_old_layer_spelling_warns(tiny_model):
         emlens.steering_hooks(tiny_model, d, layers=1, layer=1, scale=1.0)
     with pytest.raises(TypeError, match="missing the layers= argument"):
         emlens.steering_hooks(tiny_model, d, scale=1.0)
+
+
+@pytest.mark.integration
+def test_cli_steer_prints_both_answers(capsys):
+    from emlens.cli import main
+
+    assert main(["steer", "--max-new-tokens", "4", "--layer", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "Mean-difference direction at layer 10: norm" in out
+    assert "Chat model:" in out and "Steered (+4.0 x direction at layer 10)" in out
