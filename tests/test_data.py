@@ -117,7 +117,7 @@ def test_shipped_files_match_the_build_script(tmp_path):
 
 def test_text_sources_and_build_script_live_outside_the_package():
     data_dir = dataset_path("medical").parent
-    assert sorted(p.name for p in data_dir.glob("*.py")) == ["__init__.py"]
+    assert sorted(p.name for p in data_dir.glob("*.py")) == ["__init__.py", "draws.py"]
     assert (DATA_SRC / "_build.py").is_file() and len(list(DATA_SRC.glob("_text_*.py"))) >= 8
 
 

@@ -24,7 +24,7 @@ def test_the_package_holds_no_sources_or_trajectories():
     files = _package_files()
     assert not [f for f in files if "/checkpoints/" in f or "/resume/" in f]
     assert sorted(f for f in files if f.startswith("emlens/data/") and f.endswith(".py")) == [
-        "emlens/data/__init__.py"]
+        "emlens/data/__init__.py", "emlens/data/draws.py"]
     assert (ROOT / "data-src" / "_build.py").is_file()
     assert (ROOT / "runs" / "rank1-down-medical" / "checkpoints").is_dir()
 

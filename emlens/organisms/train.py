@@ -170,13 +170,13 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
     """
     from peft import LoraConfig, get_peft_model
 
-    from emlens.models import _check_dtype, load_hf
+    from emlens.models import check_dtype, load_hf
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    hf_model, tokenizer = load_hf(recipe.base_model, dtype=_check_dtype(recipe.dtype))
+    hf_model, tokenizer = load_hf(recipe.base_model, dtype=check_dtype(recipe.dtype))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     n_layers = hf_model.config.num_hidden_layers
