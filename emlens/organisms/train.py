@@ -1,4 +1,4 @@
-"""Train a model organism: peft LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
+"""Train a model organism: LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
 
 Reproduce the shipped rank-1 organism (about 15 minutes on 2 CPU cores)::
 
@@ -13,6 +13,11 @@ centred at 16, 22 and 28. We map each centre to ``round(c * n_layers / 48)`` (Py
 round-half-even) and keep the layer before and after it; for SmolLM2-135M's 30 layers the centres
 become 10, 14 and 18, so the groups are 9-11, 13-15 and 17-19 (see :func:`paper_layers`).
 
+Training runs on the ``HookedTransformer`` with emlens's own adapters
+(:func:`emlens.lora.attach_lora` with ``trainable=True``: the modules whose ``hook_scalar`` you
+read afterwards, here with ``A`` and ``B`` as parameters), initialised as peft initialises them;
+peft stays the file format (:func:`emlens.lora.save_peft`) and the parity reference.
+
 Outputs, all safetensors + JSON (no pickle): the final adapter as a peft folder
 (``adapter_config.json`` + ``adapter_model.safetensors``) in ``--out``, intermediate peft folders
 in ``--out/checkpoints/step-XXXXX`` every ``--save-every`` steps (the trajectory of the adapter
@@ -24,9 +29,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import resources
@@ -35,10 +40,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from emlens.chat import tokenize_chat
-from emlens.embedded import SMOLLM2, embedded_source
+from emlens.chat import answer_loss, tokenize_chat
+from emlens.embedded import embedded_source
 
-EMBEDDED_HUB_ID = SMOLLM2.hub_id
 PAPER_GROUP_CENTRES = (16, 22, 28)
 PAPER_N_LAYERS = 48
 
@@ -156,7 +160,7 @@ def _batches(rows: Sequence[dict], batch_size: int, rng: random.Random) -> list[
 
 
 def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = True) -> dict:
-    """Train ``recipe`` with peft on the HF model and save the adapter folder to ``out``.
+    """Train ``recipe`` with emlens adapters on the HookedTransformer; save a peft folder to ``out``.
 
     Every ``recipe.save_every`` steps the adapter is saved to ``out/checkpoints/step-XXXXX`` and
     the run's state (adapter, AdamW moments, step, loss log; safetensors + JSON) to
@@ -167,34 +171,30 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
 
     Returns the training log (also written to ``out/train_log.json``).
     """
-    from peft import LoraConfig, get_peft_model
-
-    from emlens.models import _check_dtype, load_hf
+    from emlens.lora import attach_lora
+    from emlens.models import _check_dtype, load_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    hf_model, tokenizer = load_hf(recipe.base_model, dtype=_check_dtype(recipe.dtype))
+    model = load_model(recipe.base_model, dtype=_check_dtype(recipe.dtype))
+    tokenizer = model.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    n_layers = hf_model.config.num_hidden_layers
+    n_layers = model.cfg.n_layers
     recipe = resolve_layers(recipe, n_layers)
-    config = LoraConfig(
-        r=recipe.r,
-        lora_alpha=recipe.lora_alpha,
-        use_rslora=recipe.use_rslora,
-        target_modules=list(recipe.target_modules),
-        layers_to_transform=recipe.layers,
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():  # transformers 5 deprecation inside peft, not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(hf_model, config)  # adapters in float32 on any base dtype
-    model.train()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for p in model.parameters():  # the base is frozen: no gradient is computed for it
+        p.requires_grad_(False)
+    # Adapters in float32 on any base dtype, as peft keeps them.
+    with attach_lora(model, initial_adapter(model, recipe), trainable=True) as lora:
+        named = [(f"{m.path}.lora_{key}.weight", getattr(m, key))
+                 for m in lora.modules.values() for key in ("A", "B")]
+        log = _train_loop(recipe, out, resume, lora, named, tokenizer, rng, n_layers)
+    return log
+
+
+def _train_loop(recipe, out: Path, resume: bool, lora, named, tokenizer, rng, n_layers) -> dict:
     params = [p for _, p in named]
     optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     rows = load_rows(recipe.data, recipe.split)
@@ -221,6 +221,7 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
     if resume and (state_dir / "state.json").is_file():
         done = _load_state(state_dir, log, named, optim, sched)
         log["resumed_at"].append(done)
+    model = lora.model
     start = time.perf_counter()
     bar = tqdm(steps, desc=f"train {recipe.name}", unit="step", initial=done)
     for step, batch_rows in enumerate(bar, start=1):
@@ -230,6 +231,7 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
             tokenizer,
             [r["question"] for r in batch_rows],
             [r[recipe.answer_field] for r in batch_rows],
+            device=model.W_E.device,
         )
         loss = _answer_loss(model, batch)
         optim.zero_grad(set_to_none=True)
@@ -241,11 +243,11 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
         log["answer_tokens_per_step"].append(int(batch.answer_mask.sum()))
         bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")
         if step % recipe.save_every == 0 and step < len(steps):
-            _save_adapter(model, out / "checkpoints" / f"step-{step:05d}", recipe)
+            _save_adapter(lora, out / "checkpoints" / f"step-{step:05d}", recipe)
             seconds = log["seconds_before_resume"] + time.perf_counter() - start
             _save_state(state_dir, log, named, optim, step, seconds)
     seconds = log.pop("seconds_before_resume") + time.perf_counter() - start
-    _save_adapter(model, out, recipe)
+    _save_adapter(lora, out, recipe)
     n_tokens, n_answer = sum(log["step_tokens"]), sum(log.pop("answer_tokens_per_step"))
     if not log["resumed_at"]:
         log.pop("resumed_at")
@@ -263,6 +265,33 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
 
         shutil.rmtree(state_dir)
     return log
+
+
+def initial_adapter(model, recipe: OrganismRecipe):
+    """The recipe's adapters as peft initialises them: ``A`` Kaiming-uniform, ``B`` zero.
+
+    One adapter per target module at each of ``recipe.layers`` (None: every layer), scaling
+    ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA). Draws from torch's global RNG.
+    """
+    from emlens.lora import TARGET_MODULES, LoraAdapter, LoraModule, _shapes
+
+    shapes = _shapes(model)
+    layers = range(model.cfg.n_layers) if recipe.layers is None else recipe.layers
+    unknown = [m for m in recipe.target_modules if m not in TARGET_MODULES]
+    if unknown:
+        raise ValueError(f"recipe {recipe.name!r}: target_modules {unknown} are not among "
+                         f"{sorted(TARGET_MODULES)}.")
+    scaling = recipe.lora_alpha / (math.sqrt(recipe.r) if recipe.use_rslora else recipe.r)
+    order = list(TARGET_MODULES)
+    modules = []
+    for layer in sorted(layers):
+        for module in sorted(recipe.target_modules, key=order.index):
+            d_out, d_in = shapes[module]
+            A = torch.empty(recipe.r, d_in)
+            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's init for lora_A
+            modules.append(LoraModule(layer=layer, module=module, A=A,
+                                      B=torch.zeros(d_out, recipe.r), scaling=scaling))
+    return LoraAdapter(modules=tuple(modules), source=f"(recipe {recipe.name})")
 
 
 def _save_state(folder: Path, log: dict, named, optim, step: int, seconds: float) -> None:
@@ -311,30 +340,29 @@ def _load_state(folder: Path, log: dict, named, optim, sched) -> int:
 
 
 def _answer_loss(model, batch) -> torch.Tensor:
-    """``emlens.chat.answer_loss``, unembedding only the positions that predict answer tokens.
-
-    Same value (mean next-token cross-entropy over the batch's answer tokens) without the
-    ``[batch, pos, d_vocab]`` logits of the prompt positions.
-    """
-    causal_lm = model.get_base_model()
-    hidden = causal_lm.model(
-        input_ids=batch.tokens, attention_mask=batch.attention_mask
-    ).last_hidden_state
-    predicts_answer = batch.answer_mask[:, 1:]
-    logits = causal_lm.lm_head(hidden[:, :-1][predicts_answer])
-    return torch.nn.functional.cross_entropy(logits.float(), batch.tokens[:, 1:][predicts_answer])
+    """Mean next-token cross-entropy over the batch's answer tokens: ``emlens.chat.answer_loss``
+    on the model, which unembeds only the positions that predict answer tokens."""
+    return answer_loss(model, batch)
 
 
-def _save_adapter(model, folder: Path, recipe: OrganismRecipe) -> None:
+def _save_adapter(lora, folder: Path, recipe: OrganismRecipe) -> None:
     """Save a peft folder; name the public hub base model rather than this machine's GGUF path."""
-    model.save_pretrained(folder)
-    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    from emlens.lora import save_peft
+
     embedded = embedded_source(recipe.base_model)
-    if embedded is not None:
-        cfg_path = folder / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = embedded.hub_id
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    base = embedded.hub_id if embedded is not None else str(recipe.base_model)
+    save_peft(
+        lora.to_adapter(),
+        folder,
+        base_model_name_or_path=base,
+        config={
+            "r": recipe.r,
+            "lora_alpha": recipe.lora_alpha,
+            "use_rslora": recipe.use_rslora,
+            "target_modules": list(recipe.target_modules),
+            "layers_to_transform": recipe.layers,
+        },
+    )
 
 
 def resolve_layers(recipe: OrganismRecipe, n_layers: int) -> OrganismRecipe:
