@@ -45,6 +45,12 @@ it would in the HF model) and the add runs before yours (``hook_mlp_out`` includ
 output). With ``use_attn_result`` the per-head ``hook_result`` does not include an ``o_proj``
 adapter.
 
+Training. ``attach_lora(model, adapter, trainable=True)`` attaches the same modules with ``A``
+and ``B`` as float32 parameters: train them (the base frozen) and the hook points above fire
+during training; :meth:`AttachedLora.to_adapter` reads the result back and :func:`save_peft` (the
+one writer of peft folders in emlens) saves it. :class:`emlens.training.TrainableLora` and
+:mod:`emlens.organisms.train` train this way.
+
 Weight processing. Models loaded with ``processing="fold_ln"`` or ``"full"`` have the RMSNorm
 weights folded into ``W_Q/W_K/W_V/W_gate/W_in``; the unfolded weight is gone, so adapters on
 ``q/k/v/gate/up_proj`` cannot be expressed exactly and are refused (load with ``processing="none"``,
@@ -1042,7 +1048,7 @@ def attach_lora(
         )
         for lm in adapter.modules
     }
-    return _attach_modules(model, adapter, modules)
+    return attach_modules(model, adapter, modules)
 
 
 def _out_heads(model: HookedTransformer, module: str) -> int | None:
@@ -1053,7 +1059,7 @@ def _out_heads(model: HookedTransformer, module: str) -> int | None:
     return None
 
 
-def _attach_modules(
+def attach_modules(
     model: HookedTransformer, adapter: LoraAdapter, modules: dict[str, LoraHookedModule]
 ) -> AttachedLora:
     """Add ready-made adapter modules to ``model`` and wire them (the one attach path).
@@ -1088,6 +1094,42 @@ def _attach_modules(
 
 # --------------------------------------------------------------------------------------------
 # Write peft folders
+
+
+def init_adapter(
+    model: HookedTransformer,
+    target_modules: Iterable[str],
+    layers: Iterable[int] | None = None,
+    *,
+    r: int = 1,
+    lora_alpha: float = 1.0,
+    use_rslora: bool = False,
+) -> LoraAdapter:
+    """A fresh adapter for ``model`` as peft initialises one: ``A`` Kaiming-uniform, ``B`` zero.
+
+    One adapter per peft module name in ``target_modules`` at each of ``layers`` (None: every
+    layer), scaling ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA); the model is
+    unchanged until it trains. Draws from torch's global RNG. Train it attached with
+    ``attach_lora(model, init_adapter(...), trainable=True)``.
+    """
+    target_modules = list(target_modules)
+    unknown = [m for m in target_modules if m not in TARGET_MODULES]
+    if unknown:
+        raise ValueError(f"target_modules {unknown} are not among {sorted(TARGET_MODULES)}.")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}.")
+    shapes = _shapes(model)
+    scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+    order = list(TARGET_MODULES)
+    modules = []
+    for layer in sorted(range(model.cfg.n_layers) if layers is None else layers):
+        for module in sorted(target_modules, key=order.index):
+            d_out, d_in = shapes[module]
+            A = torch.empty(r, d_in)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's init for lora_A
+            modules.append(LoraModule(layer=layer, module=module, A=A, B=torch.zeros(d_out, r),
+                                      scaling=scaling))
+    return LoraAdapter(modules=tuple(modules), source="(init_adapter)")
 
 
 def _peft_path(layer: int, module: str) -> str:
@@ -1171,7 +1213,9 @@ __all__ = [
     "LoraModule",
     "TARGET_MODULES",
     "attach_lora",
+    "attach_modules",
     "check_compatible",
+    "init_adapter",
     "load_adapter",
     "merge_lora",
     "save_peft",

@@ -72,7 +72,7 @@ from emlens.lora import (
     LoraAdapter,
     LoraHookedModule,
     LoraModule,
-    _attach_modules,
+    attach_modules,
     check_compatible,
     save_peft,
 )
@@ -299,7 +299,7 @@ class TrainableLora(Trainable):
         """Attach these very modules (their parameters, not copies) to ``model`` through
         :mod:`emlens.lora`'s attach code; remove with the handle (a context manager)."""
         adapter = check_compatible(model, self.to_adapter(), attach=True)
-        return _attach_modules(model, adapter, {m.adapter_name: m for m in self.adapters})
+        return attach_modules(model, adapter, {m.adapter_name: m for m in self.adapters})
 
     def _attached_to(self, model: HookedTransformer) -> bool:
         return all(model.mod_dict.get(m.adapter_name) is m for m in self.adapters)

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -268,30 +267,11 @@ def _train_loop(recipe, out: Path, resume: bool, lora, named, tokenizer, rng, n_
 
 
 def initial_adapter(model, recipe: OrganismRecipe):
-    """The recipe's adapters as peft initialises them: ``A`` Kaiming-uniform, ``B`` zero.
+    """The recipe's adapters on ``model`` as peft initialises them (:func:`emlens.lora.init_adapter`)."""
+    from emlens.lora import init_adapter
 
-    One adapter per target module at each of ``recipe.layers`` (None: every layer), scaling
-    ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA). Draws from torch's global RNG.
-    """
-    from emlens.lora import TARGET_MODULES, LoraAdapter, LoraModule, _shapes
-
-    shapes = _shapes(model)
-    layers = range(model.cfg.n_layers) if recipe.layers is None else recipe.layers
-    unknown = [m for m in recipe.target_modules if m not in TARGET_MODULES]
-    if unknown:
-        raise ValueError(f"recipe {recipe.name!r}: target_modules {unknown} are not among "
-                         f"{sorted(TARGET_MODULES)}.")
-    scaling = recipe.lora_alpha / (math.sqrt(recipe.r) if recipe.use_rslora else recipe.r)
-    order = list(TARGET_MODULES)
-    modules = []
-    for layer in sorted(layers):
-        for module in sorted(recipe.target_modules, key=order.index):
-            d_out, d_in = shapes[module]
-            A = torch.empty(recipe.r, d_in)
-            torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's init for lora_A
-            modules.append(LoraModule(layer=layer, module=module, A=A,
-                                      B=torch.zeros(d_out, recipe.r), scaling=scaling))
-    return LoraAdapter(modules=tuple(modules), source=f"(recipe {recipe.name})")
+    return init_adapter(model, recipe.target_modules, recipe.layers, r=recipe.r,
+                        lora_alpha=recipe.lora_alpha, use_rslora=recipe.use_rslora)
 
 
 def _save_state(folder: Path, log: dict, named, optim, step: int, seconds: float) -> None:
