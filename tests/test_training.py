@@ -246,3 +246,36 @@ def test_trained_adapter_attaches_through_attach_lora(tiny_model, batch):
     torch.testing.assert_close(theirs, ours, rtol=0, atol=0)  # the same modules, the same maths
     for name in lora.hook_names:
         torch.testing.assert_close(cache2[name], cache[name], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokenizer):
+    """export_peft's folder, loaded by peft on the HF model, gives the logits of the trained
+    adapters applied on the TransformerLens model, within the measured float floor."""
+    from parity import hf_float64_floor, peft_merge_floor
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from emlens.models import load_model
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)).eval()
+    hf.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    lora = _randomise(TrainableLora.for_model(model, [0, 2], rank=2, lora_alpha=4.0))
+    peft_model = PeftModel.from_pretrained(hf, lora.export_peft(tmp_path / "peft")).eval()
+    tokens = tokenize_chat(tokenizer, QUESTIONS[:1], ANSWERS[:1]).tokens
+    with torch.no_grad():
+        ref = peft_model(input_ids=tokens).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=tokens).logits
+            hf_error = hf_float64_floor(peft_model, input_ids=tokens)
+        conversion = maxdiff(model(tokens), base)
+        with lora.applied(model):
+            ours = model(tokens)
+    floor = max(conversion, hf_error) + peft_merge_floor(peft_model, input_ids=tokens)
+    assert maxdiff(ref, base) > 100 * floor
+    assert_parity(ours, ref, floor=floor, what="TrainableLora applied vs its peft export")
