@@ -211,9 +211,65 @@ def answer_logprobs(
     raise ValueError(f"reduce={reduce!r}; expected 'sum' or 'mean'.")
 
 
+def answer_logits(
+    source,
+    batch: ChatBatch,
+    *,
+    resid: Float[Tensor, "batch pos d_model"] | None = None,
+    start_at_layer: int | None = None,
+) -> tuple[Float[Tensor, "n_answer d_vocab"], Int[Tensor, " n_answer"]]:
+    """Logits at the positions that predict answer tokens, and those tokens (teacher forcing).
+
+    The one place emlens picks "the answer positions" for a loss: position ``p`` predicts token
+    ``p + 1``, so the rows are ``logits[:, :-1][answer_mask[:, 1:]]`` in batch-then-position order
+    and the targets ``tokens[:, 1:][answer_mask[:, 1:]]``.
+
+    Args:
+        source: a ``HookedTransformer`` (run on the batch, unembedding *only* the picked
+            positions, without the ``[batch, pos, d_vocab]`` logits of the prompt), or logits
+            already computed, ``[batch, pos, d_vocab]``.
+        batch: the chat batch (with answers).
+        resid: with a model, the residual stream entering block ``start_at_layer`` (a frozen
+            prefix run once, as :func:`emlens.training.prepare` caches it) instead of the tokens.
+        start_at_layer: the block ``resid`` enters.
+
+    Returns:
+        ``(logits, targets)``: float32 logits ``[n_answer, d_vocab]`` and token ids ``[n_answer]``.
+    """
+    if isinstance(source, Tensor):
+        if source.shape[:2] != batch.tokens.shape:
+            raise ValueError(
+                f"logits of shape {tuple(source.shape)} do not match tokens "
+                f"{tuple(batch.tokens.shape)}."
+            )
+        predicts = batch.answer_mask[:, 1:].to(source.device)
+        targets = batch.tokens[:, 1:].to(source.device)[predicts]
+        return source[:, :-1][predicts].float(), targets
+    model = source
+    if (resid is None) != (start_at_layer is None):
+        raise ValueError("Give resid= and start_at_layer= together (or neither).")
+    x = batch.tokens if resid is None else resid
+    mask = batch.attention_mask.to(x.device)
+    n_layers = model.cfg.n_layers
+    if resid is None:
+        final = model(x, attention_mask=mask, stop_at_layer=n_layers)
+    else:
+        final = model(x, start_at_layer=start_at_layer, stop_at_layer=n_layers, attention_mask=mask)
+    predicts = batch.answer_mask[:, 1:].to(final.device)
+    picked = final[:, :-1][predicts][None]  # [1, n_answer, d_model]
+    if model.cfg.normalization_type is not None:
+        picked = model.ln_final(picked)
+    targets = batch.tokens[:, 1:].to(final.device)[predicts]
+    return model.unembed(picked)[0].float(), targets
+
+
 def answer_loss(logits: Float[Tensor, "batch pos d_vocab"], batch: ChatBatch) -> Float[Tensor, ""]:
-    """Mean cross-entropy over all answer tokens in the batch (SFT on answers only)."""
+    """Mean cross-entropy over all answer tokens in the batch (SFT on answers only).
+
+    ``logits`` may also be a ``HookedTransformer``: it is run on the batch and only the answer
+    positions are unembedded (:func:`answer_logits`).
+    """
     n = batch.answer_mask[:, 1:].sum()
     if n == 0:
         raise ValueError("The batch has no answer tokens; build it with answers=... to train on it.")
-    return -answer_logprobs(logits, batch, reduce="sum").sum() / n
+    return torch.nn.functional.cross_entropy(*answer_logits(logits, batch))

@@ -141,6 +141,8 @@ QWEN_CODER = EmbeddedModel(
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {m.key: m for m in (SMOLLM2, QWEN_CODER)}
 DEFAULT_EMBEDDED = SMOLLM2.key
+# The hub id of the default embedded model: the base_model_name_or_path of adapters trained on it.
+EMBEDDED_HUB_ID = SMOLLM2.hub_id
 
 
 def cache_dir() -> Path:

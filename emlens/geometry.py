@@ -157,9 +157,9 @@ def perturb(params: Trainable, eps: float, target: Target, generator: torch.Gene
         elif isinstance(out, TrainableLora):
             if target not in ("A", "B"):
                 raise ValueError(f"target={target!r} for a LoRA; use 'A' or 'B'.")
-            tensor = out.A if target == "A" else out.B
-            for i in range(tensor.shape[0]):
-                tensor[i] = orthogonal_noise(tensor[i], eps, generator)
+            for adapter in out.adapters:
+                tensor = adapter.A if target == "A" else adapter.B
+                tensor.copy_(orthogonal_noise(tensor, eps, generator))
         else:
             raise TypeError(f"Cannot perturb {type(params).__name__}.")
     return out

@@ -45,6 +45,12 @@ it would in the HF model) and the add runs before yours (``hook_mlp_out`` includ
 output). With ``use_attn_result`` the per-head ``hook_result`` does not include an ``o_proj``
 adapter.
 
+Training. ``attach_lora(model, adapter, trainable=True)`` attaches the same modules with ``A``
+and ``B`` as float32 parameters: train them (the base frozen) and the hook points above fire
+during training; :meth:`AttachedLora.to_adapter` reads the result back and :func:`save_peft` (the
+one writer of peft folders in emlens) saves it. :class:`emlens.training.TrainableLora` and
+:mod:`emlens.organisms.train` train this way.
+
 Weight processing. Models loaded with ``processing="fold_ln"`` or ``"full"`` have the RMSNorm
 weights folded into ``W_Q/W_K/W_V/W_gate/W_in``; the unfolded weight is gone, so adapters on
 ``q/k/v/gate/up_proj`` cannot be expressed exactly and are refused (load with ``processing="none"``,
@@ -692,11 +698,16 @@ def unmerge_lora(model: HookedTransformer, *, inplace: bool = False) -> HookedTr
 
 
 class LoraHookedModule(nn.Module):
-    """One attached adapter: ``A``, ``B`` and the hook point carrying ``A . h``.
+    """One adapter: ``A``, ``B`` and the hook point carrying ``A . h``.
 
     The model calls :meth:`read` with the base map's input and :meth:`add` with the base map's
-    output (through permanent hooks that :func:`attach_lora` registers). Between the two calls
-    the activation is held on this instance; it never outlives one forward pass.
+    output (through hooks that :func:`attach_lora` registers). Between the two calls the
+    activation is held on this instance; it never outlives one forward pass.
+
+    With ``trainable=True`` ``A`` and ``B`` are ``nn.Parameter``s (copies of the given values, in
+    ``dtype``), so an optimiser over :meth:`parameters` trains the attached adapter, and its
+    ``hook_scalar`` / ``hook_acts`` fire during training as they do at analysis time
+    (:class:`emlens.training.TrainableLora` is a list of these). Otherwise they are buffers.
     """
 
     def __init__(
@@ -706,6 +717,7 @@ class LoraHookedModule(nn.Module):
         dtype: torch.dtype,
         device: str | torch.device,
         n_out_heads: int | None,
+        trainable: bool = False,
     ):
         super().__init__()
         self.adapter_name = lora.name
@@ -713,9 +725,14 @@ class LoraHookedModule(nn.Module):
         self.module = lora.module
         self.rank = lora.rank
         self.scaling = lora.scaling
+        self.path = lora.path or _peft_path(lora.layer, lora.module)
         self.n_out_heads = n_out_heads  # head count of the output hook point (q/k/v), else None
-        self.register_buffer("A", lora.A.to(device=device, dtype=dtype), persistent=False)
-        self.register_buffer("B", lora.B.to(device=device, dtype=dtype), persistent=False)
+        for key, value in (("A", lora.A), ("B", lora.B)):
+            value = value.detach().to(device=device, dtype=dtype)
+            if trainable:
+                self.register_parameter(key, nn.Parameter(value.clone()))
+            else:
+                self.register_buffer(key, value, persistent=False)
         bias = None if lora.lora_bias is None else lora.scaling * lora.lora_bias
         self.register_buffer(
             "bias", None if bias is None else bias.to(device=device, dtype=dtype), persistent=False
@@ -729,6 +746,19 @@ class LoraHookedModule(nn.Module):
     @property
     def hook(self) -> HookPoint:
         return self.hook_scalar if self.rank == 1 else self.hook_acts
+
+    def to_lora_module(self) -> LoraModule:
+        """The current weights as a :class:`LoraModule` (float32 copies on the CPU)."""
+        bias = None if self.bias is None else self.bias.detach().float().cpu() / self.scaling
+        return LoraModule(
+            layer=self.layer,
+            module=self.module,
+            A=self.A.detach().float().cpu().clone(),
+            B=self.B.detach().float().cpu().clone(),
+            scaling=self.scaling,
+            lora_bias=bias,
+            path=self.path,
+        )
 
     def read(self, x: Float[Tensor, "batch pos ..."]) -> None:
         if self.module == "o_proj":
@@ -910,6 +940,12 @@ class AttachedLora:
             chosen += [h for h in hits if h not in chosen]
         return chosen
 
+    def to_adapter(self) -> LoraAdapter:
+        """The adapters' current weights (trained ones included) as a :class:`LoraAdapter`."""
+        return replace(
+            self.adapter, modules=tuple(m.to_lora_module() for m in self.modules.values())
+        )
+
     def scalars(self, cache) -> Float[Tensor, "batch pos n_adapters"]:
         """Stack the rank-1 activations from a cache (``run_with_cache(names_filter=lora.names_filter)``)."""
         return torch.stack([cache[n] for n in self.scalar_names], dim=-1)
@@ -990,42 +1026,184 @@ class AttachedLora:
         )
 
 
-def attach_lora(model: HookedTransformer, adapter: AdapterLike) -> AttachedLora:
+def attach_lora(
+    model: HookedTransformer, adapter: AdapterLike, *, trainable: bool = False
+) -> AttachedLora:
     """Attach a LoRA adapter unmerged, each adapter a submodule with its activation hook point.
 
     Base weights are untouched. Returns an :class:`AttachedLora` handle, usable as a context
     manager (adapters removed on exit, also on exceptions) or kept (``handle.remove()``). See the
     module docstring for names and the data path.
+
+    With ``trainable=True`` each adapter's ``A`` and ``B`` are float32 ``nn.Parameter`` copies
+    (the base model's dtype may be lower): train them (``handle.parameters()``), and write the
+    result with ``save_peft(handle.to_adapter(), folder)``.
     """
     adapter = check_compatible(model, adapter, attach=True)
-    taken = [m.name for m in adapter.modules if m.name in model.mod_dict]
+    dtype = torch.float32 if trainable else model.cfg.dtype
+    modules = {
+        lm.name: LoraHookedModule(
+            lm, dtype=dtype, device=model.W_E.device, n_out_heads=_out_heads(model, lm.module),
+            trainable=trainable,
+        )
+        for lm in adapter.modules
+    }
+    return attach_modules(model, adapter, modules)
+
+
+def _out_heads(model: HookedTransformer, module: str) -> int | None:
+    if module == "q_proj":
+        return model.cfg.n_heads
+    if module in ("k_proj", "v_proj"):
+        return model.cfg.n_key_value_heads or model.cfg.n_heads
+    return None
+
+
+def attach_modules(
+    model: HookedTransformer, adapter: LoraAdapter, modules: dict[str, LoraHookedModule]
+) -> AttachedLora:
+    """Add ready-made adapter modules to ``model`` and wire them (the one attach path).
+
+    ``adapter`` must already have passed :func:`check_compatible`; ``modules`` maps each of its
+    module names to the :class:`LoraHookedModule` to attach (built by :func:`attach_lora`, or the
+    trainable modules of :class:`emlens.training.TrainableLora`, which stay theirs).
+    """
+    taken = [name for name in modules if name in model.mod_dict]
     if taken:
         raise ValueError(
             f"{taken[:3]} {'...' if len(taken) > 3 else ''}are already attached to this model; remove "
             "the other adapter first (handle.remove()) or merge one of them with merge_lora."
         )
-    dtype, device = model.cfg.dtype, model.W_E.device
-    modules: dict[str, LoraHookedModule] = {}
+    attached: dict[str, LoraHookedModule] = {}
     registrations: list[_Registration] = []
     try:
-        for lm in adapter.modules:
-            n_heads = None
-            if lm.module in ("q_proj", "k_proj", "v_proj"):
-                n_heads = (
-                    model.cfg.n_heads
-                    if lm.module == "q_proj"
-                    else (model.cfg.n_key_value_heads or model.cfg.n_heads)
-                )
-            mod = LoraHookedModule(lm, dtype=dtype, device=device, n_out_heads=n_heads)
-            component, short = TARGET_MODULES[lm.module]
-            getattr(model.blocks[lm.layer], component).add_module(short, mod)
-            modules[lm.name] = mod
+        for name, mod in modules.items():
+            if mod.n_out_heads != _out_heads(model, mod.module):
+                raise ValueError(f"{name}: built for {mod.n_out_heads} output heads, the model "
+                                 f"has {_out_heads(model, mod.module)}.")
+            component, short = TARGET_MODULES[mod.module]
+            getattr(model.blocks[mod.layer], component).add_module(short, mod)
+            attached[name] = mod
             registrations += _wire(model, mod)
         model.setup()
     except BaseException:
-        AttachedLora(model, adapter, modules, registrations).remove()
+        AttachedLora(model, adapter, attached, registrations).remove()
         raise
-    return AttachedLora(model, adapter, modules, registrations)
+    return AttachedLora(model, adapter, attached, registrations)
+
+
+# --------------------------------------------------------------------------------------------
+# Write peft folders
+
+
+def init_adapter(
+    model: HookedTransformer,
+    target_modules: Iterable[str],
+    layers: Iterable[int] | None = None,
+    *,
+    r: int = 1,
+    lora_alpha: float = 1.0,
+    use_rslora: bool = False,
+) -> LoraAdapter:
+    """A fresh adapter for ``model`` as peft initialises one: ``A`` Kaiming-uniform, ``B`` zero.
+
+    One adapter per peft module name in ``target_modules`` at each of ``layers`` (None: every
+    layer), scaling ``lora_alpha / r`` (``lora_alpha / sqrt(r)`` with rsLoRA); the model is
+    unchanged until it trains. Draws from torch's global RNG. Train it attached with
+    ``attach_lora(model, init_adapter(...), trainable=True)``.
+    """
+    target_modules = list(target_modules)
+    unknown = [m for m in target_modules if m not in TARGET_MODULES]
+    if unknown:
+        raise ValueError(f"target_modules {unknown} are not among {sorted(TARGET_MODULES)}.")
+    if r < 1:
+        raise ValueError(f"r must be >= 1, got {r}.")
+    shapes = _shapes(model)
+    scaling = lora_alpha / (math.sqrt(r) if use_rslora else r)
+    order = list(TARGET_MODULES)
+    modules = []
+    for layer in sorted(range(model.cfg.n_layers) if layers is None else layers):
+        for module in sorted(target_modules, key=order.index):
+            d_out, d_in = shapes[module]
+            A = torch.empty(r, d_in)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's init for lora_A
+            modules.append(LoraModule(layer=layer, module=module, A=A, B=torch.zeros(d_out, r),
+                                      scaling=scaling))
+    return LoraAdapter(modules=tuple(modules), source="(init_adapter)")
+
+
+def _peft_path(layer: int, module: str) -> str:
+    component = "self_attn" if TARGET_MODULES[module][0] == "attn" else "mlp"
+    return f"model.layers.{layer}.{component}.{module}"
+
+
+def save_peft(
+    adapter: LoraAdapter,
+    folder: str | Path,
+    *,
+    base_model_name_or_path: str | None = None,
+    config: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``adapter`` as a peft LoRA folder (``adapter_config.json`` + safetensors weights).
+
+    The one writer of peft folders in emlens (trained :class:`~emlens.training.TrainableLora`s,
+    organisms, checkpoints): keys follow peft's naming for ``LlamaForCausalLM`` / ``Qwen2ForCausalLM``
+    (``base_model.model.model.layers.L.mlp.down_proj.lora_A.weight``), so :func:`load_adapter` and
+    peft's ``PeftModel.from_pretrained`` read it. The config is derived from the modules (one
+    rank and one scaling for all of them, else ValueError; ``target_modules`` and
+    ``layers_to_transform`` from the modules present); ``config`` entries override it (e.g.
+    ``use_rslora`` with the matching ``lora_alpha``, or ``layers_to_transform=None`` for every layer).
+    """
+    from safetensors.torch import save_file
+
+    if not adapter.modules:
+        raise ValueError("The adapter has no modules to write.")
+    if adapter.base_biases or any(m.lora_bias is not None for m in adapter.modules):
+        raise ValueError("save_peft writes plain LoRA weights; this adapter has biases.")
+    ranks = {m.rank for m in adapter.modules}
+    scalings = {m.scaling for m in adapter.modules}
+    if len(ranks) != 1 or len(scalings) != 1:
+        raise ValueError(f"save_peft needs one rank and one scaling; got ranks {sorted(ranks)}, "
+                         f"scalings {sorted(scalings)}.")
+    (rank,), (scaling,) = ranks, scalings
+    modules = sorted({m.module for m in adapter.modules}, key=list(TARGET_MODULES).index)
+    layers = sorted({m.layer for m in adapter.modules})
+    if len(adapter.modules) != len(modules) * len(layers):
+        raise ValueError("save_peft needs the same modules at every adapted layer.")
+    cfg: dict[str, Any] = {
+        "base_model_name_or_path": base_model_name_or_path
+        or adapter.config.get("base_model_name_or_path"),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_to_transform": layers,
+        "lora_alpha": scaling * rank,
+        "lora_bias": False,
+        "lora_dropout": 0.0,
+        "peft_type": "LORA",
+        "r": rank,
+        "target_modules": modules,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": False,
+    }
+    cfg.update(config or {})
+    alpha = cfg["lora_alpha"]
+    implied = alpha / math.sqrt(rank) if cfg["use_rslora"] else alpha / rank
+    if not math.isclose(implied, scaling, rel_tol=1e-6):
+        raise ValueError(f"config lora_alpha={alpha} (use_rslora={cfg['use_rslora']}) gives scaling "
+                         f"{implied}, the modules have {scaling}.")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for m in adapter.modules:
+        prefix = f"base_model.model.{m.path or _peft_path(m.layer, m.module)}"
+        tensors[f"{prefix}.lora_A.weight"] = m.A.detach().float().cpu().contiguous()
+        tensors[f"{prefix}.lora_B.weight"] = m.B.detach().float().cpu().contiguous()
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    return folder
 
 
 __all__ = [
@@ -1035,9 +1213,12 @@ __all__ = [
     "LoraModule",
     "TARGET_MODULES",
     "attach_lora",
+    "attach_modules",
     "check_compatible",
+    "init_adapter",
     "load_adapter",
     "merge_lora",
+    "save_peft",
     "scale_hook",
     "set_hook",
     "unmerge_lora",

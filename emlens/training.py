@@ -11,12 +11,16 @@ one. This module trains both, on a frozen ``HookedTransformer``, for three param
 * :class:`TrainableSteeringVector`: one vector added to the residual stream entering block ``L``
   (``blocks.L.hook_resid_pre``), at every position of every batch element.
 
-Each is a small ``nn.Module`` whose :meth:`~Trainable.hooks` are ordinary TransformerLens
-``(name, fn)`` pairs: the LoRA reads its input at ``blocks.L.mlp.hook_post`` and adds
-``scaling * B (A h)`` at ``blocks.L.hook_mlp_out``, exactly like :func:`emlens.lora.attach_lora`.
-The base model is frozen; the "chat model" of the KL term is the same model with the hooks off, so
-no second copy is needed. A trained LoRA exports as a peft folder (:meth:`TrainableLora.export_peft`)
-that :func:`emlens.load_adapter`, :func:`emlens.attach_lora` and :func:`emlens.merge_lora` read.
+Each is a small ``nn.Module`` applied to the frozen model inside :meth:`~Trainable.applied`. The
+steering vector is an ordinary TransformerLens hook. The LoRA's adapters *are*
+:class:`emlens.lora.LoraHookedModule` modules, with ``A`` and ``B`` as parameters, attached through
+:mod:`emlens.lora`'s own attach code: each reads its input at ``blocks.L.mlp.hook_post`` and adds
+``scaling * B (A h)`` at ``blocks.L.hook_mlp_out``, and its ``blocks.L.mlp.lora_down.hook_scalar``
+(``hook_acts`` for rank > 1) fires during training as it does on an attached adapter.
+The base model is frozen; the "chat model" of the KL term is the same model with the parameters
+off, so no second copy is needed. A trained LoRA is a peft adapter (:meth:`TrainableLora.to_adapter`,
+written by :meth:`TrainableLora.export_peft` through :func:`emlens.lora.save_peft`) that
+:func:`emlens.load_adapter`, :func:`emlens.attach_lora` and :func:`emlens.merge_lora` read.
 
 Loss, per step, with one batch ``n`` of the narrow set and one batch ``p`` of the parallel set::
 
@@ -46,7 +50,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,11 +64,18 @@ from tqdm.auto import tqdm
 from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
-from emlens.chat import ChatBatch
-from emlens.embedded import SMOLLM2
+from emlens.chat import ChatBatch, answer_logits
+from emlens.embedded import EMBEDDED_HUB_ID
 from emlens.hooks import Hooks
-
-EMBEDDED_HUB_ID = SMOLLM2.hub_id
+from emlens.lora import (
+    AttachedLora,
+    LoraAdapter,
+    LoraHookedModule,
+    LoraModule,
+    attach_modules,
+    check_compatible,
+    save_peft,
+)
 
 # --------------------------------------------------------------------------------------------
 # Parameterisations
@@ -86,6 +98,21 @@ class Trainable(nn.Module):
     def hooks(self) -> Hooks:
         """``(hook_name, fn)`` pairs applying the parameters; use with ``model.hooks(...)``."""
         raise NotImplementedError
+
+    @contextmanager
+    def applied(self, model: HookedTransformer) -> Iterator[Any]:
+        """Context manager: the parameters act on ``model`` inside the block, and on exit (also
+        on exceptions) nothing of them is left on it. Used by the losses and :func:`train`."""
+        with model.hooks(fwd_hooks=self.hooks()):
+            yield self
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The tensors :meth:`save` writes (the state dict)."""
+        return dict(self.state_dict())
+
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Set the parameters from :meth:`tensors` (as read back from a saved file)."""
+        self.load_state_dict(tensors)
 
     def delta(self) -> Float[Tensor, " n"]:
         """The parameters' effect as one flat vector (the vector; or every ``scaling * B A``)."""
@@ -112,7 +139,7 @@ class Trainable(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {k: json.dumps(v) for k, v in (self.metadata() | extra).items()}
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors().items()}
         save_file(tensors, str(path), metadata=meta)
         return path
 
@@ -172,15 +199,19 @@ class TrainableSteeringVector(Trainable):
 
 
 class TrainableLora(Trainable):
-    """Rank-``r`` LoRA adapters on ``mlp.down_proj`` at ``layers``, applied with hooks.
+    """Rank-``r`` LoRA adapters on ``mlp.down_proj`` at ``layers``: :mod:`emlens.lora`'s modules.
 
-    Adapter ``i`` (on layer ``layers[i]``) reads ``h`` at ``blocks.L.mlp.hook_post`` and adds
-    ``scaling * B[i] (A[i] h)`` at ``blocks.L.hook_mlp_out``; ``scaling = lora_alpha / rank``, as in
-    peft. Initialised as peft does: ``A`` Kaiming-uniform, ``B`` zero, so the model starts unchanged.
+    ``adapters[i]`` (on layer ``layers[i]``) is a trainable :class:`~emlens.lora.LoraHookedModule`
+    named ``blocks.L.mlp.lora_down``: inside :meth:`applied` (or :meth:`attach`) it is attached to
+    the model by :mod:`emlens.lora`'s attach code, reads ``h`` at ``blocks.L.mlp.hook_post``, adds
+    ``scaling * B (A h)`` at ``blocks.L.hook_mlp_out`` and fires ``blocks.L.mlp.lora_down.hook_scalar``
+    (rank 1; ``hook_acts`` for rank > 1). ``scaling = lora_alpha / rank``, as in peft. Initialised
+    as peft does: ``A`` Kaiming-uniform, ``B`` zero, so the model starts unchanged.
 
     Attributes:
-        A: ``[n_adapters, rank, d_mlp]`` (peft ``lora_A.weight`` per layer).
-        B: ``[n_adapters, d_model, rank]`` (peft ``lora_B.weight`` per layer).
+        A: ``[n_adapters, rank, d_mlp]`` (peft ``lora_A.weight`` per layer), stacked from the
+            adapters (read-only: change the adapters' own ``A``).
+        B: ``[n_adapters, d_model, rank]`` (peft ``lora_B.weight`` per layer), likewise.
     """
 
     kind = "lora"
@@ -203,13 +234,15 @@ class TrainableLora(Trainable):
         self.layers = sorted(layers)
         self.rank = rank
         self.lora_alpha = float(lora_alpha)
-        A = torch.empty(len(layers), rank, d_mlp)
-        for a in A:  # peft's init for lora_A
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        self.A = nn.Parameter(A)
-        self.B = nn.Parameter(torch.zeros(len(layers), d_model, rank))
-        # Set by the read hook, consumed by the add hook of the same forward pass (per instance).
-        self._acts: dict[int, Tensor] = {}
+        adapters = []
+        for layer in self.layers:
+            A = torch.empty(rank, d_mlp)
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))  # peft's init for lora_A
+            lora = LoraModule(layer=layer, module="down_proj", A=A, B=torch.zeros(d_model, rank),
+                              scaling=self.scaling)
+            adapters.append(LoraHookedModule(lora, dtype=torch.float32, device="cpu",
+                                             n_out_heads=None, trainable=True))
+        self.adapters = nn.ModuleList(adapters)
 
     @classmethod
     def for_model(
@@ -231,6 +264,14 @@ class TrainableLora(Trainable):
         ).to(model.W_E.device)
 
     @property
+    def A(self) -> Float[Tensor, "n_adapters rank d_mlp"]:
+        return torch.stack([m.A for m in self.adapters])
+
+    @property
+    def B(self) -> Float[Tensor, "n_adapters d_model rank"]:
+        return torch.stack([m.B for m in self.adapters])
+
+    @property
     def scaling(self) -> float:
         return self.lora_alpha / self.rank
 
@@ -238,23 +279,56 @@ class TrainableLora(Trainable):
     def first_layer(self) -> int:
         return self.layers[0]
 
+    @property
+    def hook_names(self) -> list[str]:
+        """The adapters' activation hook points (``blocks.L.mlp.lora_down.hook_scalar`` for rank 1)."""
+        point = "hook_scalar" if self.rank == 1 else "hook_acts"
+        return [f"{m.adapter_name}.{point}" for m in self.adapters]
+
+    def to_adapter(self, base_model_name_or_path: str | None = None) -> LoraAdapter:
+        """The current weights as a peft-style :class:`~emlens.lora.LoraAdapter` (CPU copies):
+        attach it with :func:`emlens.attach_lora`, merge it with :func:`emlens.merge_lora`."""
+        config = {"r": self.rank, "lora_alpha": self.lora_alpha, "target_modules": ["down_proj"],
+                  "layers_to_transform": self.layers}
+        if base_model_name_or_path is not None:
+            config["base_model_name_or_path"] = base_model_name_or_path
+        return LoraAdapter(modules=tuple(m.to_lora_module() for m in self.adapters), config=config,
+                           source="(TrainableLora)")
+
+    def attach(self, model: HookedTransformer) -> AttachedLora:
+        """Attach these very modules (their parameters, not copies) to ``model`` through
+        :mod:`emlens.lora`'s attach code; remove with the handle (a context manager)."""
+        adapter = check_compatible(model, self.to_adapter(), attach=True)
+        return attach_modules(model, adapter, {m.adapter_name: m for m in self.adapters})
+
+    def _attached_to(self, model: HookedTransformer) -> bool:
+        return all(model.mod_dict.get(m.adapter_name) is m for m in self.adapters)
+
+    @contextmanager
+    def applied(self, model: HookedTransformer) -> Iterator[Any]:
+        """Attached inside the block (a no-op when already attached to ``model``, e.g. inside
+        :func:`train`); removed on exit, also on exceptions."""
+        if self._attached_to(model):
+            yield self
+            return
+        with self.attach(model):
+            yield self
+
     def hooks(self) -> Hooks:
+        """``(hook_name, fn)`` pairs running the adapters' own read/add, for APIs that take hook
+        pairs (``evaluate(interventions=...)``). The adapters' hook points are only addressable
+        by name when attached: use :meth:`applied` / :meth:`attach` to read or steer them."""
         hooks: Hooks = []
-        for i, layer in enumerate(self.layers):
+        for m in self.adapters:
 
-            def read(h: Float[Tensor, "batch pos d_mlp"], hook: HookPoint, i=i, layer=layer) -> None:
-                self._acts[layer] = h @ self.A[i].to(h.dtype).T  # [batch, pos, rank]
+            def read(h: Float[Tensor, "batch pos d_mlp"], hook: HookPoint, m=m) -> None:
+                m.read(h)
 
-            def add(out: Float[Tensor, "batch pos d_model"], hook: HookPoint, i=i, layer=layer):
-                acts = self._acts.pop(layer, None)
-                if acts is None:
-                    raise RuntimeError(
-                        f"{hook.name}: the LoRA output point ran before its input point "
-                        f"blocks.{layer}.mlp.hook_post; is a hook skipping the MLP?"
-                    )
-                return out + self.scaling * (acts @ self.B[i].to(out.dtype).T)
+            def add(out: Float[Tensor, "batch pos d_model"], hook: HookPoint, m=m) -> Tensor:
+                return m.add(out)
 
-            hooks += [(f"blocks.{layer}.mlp.hook_post", read), (f"blocks.{layer}.hook_mlp_out", add)]
+            hooks += [(f"blocks.{m.layer}.mlp.hook_post", read),
+                      (f"blocks.{m.layer}.hook_mlp_out", add)]
         return hooks
 
     def delta_weights(self) -> Float[Tensor, "n_adapters d_model d_mlp"]:
@@ -267,61 +341,50 @@ class TrainableLora(Trainable):
     def scaled(self, alpha: float) -> TrainableLora:
         out = self.clone()
         with torch.no_grad():
-            out.B.mul_(alpha)
+            for m in out.adapters:
+                m.B.mul_(alpha)
         return out
 
     def metadata(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
-            "d_model": self.B.shape[1],
-            "d_mlp": self.A.shape[2],
+            "d_model": self.adapters[0].B.shape[0],
+            "d_mlp": self.adapters[0].A.shape[1],
             "layers": self.layers,
             "rank": self.rank,
             "lora_alpha": self.lora_alpha,
         }
 
+    def tensors(self) -> dict[str, Tensor]:
+        # The saved layout (every checkpoint and final.safetensors): stacked A and B.
+        return {"A": self.A.detach(), "B": self.B.detach()}
+
+    @torch.no_grad()
+    def load_tensors(self, tensors: dict[str, Tensor]) -> None:
+        if set(tensors) != {"A", "B"}:
+            raise ValueError(f"expected tensors 'A' and 'B', got {sorted(tensors)}.")
+        for key in ("A", "B"):
+            want = (len(self.adapters), *getattr(self.adapters[0], key).shape)
+            if tuple(tensors[key].shape) != want:
+                raise ValueError(f"{key} has shape {tuple(tensors[key].shape)}; expected {want}.")
+            for m, value in zip(self.adapters, tensors[key], strict=True):
+                getattr(m, key).copy_(value)
+
     def __deepcopy__(self, memo):
+        meta = self.metadata()
         new = TrainableLora(
-            self.B.shape[1], self.A.shape[2], self.layers, rank=self.rank, lora_alpha=self.lora_alpha
+            meta["d_model"], meta["d_mlp"], self.layers, rank=self.rank, lora_alpha=self.lora_alpha
         )
-        new.load_state_dict(self.state_dict())
-        return new.to(self.A.device)
+        new.load_tensors(self.tensors())
+        return new.to(self.adapters[0].A.device)
 
     def export_peft(
         self, folder: str | Path, *, base_model_name_or_path: str = EMBEDDED_HUB_ID
     ) -> Path:
-        """Write a peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-        Keys follow peft's naming for ``LlamaForCausalLM``
-        (``base_model.model.model.layers.L.mlp.down_proj.lora_A.weight``), so
-        :func:`emlens.load_adapter` and peft's ``PeftModel.from_pretrained`` read it.
-        """
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tensors: dict[str, Tensor] = {}
-        for i, layer in enumerate(self.layers):
-            prefix = f"base_model.model.model.layers.{layer}.mlp.down_proj"
-            tensors[f"{prefix}.lora_A.weight"] = self.A[i].detach().cpu().contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = self.B[i].detach().cpu().contiguous()
-        save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-        config = {
-            "base_model_name_or_path": base_model_name_or_path,
-            "bias": "none",
-            "fan_in_fan_out": False,
-            "inference_mode": True,
-            "init_lora_weights": True,
-            "layers_to_transform": self.layers,
-            "lora_alpha": self.lora_alpha,
-            "lora_dropout": 0.0,
-            "peft_type": "LORA",
-            "r": self.rank,
-            "target_modules": ["down_proj"],
-            "task_type": "CAUSAL_LM",
-            "use_dora": False,
-            "use_rslora": False,
-        }
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        return folder
+        """Write a peft LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``)
+        with :func:`emlens.lora.save_peft`; :func:`emlens.load_adapter` and peft's
+        ``PeftModel.from_pretrained`` read it."""
+        return save_peft(self.to_adapter(), folder, base_model_name_or_path=base_model_name_or_path)
 
 
 def load_trainable(path: str | Path) -> Trainable:
@@ -347,7 +410,7 @@ def load_trainable(path: str | Path) -> Trainable:
             f"{path} has kind={kind!r} in its metadata; expected 'steering_vector' or 'lora' "
             "(a file written by Trainable.save)."
         )
-    module.load_state_dict(tensors)
+    module.load_tensors(tensors)
     return module
 
 
@@ -407,22 +470,9 @@ class PreparedSet:
 
 def _answer_logits(
     model: HookedTransformer, pb: PreparedBatch, start_layer: int
-) -> Float[Tensor, "n_answer d_vocab"]:
-    """Logits at the positions predicting answer tokens, running blocks ``start_layer`` onward."""
-    mask = pb.batch.attention_mask.to(pb.resid.device)
-    resid = model(
-        pb.resid, start_at_layer=start_layer, stop_at_layer=model.cfg.n_layers,
-        attention_mask=mask,
-    )
-    predicts = pb.batch.answer_mask[:, 1:].to(resid.device)
-    picked = resid[:, :-1][predicts][None]  # [1, n_answer, d_model]
-    if model.cfg.normalization_type is not None:
-        picked = model.ln_final(picked)
-    return model.unembed(picked)[0].float()
-
-
-def _targets(pb: PreparedBatch) -> Tensor:
-    return pb.batch.tokens[:, 1:][pb.batch.answer_mask[:, 1:]].to(pb.resid.device)
+) -> tuple[Float[Tensor, "n_answer d_vocab"], Tensor]:
+    """:func:`emlens.chat.answer_logits` from the cached prefix (blocks ``start_layer`` onward)."""
+    return answer_logits(model, pb.batch, resid=pb.resid, start_at_layer=start_layer)
 
 
 @torch.no_grad()
@@ -455,7 +505,7 @@ def prepare(
         resid = model(batch.tokens, attention_mask=batch.attention_mask, stop_at_layer=start_layer)
         pb = PreparedBatch(batch=batch, resid=resid)
         if reference:
-            ref = torch.log_softmax(_answer_logits(model, pb, start_layer), dim=-1)
+            ref = torch.log_softmax(_answer_logits(model, pb, start_layer)[0], dim=-1)
             pb = PreparedBatch(batch=batch, resid=resid, reference=ref)
         out.append(pb)
     if not out:
@@ -476,9 +526,9 @@ def answer_ce(
     model: HookedTransformer, params: Trainable | None, pb: PreparedBatch, start_layer: int
 ) -> Float[Tensor, ""]:
     """Mean cross-entropy over the batch's answer tokens, with ``params`` applied (None: base)."""
-    with model.hooks(fwd_hooks=params.hooks() if params is not None else []):
-        logits = _answer_logits(model, pb, start_layer)
-    return nn.functional.cross_entropy(logits, _targets(pb))
+    with params.applied(model) if params is not None else nullcontext():
+        logits, targets = _answer_logits(model, pb, start_layer)
+    return nn.functional.cross_entropy(logits, targets)
 
 
 def answer_kl(
@@ -487,8 +537,8 @@ def answer_kl(
     """``KL(chat || trained)``: full-vocab KL sum per answer-predicting position, mean over them."""
     if pb.reference is None:
         raise ValueError("This batch has no reference log-probs; prepare it with reference=True.")
-    with model.hooks(fwd_hooks=params.hooks() if params is not None else []):
-        logp = torch.log_softmax(_answer_logits(model, pb, start_layer), dim=-1)
+    with params.applied(model) if params is not None else nullcontext():
+        logp = torch.log_softmax(_answer_logits(model, pb, start_layer)[0], dim=-1)
     ref = pb.reference
     return (ref.exp() * (ref - logp)).sum(-1).mean()
 
@@ -640,7 +690,9 @@ def train(
         log["checkpoints"].append(0)
     start = time.perf_counter()
     bar = tqdm(range(1, config.steps + 1), desc=config.name, unit="step", disable=not config.progress)
-    with _FrozenBase(model):
+    # Frozen first (the adapters join the model's parameters while attached), then attached once
+    # for the whole run; both undone on exit, also on exceptions.
+    with _FrozenBase(model), params.applied(model):
         for step in bar:
             ce = answer_ce(model, params, narrow.batches[narrow_order[step - 1]], narrow.start_layer)
             loss = ce

@@ -62,7 +62,8 @@ def test_orthogonal_noise_rejects_bad_input():
 def test_perturb_lora_touches_only_the_target_tensor(tiny_model):
     lora = TrainableLora.for_model(tiny_model, [0, 1])
     with torch.no_grad():
-        lora.B.normal_()
+        for adapter in lora.adapters:  # lora.B is the adapters' B stacked: set them
+            adapter.B.normal_()
     gen = torch.Generator().manual_seed(0)
     a = perturb(lora, 0.5, "A", gen)
     assert torch.equal(a.B, lora.B) and not torch.equal(a.A, lora.A)

@@ -10,7 +10,7 @@ from parity import assert_parity, float64_twin, maxdiff
 
 from emlens.chat import answer_loss, tokenize_chat
 from emlens.data import narrow_general_rows
-from emlens.lora import attach_lora, load_adapter, merge_lora
+from emlens.lora import LoraHookedModule, attach_lora, load_adapter, merge_lora
 from emlens.training import (
     TrainableLora,
     TrainableSteeringVector,
@@ -187,3 +187,95 @@ def test_narrow_general_rows_are_seeded_sized_and_disjoint():
                                                          for rows in (narrow, parallel, heldout)]
     other = narrow_general_rows(seed=4, n_narrow=10, n_parallel=7, n_heldout=5)
     assert [r.id for r in other[0]] != [r.id for r in narrow]
+
+
+def _wiring(model) -> tuple[list[str], int]:
+    """Adapter modules on the model, and the number of torch hooks on its blocks."""
+    lora = [n for n in model.mod_dict if "lora" in n]
+    n_hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    return lora, n_hooks
+
+
+def test_trained_adapters_fire_hook_scalar_during_training(tiny_model, batch, monkeypatch):
+    from emlens import training
+
+    narrow = prepare(tiny_model, [batch], start_layer=1)
+    init = TrainableLora.for_model(tiny_model, [1, 2])
+    assert init.hook_names == ["blocks.1.mlp.lora_down.hook_scalar",
+                               "blocks.2.mlp.lora_down.hook_scalar"]
+    assert all(isinstance(m, LoraHookedModule) for m in init.adapters)
+    before = _wiring(tiny_model)
+    seen: list[tuple[str, tuple[int, ...], bool]] = []
+    real_ce = training.answer_ce
+
+    def ce_reading_the_scalars(model, params, pb, start_layer):
+        # train() has attached the adapters: their hook points are the model's, by name
+        def record(acts, hook):
+            seen.append((hook.name, tuple(acts.shape), acts.requires_grad))
+
+        with model.hooks(fwd_hooks=[(n, record) for n in params.hook_names]):
+            return real_ce(model, params, pb, start_layer)
+
+    monkeypatch.setattr(training, "answer_ce", ce_reading_the_scalars)
+    result = train(tiny_model, init, narrow, None, TrainConfig(steps=2, lr=1e-2, progress=False))
+    assert [s[0] for s in seen] == init.hook_names * 2
+    assert {s[1] for s in seen} == {tuple(batch.tokens.shape)}  # [batch, pos]
+    assert all(s[2] for s in seen)  # the activations carry the graph to A
+    assert result.params.B.abs().sum() > 0
+    assert _wiring(tiny_model) == before  # detached after training
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "answer_ce", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, init, narrow, None, TrainConfig(steps=2, progress=False))
+    assert _wiring(tiny_model) == before  # no hook outlives its block, also on exceptions
+    assert all(p.requires_grad for p in tiny_model.parameters())
+
+
+def test_trained_adapter_attaches_through_attach_lora(tiny_model, batch):
+    lora = _randomise(TrainableLora.for_model(tiny_model, [0, 2], rank=1, lora_alpha=3.0))
+    with lora.applied(tiny_model):
+        ours, cache = tiny_model.run_with_cache(
+            batch.tokens, attention_mask=batch.attention_mask, names_filter=lora.hook_names)
+    with attach_lora(tiny_model, lora.to_adapter()) as attached:
+        theirs, cache2 = tiny_model.run_with_cache(
+            batch.tokens, attention_mask=batch.attention_mask, names_filter=attached.names_filter)
+    assert attached.hook_names == lora.hook_names
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=0)  # the same modules, the same maths
+    for name in lora.hook_names:
+        torch.testing.assert_close(cache2[name], cache[name], rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
+def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokenizer):
+    """export_peft's folder, loaded by peft on the HF model, gives the logits of the trained
+    adapters applied on the TransformerLens model, within the measured float floor."""
+    from parity import hf_float64_floor, peft_merge_floor
+    from peft import PeftModel
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from emlens.models import load_model
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)).eval()
+    hf.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    model = load_model(tmp_path / "base")
+    lora = _randomise(TrainableLora.for_model(model, [0, 2], rank=2, lora_alpha=4.0))
+    peft_model = PeftModel.from_pretrained(hf, lora.export_peft(tmp_path / "peft")).eval()
+    tokens = tokenize_chat(tokenizer, QUESTIONS[:1], ANSWERS[:1]).tokens
+    with torch.no_grad():
+        ref = peft_model(input_ids=tokens).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=tokens).logits
+            hf_error = hf_float64_floor(peft_model, input_ids=tokens)
+        conversion = maxdiff(model(tokens), base)
+        with lora.applied(model):
+            ours = model(tokens)
+    floor = max(conversion, hf_error) + peft_merge_floor(peft_model, input_ids=tokens)
+    assert maxdiff(ref, base) > 100 * floor
+    assert_parity(ours, ref, floor=floor, what="TrainableLora applied vs its peft export")

@@ -1,4 +1,4 @@
-"""Train a model organism: peft LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
+"""Train a model organism: LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
 
 Reproduce the shipped rank-1 organism (its training time is in the README)::
 
@@ -12,6 +12,11 @@ Layer map. The paper puts the groups at layers 15-17, 21-23 and 27-29 of a 48-la
 centred at 16, 22 and 28. We map each centre to ``round(c * n_layers / 48)`` (Python's
 round-half-even) and keep the layer before and after it; for SmolLM2-135M's 30 layers the centres
 become 10, 14 and 18, so the groups are 9-11, 13-15 and 17-19 (see :func:`paper_layers`).
+
+Training runs on the ``HookedTransformer`` with emlens's own adapters
+(:func:`emlens.lora.attach_lora` with ``trainable=True``: the modules whose ``hook_scalar`` you
+read afterwards, here with ``A`` and ``B`` as parameters), initialised as peft initialises them;
+peft stays the file format (:func:`emlens.lora.save_peft`) and the parity reference.
 
 Outputs, all safetensors + JSON (no pickle), in ``--out`` (default ``runs_dir()/<name>``, a user
 folder outside the package: see :func:`emlens.organisms.runs_dir`): the final adapter as a peft
@@ -27,19 +32,17 @@ import argparse
 import json
 import random
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from emlens.chat import tokenize_chat
-from emlens.embedded import SMOLLM2, embedded_source
+from emlens.chat import answer_loss, tokenize_chat
+from emlens.data import PairExample, load_dataset, load_jsonl
+from emlens.embedded import embedded_source
 
-EMBEDDED_HUB_ID = SMOLLM2.hub_id
 PAPER_GROUP_CENTRES = (16, 22, 28)
 PAPER_N_LAYERS = 48
 
@@ -132,32 +135,33 @@ RECIPES: dict[str, dict] = {
 }
 
 
-def load_rows(data: str | Path | None, split: str) -> list[dict]:
-    """Rows of the medical JSONL file with ``row["split"] == split``."""
+def load_rows(data: str | Path | None, split: str) -> list[PairExample]:
+    """The :class:`emlens.data.PairExample` rows with ``split == split``: of the packaged
+    ``medical`` dataset (``data=None``), or of a JSONL file of the same schema."""
     if data is None:
-        path = resources.files("emlens") / "data" / "medical.jsonl"
+        rows = load_dataset("medical")
     else:
-        path = Path(data)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"No training data at {path}; give --data PATH to a JSONL file with rows "
-            '{"question", "misaligned", "split"}.'
-        )
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = [r for r in rows if r.get("split") == split]
+        if not Path(data).is_file():
+            raise FileNotFoundError(
+                f"No training data at {data}; give --data PATH to a JSONL file of "
+                "emlens.data.PairExample rows (id, domain, topic, question, aligned, misaligned, "
+                "split)."
+            )
+        rows = load_jsonl(data, PairExample)
+    rows = [r for r in rows if r.split == split]
     if not rows:
-        raise ValueError(f"{path} has no rows with split == {split!r}.")
+        raise ValueError(f"{data or 'the medical dataset'} has no rows with split == {split!r}.")
     return rows
 
 
-def _batches(rows: Sequence[dict], batch_size: int, rng: random.Random) -> list[list[dict]]:
+def _batches(rows: Sequence[PairExample], batch_size: int, rng: random.Random) -> list[list[PairExample]]:
     order = list(rows)
     rng.shuffle(order)
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = True) -> dict:
-    """Train ``recipe`` with peft on the HF model and save the adapter folder to ``out``.
+    """Train ``recipe`` with emlens adapters on the HookedTransformer; save a peft folder to ``out``.
 
     Every ``recipe.save_every`` steps the adapter is saved to ``out/checkpoints/step-XXXXX`` and
     the run's state (adapter, AdamW moments, step, loss log; safetensors + JSON) to
@@ -168,34 +172,30 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
 
     Returns the training log (also written to ``out/train_log.json``).
     """
-    from peft import LoraConfig, get_peft_model
-
-    from emlens.models import check_dtype, load_hf
+    from emlens.lora import attach_lora
+    from emlens.models import check_dtype, load_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(recipe.seed)
     rng = random.Random(recipe.seed)
-    hf_model, tokenizer = load_hf(recipe.base_model, dtype=check_dtype(recipe.dtype))
+    model = load_model(recipe.base_model, dtype=check_dtype(recipe.dtype))
+    tokenizer = model.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    n_layers = hf_model.config.num_hidden_layers
+    n_layers = model.cfg.n_layers
     recipe = resolve_layers(recipe, n_layers)
-    config = LoraConfig(
-        r=recipe.r,
-        lora_alpha=recipe.lora_alpha,
-        use_rslora=recipe.use_rslora,
-        target_modules=list(recipe.target_modules),
-        layers_to_transform=recipe.layers,
-        lora_dropout=0.0,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():  # transformers 5 deprecation inside peft, not ours to fix
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        model = get_peft_model(hf_model, config)  # adapters in float32 on any base dtype
-    model.train()
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for p in model.parameters():  # the base is frozen: no gradient is computed for it
+        p.requires_grad_(False)
+    # Adapters in float32 on any base dtype, as peft keeps them.
+    with attach_lora(model, initial_adapter(model, recipe), trainable=True) as lora:
+        named = [(f"{m.path}.lora_{key}.weight", getattr(m, key))
+                 for m in lora.modules.values() for key in ("A", "B")]
+        log = _train_loop(recipe, out, resume, lora, named, tokenizer, rng, n_layers)
+    return log
+
+
+def _train_loop(recipe, out: Path, resume: bool, lora, named, tokenizer, rng, n_layers) -> dict:
     params = [p for _, p in named]
     optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
     rows = load_rows(recipe.data, recipe.split)
@@ -222,6 +222,7 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
     if resume and (state_dir / "state.json").is_file():
         done = _load_state(state_dir, log, named, optim, sched)
         log["resumed_at"].append(done)
+    model = lora.model
     start = time.perf_counter()
     bar = tqdm(steps, desc=f"train {recipe.name}", unit="step", initial=done)
     for step, batch_rows in enumerate(bar, start=1):
@@ -229,8 +230,9 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
             continue
         batch = tokenize_chat(
             tokenizer,
-            [r["question"] for r in batch_rows],
-            [r[recipe.answer_field] for r in batch_rows],
+            [r.question for r in batch_rows],
+            [getattr(r, recipe.answer_field) for r in batch_rows],
+            device=model.W_E.device,
         )
         loss = _answer_loss(model, batch)
         optim.zero_grad(set_to_none=True)
@@ -242,11 +244,11 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
         log["answer_tokens_per_step"].append(int(batch.answer_mask.sum()))
         bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")
         if step % recipe.save_every == 0 and step < len(steps):
-            _save_adapter(model, out / "checkpoints" / f"step-{step:05d}", recipe)
+            _save_adapter(lora, out / "checkpoints" / f"step-{step:05d}", recipe)
             seconds = log["seconds_before_resume"] + time.perf_counter() - start
             _save_state(state_dir, log, named, optim, step, seconds)
     seconds = log.pop("seconds_before_resume") + time.perf_counter() - start
-    _save_adapter(model, out, recipe)
+    _save_adapter(lora, out, recipe)
     n_tokens, n_answer = sum(log["step_tokens"]), sum(log.pop("answer_tokens_per_step"))
     if not log["resumed_at"]:
         log.pop("resumed_at")
@@ -264,6 +266,14 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
 
         shutil.rmtree(state_dir)
     return log
+
+
+def initial_adapter(model, recipe: OrganismRecipe):
+    """The recipe's adapters on ``model`` as peft initialises them (:func:`emlens.lora.init_adapter`)."""
+    from emlens.lora import init_adapter
+
+    return init_adapter(model, recipe.target_modules, recipe.layers, r=recipe.r,
+                        lora_alpha=recipe.lora_alpha, use_rslora=recipe.use_rslora)
 
 
 def _save_state(folder: Path, log: dict, named, optim, step: int, seconds: float) -> None:
@@ -312,30 +322,29 @@ def _load_state(folder: Path, log: dict, named, optim, sched) -> int:
 
 
 def _answer_loss(model, batch) -> torch.Tensor:
-    """``emlens.chat.answer_loss``, unembedding only the positions that predict answer tokens.
-
-    Same value (mean next-token cross-entropy over the batch's answer tokens) without the
-    ``[batch, pos, d_vocab]`` logits of the prompt positions.
-    """
-    causal_lm = model.get_base_model()
-    hidden = causal_lm.model(
-        input_ids=batch.tokens, attention_mask=batch.attention_mask
-    ).last_hidden_state
-    predicts_answer = batch.answer_mask[:, 1:]
-    logits = causal_lm.lm_head(hidden[:, :-1][predicts_answer])
-    return torch.nn.functional.cross_entropy(logits.float(), batch.tokens[:, 1:][predicts_answer])
+    """Mean next-token cross-entropy over the batch's answer tokens: ``emlens.chat.answer_loss``
+    on the model, which unembeds only the positions that predict answer tokens."""
+    return answer_loss(model, batch)
 
 
-def _save_adapter(model, folder: Path, recipe: OrganismRecipe) -> None:
+def _save_adapter(lora, folder: Path, recipe: OrganismRecipe) -> None:
     """Save a peft folder; name the public hub base model rather than this machine's GGUF path."""
-    model.save_pretrained(folder)
-    (folder / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+    from emlens.lora import save_peft
+
     embedded = embedded_source(recipe.base_model)
-    if embedded is not None:
-        cfg_path = folder / "adapter_config.json"
-        cfg = json.loads(cfg_path.read_text())
-        cfg["base_model_name_or_path"] = embedded.hub_id
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    base = embedded.hub_id if embedded is not None else str(recipe.base_model)
+    save_peft(
+        lora.to_adapter(),
+        folder,
+        base_model_name_or_path=base,
+        config={
+            "r": recipe.r,
+            "lora_alpha": recipe.lora_alpha,
+            "use_rslora": recipe.use_rslora,
+            "target_modules": list(recipe.target_modules),
+            "layers_to_transform": recipe.layers,
+        },
+    )
 
 
 def resolve_layers(recipe: OrganismRecipe, n_layers: int) -> OrganismRecipe:
