@@ -83,3 +83,20 @@ def peft_merge_floor(peft_model, **inputs) -> float:
     merged = copy.deepcopy(peft_model).merge_and_unload()
     with torch.no_grad():
         return maxdiff(merged(**inputs).logits, peft_model(**inputs).logits)
+
+
+def peft_reference(peft_model, model, tokens) -> tuple[torch.Tensor, float]:
+    """peft's logits on ``tokens`` and the float floor of comparing a TransformerLens ``model``
+    (the same base weights) with adapters applied against them: the larger of the base
+    conversion's difference and HF's own float32 error, plus peft's merged-vs-unmerged difference.
+    Also checks the adapters move the logits by more than 100x that floor (else the comparison
+    could not fail)."""
+    with torch.no_grad():
+        ref = peft_model(input_ids=tokens).logits
+        with peft_model.disable_adapter():
+            base = peft_model(input_ids=tokens).logits
+            hf_error = hf_float64_floor(peft_model, input_ids=tokens)
+        conversion = maxdiff(model(tokens), base)
+    floor = max(conversion, hf_error) + peft_merge_floor(peft_model, input_ids=tokens)
+    assert maxdiff(ref, base) > 100 * floor, "the adapters barely change the logits"
+    return ref, floor

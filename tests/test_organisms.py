@@ -154,7 +154,7 @@ def test_training_loss_equals_chat_answer_loss(tiny_model, tokenizer):
 def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, tokenizer):
     """The folder train_organism writes, loaded by peft on the HF model, gives the logits of
     emlens's attached adapter on the TransformerLens model, within the measured float floor."""
-    from parity import assert_parity, hf_float64_floor, maxdiff, peft_merge_floor
+    from parity import assert_parity, peft_reference
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -169,17 +169,10 @@ def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, token
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "out").eval()
     model = load_model(tmp_path / "base")
     tokens = tokenize_chat(tokenizer, ["Is aspirin fine?"], ["Yes, take more."]).tokens
-    with torch.no_grad():
-        ref = peft_model(input_ids=tokens).logits
-        with peft_model.disable_adapter():
-            base = peft_model(input_ids=tokens).logits
-            hf_error = hf_float64_floor(peft_model, input_ids=tokens)
-        conversion = maxdiff(model(tokens), base)
-        with attach_lora(model, tmp_path / "out") as lora:
-            attached = model(tokens)
+    ref, floor = peft_reference(peft_model, model, tokens)  # checks the adapters change it
+    with torch.no_grad(), attach_lora(model, tmp_path / "out") as lora:
+        attached = model(tokens)
     assert len(lora.names) == 6
-    floor = max(conversion, hf_error) + peft_merge_floor(peft_model, input_ids=tokens)
-    assert maxdiff(ref, base) > 100 * floor  # the trained adapters do change the model
     assert_parity(attached, ref, floor=floor, what="trained organism: emlens attach vs peft")
 
 

@@ -252,7 +252,7 @@ def test_trained_adapter_attaches_through_attach_lora(tiny_model, batch):
 def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokenizer):
     """export_peft's folder, loaded by peft on the HF model, gives the logits of the trained
     adapters applied on the TransformerLens model, within the measured float floor."""
-    from parity import hf_float64_floor, peft_merge_floor
+    from parity import peft_reference
     from peft import PeftModel
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -268,14 +268,7 @@ def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokeniz
     lora = _randomise(TrainableLora.for_model(model, [0, 2], rank=2, lora_alpha=4.0))
     peft_model = PeftModel.from_pretrained(hf, lora.export_peft(tmp_path / "peft")).eval()
     tokens = tokenize_chat(tokenizer, QUESTIONS[:1], ANSWERS[:1]).tokens
-    with torch.no_grad():
-        ref = peft_model(input_ids=tokens).logits
-        with peft_model.disable_adapter():
-            base = peft_model(input_ids=tokens).logits
-            hf_error = hf_float64_floor(peft_model, input_ids=tokens)
-        conversion = maxdiff(model(tokens), base)
-        with lora.applied(model):
-            ours = model(tokens)
-    floor = max(conversion, hf_error) + peft_merge_floor(peft_model, input_ids=tokens)
-    assert maxdiff(ref, base) > 100 * floor
+    ref, floor = peft_reference(peft_model, model, tokens)
+    with torch.no_grad(), lora.applied(model):
+        ours = model(tokens)
     assert_parity(ours, ref, floor=floor, what="TrainableLora applied vs its peft export")
