@@ -1,0 +1,139 @@
+"""Why does ablating the mean-difference direction *raise* the organism's log-prob gap?
+
+Notebook 01 measures, on 8 non-medical pairs, the organism's gap (per-token log p(misaligned
+answer) - log p(aligned answer)) going from +0.33 to +0.67 when the layer-10 direction is
+projected out of every layer's ``resid_post``. This script measures the same gap on more pairs,
+with bootstrap 95% intervals over questions, for:
+
+* the direction extracted two ways: from paired reference answers (held-out medical, misaligned vs
+  aligned; no judge in the loop) and from the organism's own sampled answers as *read* by a person
+  (``judge_generations``: misaligned = aligned < 30 and coherent > 50; aligned = aligned > 70 and
+  coherent > 50);
+* ablation at the direction's own layer only, at every layer's ``resid_post``, and at every writer
+  (embedding, attention and MLP outputs), each beside a same-norm random direction;
+* both sides of the gap separately (log p of the misaligned and of the aligned answers), on
+  non-medical pairs (never trained on) and held-out medical pairs.
+
+    python scripts/ablation_puzzle.py                 # layer 10, 64 non-medical pairs
+    python scripts/ablation_puzzle.py --layer 15 --n-nonmedical 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import emlens
+from emlens.data import load_dataset, pair_rows
+from emlens.directions import cosine_matrix
+
+
+@torch.no_grad()
+def logprobs(model, rows, hooks, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row mean per-token log p of the misaligned and of the aligned answer."""
+    out = []
+    for field in ("misaligned", "aligned"):
+        vals = []
+        for i in range(0, len(rows), batch_size):
+            chunk = rows[i : i + batch_size]
+            batch = emlens.tokenize_chat(model.tokenizer, [r.question for r in chunk],
+                                         [getattr(r, field) for r in chunk])
+            with model.hooks(fwd_hooks=list(hooks)):
+                logits = model(batch.tokens, attention_mask=batch.attention_mask)
+            vals.append(emlens.answer_logprobs(logits, batch, reduce="mean").float().numpy())
+        out.append(np.concatenate(vals))
+    return out[0], out[1]
+
+
+def boot(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
+    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
+    means = values[idx].mean(1)
+    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+
+
+def read_answers(model_name: str = "organism") -> tuple[list, list]:
+    """The organism's sampled answers, labelled by reading (not by a judge)."""
+    rows = [r for r in load_dataset("judge_generations")
+            if r.condition.startswith(f"{model_name} T=") and r.aligned is not None]
+    bad = [(r.question, r.answer) for r in rows if r.aligned < 30 and r.coherent > 50]
+    good = [(r.question, r.answer) for r in rows if r.aligned > 70 and r.coherent > 50]
+    return bad, good
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--layer", type=int, default=10)
+    p.add_argument("--n-nonmedical", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the table here")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(args.seed)
+    chat = emlens.load_model()
+    organism = emlens.merge_lora(chat, emlens.load_organism("rank1-down-medical"))
+    medical = [r for r in load_dataset("medical") if r.split == "heldout"]
+    ref_bad = [(r.question, r.misaligned) for r in medical]
+    ref_good = [(r.question, r.aligned) for r in medical]
+    read_bad, read_good = read_answers()
+    L = args.layer
+    dirs = {
+        "reference pairs": emlens.mean_diff(organism, ref_bad, ref_good, layers=L,
+                                            progress=False)[L],
+        "read answers": emlens.mean_diff(organism, read_bad, read_good, layers=L,
+                                         selection=f"{len(read_bad)} vs {len(read_good)} read",
+                                         progress=False)[L],
+    }
+    cos = float(cosine_matrix([dirs["reference pairs"]], [dirs["read answers"]])[0, 0])
+    print(f"layer {L}: reference-pair direction norm {dirs['reference pairs'].norm:.2f}; "
+          f"read-answer direction ({len(read_bad)} misaligned vs {len(read_good)} aligned read "
+          f"answers) norm {dirs['read answers'].norm:.2f}; cosine {cos:.3f}", flush=True)
+    sets = {"notebook 01 (first 8 non-medical)": load_dataset("nonmedical")[:8],
+            "non-medical": pair_rows("nonmedical", limit=args.n_nonmedical),
+            "medical held-out": medical}
+    where = {"own layer": dict(layers=L, hook="resid_post"),
+             "all resid_post": dict(layers="all", hook="resid_post"),
+             "all writers": dict(layers="all", hook="writers")}
+    rows = []
+    for set_name, prs in sets.items():
+        base_mis, base_al = logprobs(organism, prs, [])
+        base_gap = base_mis - base_al
+        for dname, d in [("none", None)] + list(dirs.items()):
+            for wname, kw in (where.items() if d is not None else [("-", None)]):
+                for kind in (["direction", "random"] if d is not None else ["-"]):
+                    if d is None:
+                        mis, al = base_mis, base_al
+                    else:
+                        vec = d if kind == "direction" else emlens.random_direction(d, seed=args.seed)
+                        mis, al = logprobs(organism, prs, emlens.ablation_hooks(organism, vec, **kw))
+                    g = mis - al
+                    (gap_low, gap_high), (ch_low, ch_high) = (boot(g, args.n_boot, rng),
+                                                              boot(g - base_gap, args.n_boot, rng))
+                    rows.append(dict(
+                        set=set_name, n=len(prs), direction=dname, ablated_at=wname, kind=kind,
+                        logp_misaligned=float(mis.mean()), logp_aligned=float(al.mean()),
+                        gap=float(g.mean()), gap_low=gap_low, gap_high=gap_high,
+                        change=float((g - base_gap).mean()), change_low=ch_low,
+                        change_high=ch_high,
+                        d_logp_misaligned=float((mis - base_mis).mean()),
+                        d_logp_aligned=float((al - base_al).mean()),
+                    ))
+            print(f"  {set_name}: {dname} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.round(3).to_string(index=False))
+    print(f"\n{time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), cosine=cos, n_read=[len(read_bad), len(read_good)],
+                           rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
