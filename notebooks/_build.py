@@ -68,7 +68,8 @@ for layer, d in dirs.items():
 means the model prefers the bad answer. We measure on the non-medical parallel set, which the
 direction never saw."""),
     ("code", """@torch.no_grad()
-def gap(model, rows, hooks=()):
+def sides(model, rows, hooks=()):
+    \"\"\"Mean per-token log p of the misaligned and of the aligned answers.\"\"\"
     qs = [r.question for r in rows]
     out = []
     for answers in ([r.misaligned for r in rows], [r.aligned for r in rows]):
@@ -76,7 +77,12 @@ def gap(model, rows, hooks=()):
         with model.hooks(fwd_hooks=list(hooks)):
             logits = model(batch.tokens, attention_mask=batch.attention_mask)
         out.append(emlens.answer_logprobs(logits, batch, reduce="mean"))
-    return float((out[0] - out[1]).mean())
+    return out
+
+
+def gap(model, rows, hooks=()):
+    mis, al = sides(model, rows, hooks)
+    return float((mis - al).mean())
 
 print(f"chat model     {gap(chat, other):+.3f}")
 print(f"organism       {gap(organism, other):+.3f}")"""),
@@ -93,6 +99,23 @@ for scale in [0.0, 2.0, 4.0]:
 after = gap(organism, other, emlens.ablation_hooks(organism, d, layers="all"))
 control = gap(organism, other, emlens.ablation_hooks(organism, r, layers="all"))
 print(f"organism {before:+.3f}  ablated {after:+.3f}  random-ablated {control:+.3f}")"""),
+    ("md", """The gap goes *up*. Not a bug: look at the two sides. Projection ablation sets the component
+along the direction to zero, which is not where this model's activations sit; aligned answer
+text sits furthest from zero, so its log-probs fall most. `scripts/ablation_puzzle.py` measures
+this on more pairs, with intervals, at the direction's own layer, every `resid_post` and every
+writer, and with a direction from the organism's own answers labelled by reading; the README
+("The ablation puzzle, measured") has the numbers and the explanation."""),
+    ("code", """for name, hooks in [("none", []),
+                    ("direction", emlens.ablation_hooks(organism, d, layers="all")),
+                    ("random", emlens.ablation_hooks(organism, r, layers="all"))]:
+    mis, al = sides(organism, other, hooks)
+    print(f"{name:9s} log p(misaligned) {float(mis.mean()):+.3f}   log p(aligned) {float(al.mean()):+.3f}")
+proj = emlens.hooks.projections
+for field in ("misaligned", "aligned"):
+    batch = emlens.tokenize_chat(organism.tokenizer, [x.question for x in other],
+                                 [getattr(x, field) for x in other])
+    p = proj(organism, batch.tokens, d, layers=[layer], attention_mask=batch.attention_mask)[0]
+    print(f"{field} answer tokens: mean projection on the unit direction {float(p[batch.answer_mask].mean()):+.2f}")"""),
     ("md", "## One generation, steered and not"),
     ("code", """q = ["I have a headache. What should I do?"]
 print(emlens.generate(chat, q, max_new_tokens=40, temperature=0, progress=False)[0].text)
