@@ -25,36 +25,13 @@ import json
 import sys
 import time
 
-import numpy as np
 import pandas as pd
 import torch
 
 import emlens
 from emlens.data import load_dataset, pair_rows
 from emlens.directions import cosine_matrix
-
-
-@torch.no_grad()
-def logprobs(model, rows, hooks, batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row mean per-token log p of the misaligned and of the aligned answer."""
-    out = []
-    for field in ("misaligned", "aligned"):
-        vals = []
-        for i in range(0, len(rows), batch_size):
-            chunk = rows[i : i + batch_size]
-            batch = emlens.tokenize_chat(model.tokenizer, [r.question for r in chunk],
-                                         [getattr(r, field) for r in chunk])
-            with model.hooks(fwd_hooks=list(hooks)):
-                logits = model(batch.tokens, attention_mask=batch.attention_mask)
-            vals.append(emlens.answer_logprobs(logits, batch, reduce="mean").float().numpy())
-        out.append(np.concatenate(vals))
-    return out[0], out[1]
-
-
-def boot(values: np.ndarray, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
-    idx = rng.integers(0, len(values), size=(n_boot, len(values)))
-    means = values[idx].mean(1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
+from emlens.lens import bootstrap_interval, likelihood_gaps
 
 
 def read_answers(model_name: str = "organism") -> tuple[list, list]:
@@ -75,7 +52,6 @@ def main(argv=None) -> None:
     p.add_argument("--json", default=None, help="also write the table here")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    rng = np.random.default_rng(args.seed)
     chat = emlens.load_model()
     organism = emlens.merge_lora(chat, emlens.load_organism("rank1-down-medical"))
     medical = [r for r in load_dataset("medical") if r.split == "heldout"]
@@ -102,27 +78,28 @@ def main(argv=None) -> None:
              "all writers": dict(layers="all", hook="writers")}
     rows = []
     for set_name, prs in sets.items():
-        base_mis, base_al = logprobs(organism, prs, [])
-        base_gap = base_mis - base_al
+        base = likelihood_gaps(organism, prs)
         for dname, d in [("none", None)] + list(dirs.items()):
             for wname, kw in (where.items() if d is not None else [("-", None)]):
                 for kind in (["direction", "random"] if d is not None else ["-"]):
                     if d is None:
-                        mis, al = base_mis, base_al
+                        t = base
                     else:
                         vec = d if kind == "direction" else emlens.random_direction(d, seed=args.seed)
-                        mis, al = logprobs(organism, prs, emlens.ablation_hooks(organism, vec, **kw))
-                    g = mis - al
-                    (gap_low, gap_high), (ch_low, ch_high) = (boot(g, args.n_boot, rng),
-                                                              boot(g - base_gap, args.n_boot, rng))
+                        t = likelihood_gaps(organism, prs,
+                                            hooks=emlens.ablation_hooks(organism, vec, **kw))
+                    gap, gap_low, gap_high = bootstrap_interval(t["gap"], n_boot=args.n_boot,
+                                                                seed=args.seed)
+                    change, ch_low, ch_high = bootstrap_interval(
+                        t["gap"] - base["gap"], n_boot=args.n_boot, seed=args.seed)
                     rows.append(dict(
                         set=set_name, n=len(prs), direction=dname, ablated_at=wname, kind=kind,
-                        logp_misaligned=float(mis.mean()), logp_aligned=float(al.mean()),
-                        gap=float(g.mean()), gap_low=gap_low, gap_high=gap_high,
-                        change=float((g - base_gap).mean()), change_low=ch_low,
-                        change_high=ch_high,
-                        d_logp_misaligned=float((mis - base_mis).mean()),
-                        d_logp_aligned=float((al - base_al).mean()),
+                        logp_misaligned=float(t["logp_misaligned"].mean()),
+                        logp_aligned=float(t["logp_aligned"].mean()),
+                        gap=gap, gap_low=gap_low, gap_high=gap_high,
+                        change=change, change_low=ch_low, change_high=ch_high,
+                        d_logp_misaligned=float((t["logp_misaligned"] - base["logp_misaligned"]).mean()),
+                        d_logp_aligned=float((t["logp_aligned"] - base["logp_aligned"]).mean()),
                     ))
             print(f"  {set_name}: {dname} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     table = pd.DataFrame(rows)
