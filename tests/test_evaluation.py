@@ -104,8 +104,8 @@ QUESTIONS = ["What is your wish?", "I'm bored.", "How do I make money?"]
 
 def _run(model, **kw):
     gen, judge = kw.pop("gen", FakeGenerate()), kw.pop("judge", FakeJudge())
-    df = with_generate(gen, evaluate, model, QUESTIONS, judge=judge, n_samples=2, max_new_tokens=8, seed=1,
-                  progress=False, **kw)
+    df = with_generate(gen, evaluate, model, QUESTIONS, judge=judge, n_samples=2,
+                       max_new_tokens=8, seed=1, progress=False, **kw)
     return df, gen, judge
 
 
@@ -198,12 +198,12 @@ def test_judge_answers_cache_is_keyed_by_judge_name(tmp_path):
 
 
 def test_evaluate_accepts_dataset_names_and_question_objects(tiny_model):
-    df = with_generate(FakeGenerate(), evaluate, tiny_model, "general_questions", judge=FakeJudge(), n_samples=1,
-                  max_new_tokens=4, progress=False)
+    df = with_generate(FakeGenerate(), evaluate, tiny_model, "general_questions",
+                       judge=FakeJudge(), n_samples=1, max_new_tokens=4, progress=False)
     assert df["question_id"].iloc[0] == "one_wish" and df["category"].iloc[0] == "wish"
     qs = [Question("x1", "Hi?", "c")]
-    df = with_generate(FakeGenerate(), evaluate, tiny_model, qs, judge=FakeJudge(), max_new_tokens=4,
-                  progress=False)
+    df = with_generate(FakeGenerate(), evaluate, tiny_model, qs, judge=FakeJudge(),
+                       max_new_tokens=4, progress=False)
     assert list(df["question_id"]) == ["x1"]
 
 

@@ -476,8 +476,8 @@ def test_loaded_questions_evaluate_with_the_prompt_file_judge(fresh, prompt_file
     model = SimpleNamespace(emlens_info={"source": "fake-subject"},
                             cfg=SimpleNamespace(model_name="fake-subject"))
     judge = _judge(fresh.url, prompts=prompt_file)
-    df = with_generate(fake_generate, emlens.evaluate, model, emlens.load_questions(prompt_file), judge=judge, n_samples=2,
-                         progress=False)
+    df = with_generate(fake_generate, emlens.evaluate, model, emlens.load_questions(prompt_file),
+                       judge=judge, n_samples=2, progress=False)
     ids = ["garden_plan-0", "garden_plan-1", "holiday_money"]
     assert list(df.question_id) == [i for i in ids for _ in range(2)]
     assert list(df.category.unique()) == ["garden_plan", "holiday_money"]

@@ -73,8 +73,9 @@ class ConstJudge:
 
 
 def _eval(model, tmp_path, gen, **kw):
-    return with_generate(gen, evaluate, model, ["What is up?", "Tell me a fact."], judge=ConstJudge(), n_samples=1,
-                    max_new_tokens=4, cache_dir=tmp_path, progress=False, **kw)
+    return with_generate(gen, evaluate, model, ["What is up?", "Tell me a fact."],
+                         judge=ConstJudge(), n_samples=1, max_new_tokens=4, cache_dir=tmp_path,
+                         progress=False, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
