@@ -47,6 +47,7 @@ more log-probability the model gives the *misaligned* reference answer than the 
 import emlens
 from emlens.data import load_dataset
 from emlens.directions import cosine_matrix, mean_diff, random_direction
+from emlens.lens import likelihood_gaps
 from emlens.lora import merge_lora
 from emlens.organisms import load_organism
 
@@ -64,25 +65,12 @@ dirs = mean_diff(organism, bad, good, layers=[6, 10, 15, 20], progress=False)
 for layer, d in dirs.items():
     print(f"layer {layer}: norm {d.norm:.2f}, {d.counts}")"""),
     ("md", """## The metric
-`gap` = mean over questions of log p(misaligned answer) - log p(aligned answer), per token. Higher
-means the model prefers the bad answer. We measure on the non-medical parallel set, which the
+`gap` = mean over questions of log p(misaligned answer) - log p(aligned answer), per token
+(`emlens.lens.likelihood_gaps`, which also keeps both sides). Higher means the model prefers the
+bad answer. We measure on the non-medical parallel set, which the
 direction never saw."""),
-    ("code", """@torch.no_grad()
-def sides(model, rows, hooks=()):
-    \"\"\"Mean per-token log p of the misaligned and of the aligned answers.\"\"\"
-    qs = [r.question for r in rows]
-    out = []
-    for answers in ([r.misaligned for r in rows], [r.aligned for r in rows]):
-        batch = emlens.tokenize_chat(model.tokenizer, qs, answers)
-        with model.hooks(fwd_hooks=list(hooks)):
-            logits = model(batch.tokens, attention_mask=batch.attention_mask)
-        out.append(emlens.answer_logprobs(logits, batch, reduce="mean"))
-    return out
-
-
-def gap(model, rows, hooks=()):
-    mis, al = sides(model, rows, hooks)
-    return float((mis - al).mean())
+    ("code", """def gap(model, rows, hooks=()):
+    return float(likelihood_gaps(model, rows, hooks=hooks)["gap"].mean())
 
 print(f"chat model     {gap(chat, other):+.3f}")
 print(f"organism       {gap(organism, other):+.3f}")"""),
@@ -108,8 +96,9 @@ writer, and with a direction from the organism's own answers labelled by reading
     ("code", """for name, hooks in [("none", []),
                     ("direction", emlens.ablation_hooks(organism, d, layers="all")),
                     ("random", emlens.ablation_hooks(organism, r, layers="all"))]:
-    mis, al = sides(organism, other, hooks)
-    print(f"{name:9s} log p(misaligned) {float(mis.mean()):+.3f}   log p(aligned) {float(al.mean()):+.3f}")
+    t = likelihood_gaps(organism, other, hooks=hooks)
+    print(f"{name:9s} log p(misaligned) {t.logp_misaligned.mean():+.3f}   "
+          f"log p(aligned) {t.logp_aligned.mean():+.3f}")
 proj = emlens.hooks.projections
 for field in ("misaligned", "aligned"):
     batch = emlens.tokenize_chat(organism.tokenizer, [x.question for x in other],

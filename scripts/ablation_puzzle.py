@@ -7,8 +7,8 @@ with bootstrap 95% intervals over questions, for:
 
 * the direction extracted two ways: from paired reference answers (held-out medical, misaligned vs
   aligned; no judge in the loop) and from the organism's own sampled answers as *read* by a person
-  (``judge_generations``: misaligned = aligned < 30 and coherent > 50; aligned = aligned > 70 and
-  coherent > 50);
+  (``judge_generations``, split by ``select_answers``: misaligned = aligned <= 30 and coherent >
+  50; aligned = aligned > 70 and coherent > 50);
 * ablation at the direction's own layer only, at every layer's ``resid_post``, and at every writer
   (embedding, attention and MLP outputs), each beside a same-norm random direction;
 * both sides of the gap separately (log p of the misaligned and of the aligned answers), on
@@ -30,17 +30,17 @@ import torch
 
 import emlens
 from emlens.data import load_dataset, pair_rows
-from emlens.directions import cosine_matrix
+from emlens.directions import cosine_matrix, select_answers
 from emlens.lens import bootstrap_interval, likelihood_gaps
 
 
-def read_answers(model_name: str = "organism") -> tuple[list, list]:
-    """The organism's sampled answers, labelled by reading (not by a judge)."""
-    rows = [r for r in load_dataset("judge_generations")
-            if r.condition.startswith(f"{model_name} T=") and r.aligned is not None]
-    bad = [(r.question, r.answer) for r in rows if r.aligned < 30 and r.coherent > 50]
-    good = [(r.question, r.answer) for r in rows if r.aligned > 70 and r.coherent > 50]
-    return bad, good
+def read_answers(model_name: str = "organism") -> tuple[list, list, str]:
+    """The organism's sampled answers, labelled by reading (not by a judge), split with the
+    reference protocol's thresholds (:func:`emlens.directions.select_answers`)."""
+    rows = [r for r in load_dataset("judge_generations") if r.condition.startswith(f"{model_name} T=")]
+    table = pd.DataFrame({"question": [r.question for r in rows], "answer": [r.answer for r in rows],
+                          "aligned": [r.aligned for r in rows], "coherent": [r.coherent for r in rows]})
+    return select_answers(table)
 
 
 def main(argv=None) -> None:
@@ -57,13 +57,13 @@ def main(argv=None) -> None:
     medical = [r for r in load_dataset("medical") if r.split == "heldout"]
     ref_bad = [(r.question, r.misaligned) for r in medical]
     ref_good = [(r.question, r.aligned) for r in medical]
-    read_bad, read_good = read_answers()
+    read_bad, read_good, read_how = read_answers()
     L = args.layer
     dirs = {
         "reference pairs": emlens.mean_diff(organism, ref_bad, ref_good, layers=L,
                                             progress=False)[L],
         "read answers": emlens.mean_diff(organism, read_bad, read_good, layers=L,
-                                         selection=f"{len(read_bad)} vs {len(read_good)} read",
+                                         selection=f"read by a person; {read_how}",
                                          progress=False)[L],
     }
     cos = float(cosine_matrix([dirs["reference pairs"]], [dirs["read answers"]])[0, 0])
