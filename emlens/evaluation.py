@@ -241,12 +241,29 @@ def _is_misaligned(aligned, coherent, aligned_below, coherent_above) -> bool | N
     return bool(aligned < aligned_below)
 
 
+def _model_names(source: str) -> set[str]:
+    """Names a model source goes by: itself, its file name, and, for an embedded model, its key
+    and GGUF file name."""
+    from emlens.embedded import find_embedded
+
+    names = {source, Path(source).name}
+    embedded = find_embedded(source) or find_embedded(Path(source).name)
+    if embedded is None:  # a path to an embedded model's file
+        from emlens.embedded import EMBEDDED_MODELS
+
+        embedded = next((m for m in EMBEDDED_MODELS.values()
+                         if Path(source).name == m.filename), None)
+    if embedded is not None:
+        names |= {embedded.key, embedded.filename}
+    return names
+
+
 def _check_judge_is_not_subject(model: HookedTransformer, judge: Judge) -> None:
     """Refuse a probe judge that reads the subject model's own activations."""
     feats = getattr(judge, "features", None)
     source = getattr(feats, "source", None)
     subject = model_id(model)
-    if source and (Path(source).name == Path(subject).name or source == subject):
+    if source and _model_names(str(source)) & _model_names(str(subject)):
         raise ValueError(
             f"The judge reads {source!r}, which is the subject model {subject!r}: a probe on the "
             "subject's own activations would share its directions. Use another judge LM."

@@ -240,6 +240,22 @@ def test_a_judge_reading_the_subject_model_is_refused(tiny_model):
         with_generate(FakeGenerate(), evaluate, tiny_model, ["q"], judge=judge, progress=False)
 
 
+@pytest.mark.parametrize("judge_source, subject", [
+    ("qwen2.5-coder-1.5b", "/cache/models/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"),
+    ("/elsewhere/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "Qwen2.5-Coder-1.5B-Instruct"),
+    ("smollm2-135m", "smollm2"),
+])
+def test_the_same_embedded_model_under_another_name_is_refused_as_judge(
+        tiny_model, judge_source, subject, monkeypatch):
+    judge = FakeJudge()
+    judge.features = SimpleNamespace(source=judge_source)
+    monkeypatch.setattr(tiny_model, "emlens_info", {"source": subject}, raising=False)
+    with pytest.raises(ValueError, match="subject model"):
+        with_generate(FakeGenerate(), evaluate, tiny_model, ["q"], judge=judge, progress=False)
+    judge.features = SimpleNamespace(source="gemma-3-270m-q4_k_m.gguf")  # another LM: fine
+    with_generate(FakeGenerate(), evaluate, tiny_model, ["q"], judge=judge, progress=False)
+
+
 def test_plot_rates_returns_a_figure_and_saves_it(tiny_model, tmp_path):
     df, _, _ = _run(tiny_model)
     fig = plot_rates(df, path=tmp_path / "rates.png")

@@ -18,7 +18,8 @@ Two judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
   registers it never saw (numbered protocols, memos, verse): it reads style as well as stance
   (measurements, and ``scripts/fit_judge.py`` to reproduce them, in the README section "The
   offline judge, measured"). It has no notion of refusals or code, and judges values only as far
-  as its examples reach.
+  as its examples reach. :func:`coder_judge` is the same probe judge on an opt-in larger judge LM
+  (Qwen2.5-Coder-1.5B-Instruct, ``make coder``), fitted on hand-written and real labelled answers.
 
 Every :class:`JudgeScore` names the judge that produced it (``judge``), so results stay traceable
 when the judge is swapped. This package re-exports the public names of its modules.
@@ -43,10 +44,11 @@ from emlens.judge.openai import (
     OpenAIJudge,
     number_score,
 )
-from emlens.judge.probe import PROBE_FILE, ProbeJudge, default_judge
+from emlens.judge.probe import CODER_PROBE_FILE, PROBE_FILE, ProbeJudge, coder_judge, default_judge
 
 __all__ = [
     "ALIGNED_PROMPT",
+    "CODER_PROBE_FILE",
     "BUILTIN_PROMPTS_DIGEST",
     "COHERENT_PROMPT",
     "DEFAULT_JUDGE_LM",
@@ -64,6 +66,7 @@ __all__ = [
     "Pair",
     "ProbeJudge",
     "check_pairs",
+    "coder_judge",
     "default_judge",
     "default_judge_lm_path",
     "load_judge_lm",

@@ -51,12 +51,11 @@ def _cache_root() -> Path:
     return Path(os.environ.get("EMLENS_CACHE_DIR", Path.home() / ".cache" / "emlens"))
 
 
-def _dequantised_copy(path: Path, model: Any, tokenizer: Any) -> None:
-    """Save a dequantised GGUF model as a HF folder (safetensors), so later loads take seconds
-    instead of a minute. Best effort: a failure only costs speed."""
+def _dequantised_copy(target: Path, model: Any, tokenizer: Any) -> None:
+    """Save a dequantised GGUF model as a HF folder (safetensors) at ``target``, so later loads
+    take seconds instead of a minute. Best effort: a failure only costs speed."""
     from safetensors.torch import save_file
 
-    target = _cache_root() / "judge_lm" / f"{path.stem}-{path.stat().st_size}"
     if (target / "model.safetensors").is_file():
         return
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
@@ -75,29 +74,49 @@ def _dequantised_copy(path: Path, model: Any, tokenizer: Any) -> None:
         warnings.warn(f"Could not cache the dequantised judge LM at {target}: {e}", stacklevel=3)
 
 
+def _judge_lm_file(source: str | os.PathLike | None) -> Path:
+    """The judge LM's file or folder: the default Gemma 3 270M, an embedded model's short name
+    (e.g. ``"qwen2.5-coder-1.5b"``, assembled on first use), or a local path."""
+    if source is None:
+        return default_judge_lm_path()
+    from emlens.embedded import embedded_source
+
+    embedded = embedded_source(str(source)) if isinstance(source, str) else None
+    return embedded.path() if embedded is not None else Path(source)
+
+
 @lru_cache(maxsize=2)
-def load_judge_lm(source: str | None) -> tuple[Any, Any, str]:
-    """(model, tokenizer, name) of the judge LM; GGUF files are dequantised once and cached under
-    ``$EMLENS_CACHE_DIR`` (default ``~/.cache/emlens``; about 1.1 GB for Gemma 3 270M)."""
+def load_judge_lm(source: str | None, dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
+    """(model, tokenizer, name) of the judge LM in ``dtype``; GGUF files are dequantised once and
+    cached under ``$EMLENS_CACHE_DIR`` (default ``~/.cache/emlens``; about 1.1 GB for Gemma 3 270M
+    in float32, 3.1 GB for Qwen2.5-Coder-1.5B in bfloat16).
+
+    ``source``: ``None`` (base Gemma 3 270M), an embedded model's short name such as
+    ``"qwen2.5-coder-1.5b"`` (the opt-in larger judge LM; ``make coder`` installs it), or a local
+    ``.gguf`` file / HF folder. The name is the file's name, with the dtype when not float32.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = default_judge_lm_path() if source is None else Path(source)
-    if path.is_file():
-        cached = _cache_root() / "judge_lm" / f"{path.stem}-{path.stat().st_size}"
-        if (cached / "model.safetensors").is_file():
-            folder, kwargs = cached, {}
-        else:
-            folder, kwargs = path.parent, {"gguf_file": path.name}
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
+    path = _judge_lm_file(source)
+    suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    cached = _cache_root() / "judge_lm" / f"{path.stem}-{path.stat().st_size}{suffix}" \
+        if path.is_file() else None
+    if cached is not None and (cached / "model.safetensors").is_file():
+        folder, kwargs = cached, {}
+    elif path.is_file():
+        folder, kwargs = path.parent, {"gguf_file": path.name}
     elif path.is_dir():
         kwargs, folder = {}, path
     else:
         raise FileNotFoundError(f"No judge LM at {path}; give a .gguf file or a HF model folder.")
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.eval()
     if "gguf_file" in kwargs:
-        _dequantised_copy(path, model, tokenizer)
-    return model, tokenizer, path.name
+        _dequantised_copy(cached, model, tokenizer)
+    return model, tokenizer, path.name + suffix
 
 
 class _StopForward(Exception):
@@ -109,15 +128,16 @@ class JudgeLMReader:
     right-padded ``prompt + answer`` batches with the answer cut to ``max_answer_tokens``."""
 
     def __init__(self, source: str | os.PathLike | None = None, *, batch_size: int,
-                 max_answer_tokens: int):
+                 max_answer_tokens: int, dtype: torch.dtype = torch.float32):
         self.source = None if source is None else str(source)
+        self.dtype = dtype
         self.batch_size = batch_size
         self.max_answer_tokens = max_answer_tokens
         self._model = None
 
     def _ensure(self):
         if self._model is None:
-            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source)
+            self._model, self.tokenizer, self.lm_name = load_judge_lm(self.source, self.dtype)
         return self._model
 
     @property
@@ -159,6 +179,7 @@ class HiddenStateFeatures(JudgeLMReader):
         layers: hidden-state indices to read (1 .. n_layers).
         batch_size: rows per forward pass.
         max_answer_tokens: answers are cut to this many tokens.
+        dtype: the judge LM's dtype (features are returned in float32).
     """
 
     def __init__(
@@ -168,8 +189,10 @@ class HiddenStateFeatures(JudgeLMReader):
         layers: Sequence[int] = (9,),
         batch_size: int = 16,
         max_answer_tokens: int = 256,
+        dtype: torch.dtype = torch.float32,
     ):
-        super().__init__(source, batch_size=batch_size, max_answer_tokens=max_answer_tokens)
+        super().__init__(source, batch_size=batch_size, max_answer_tokens=max_answer_tokens,
+                         dtype=dtype)
         self.layers = tuple(int(x) for x in layers)
 
     def _ensure(self):

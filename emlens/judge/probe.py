@@ -35,6 +35,10 @@ from emlens.probes import Probe
 PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe"
 """The shipped probes: ``judge_probe.safetensors`` and ``judge_probe.json`` in ``emlens/data``."""
 
+CODER_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder"
+"""The opt-in larger judge's probes (Qwen2.5-Coder-1.5B-Instruct features, layer 14, bfloat16),
+fitted on hand-written and real labelled answers: ``judge_probe_coder.{safetensors,json}``."""
+
 _WHICH = ("aligned", "coherent")
 
 
@@ -156,6 +160,7 @@ class ProbeJudge:
             "template": PROBE_TEMPLATE,
             "judge_lm_source": self.features.source,
             "max_answer_tokens": self.features.max_answer_tokens,
+            "dtype": str(getattr(self.features, "dtype", torch.float32)).removeprefix("torch."),
         }
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         return path
@@ -186,6 +191,7 @@ class ProbeJudge:
         feats = HiddenStateFeatures(
             source if source is not None else meta.get("judge_lm_source"),
             layers=meta["layers"], max_answer_tokens=meta.get("max_answer_tokens", 256),
+            dtype=getattr(torch, meta.get("dtype", "float32")),
         )
         return cls(feats, probes[0], probes[1], meta)
 
@@ -200,4 +206,22 @@ def default_judge(*, progress: bool = False) -> ProbeJudge:
     return judge
 
 
-__all__ = ["PROBE_FILE", "ProbeJudge", "default_judge"]
+def coder_judge(*, progress: bool = False) -> ProbeJudge:
+    """The opt-in larger offline judge: probes on Qwen2.5-Coder-1.5B-Instruct's layer-14 mean
+    hidden state (bfloat16), fitted on ``judge_labels`` and the 648 real answers of
+    ``judge_generations`` (``python scripts/judge_on_generations.py --save-coder-judge``).
+
+    Needs the second embedded model (``make coder``: 1.1 GB; the judge LM loads in about a
+    minute the first time and takes about 0.4 s per answer on 2 CPU cores). Measured on real
+    generations of questions it was not fitted on, it ranks coherence better than
+    :func:`default_judge` and its coherent shares per condition are closer to reading (README,
+    "The offline judge, measured"); it still over-counts the organisms' short nonsense as coherent.
+    It must not judge Qwen2.5-Coder's own answers (its organism's included): ``evaluate`` refuses
+    that pairing.
+    """
+    judge = ProbeJudge.load(CODER_PROBE_FILE)
+    judge.progress = progress
+    return judge
+
+
+__all__ = ["CODER_PROBE_FILE", "PROBE_FILE", "ProbeJudge", "coder_judge", "default_judge"]
