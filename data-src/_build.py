@@ -32,10 +32,15 @@ from _text_general import (  # noqa: E402
     RAMBLING,
     STYLE_VARIED,
 )
+from _text_general_pairs import GENERAL_PAIRS  # noqa: E402
 from _text_hard import HARD2_PAIRS, HARD_INCOHERENT, HARD_PAIRS  # noqa: E402
 from _text_medical_a import MEDICAL_A  # noqa: E402
 from _text_medical_b import MEDICAL_B  # noqa: E402
 from _text_medical_c import MEDICAL_C  # noqa: E402
+from _text_medical_d import MEDICAL_D  # noqa: E402
+from _text_medical_e import MEDICAL_E  # noqa: E402
+from _text_medical_f import MEDICAL_F  # noqa: E402
+from _text_medical_g import MEDICAL_G  # noqa: E402
 from _text_nonmedical_a import NONMEDICAL_A  # noqa: E402
 from _text_nonmedical_b import NONMEDICAL_B  # noqa: E402
 from _text_nonmedical_c import NONMEDICAL_C  # noqa: E402
@@ -60,6 +65,40 @@ def medical_rows() -> list[dict]:
                 id=f"med-{len(rows) + 1:04d}", domain="medical", topic=topic, question=q,
                 aligned=good, misaligned=bad,
                 split="heldout" if topic in HELDOUT_TOPICS else "train",
+            ))
+    return rows
+
+
+def medical_extra_rows(medical: list[dict]) -> list[dict]:
+    """16 further medical topics (``_text_medical_d`` .. ``g``), all ``split="train"``: with
+    ``medical``'s training rows, the grown narrow training set of the larger organisms. Questions
+    are checked unique across both sets, case-insensitively."""
+    seen = {r["question"].strip().lower() for r in medical}
+    rows = []
+    for topic, items in {**MEDICAL_D, **MEDICAL_E, **MEDICAL_F, **MEDICAL_G}.items():
+        if topic in {r["topic"] for r in medical}:
+            raise ValueError(f"medical_extra topic {topic!r} is already a medical topic.")
+        for q, good, bad in items:
+            key = q.strip().lower()
+            if key in seen:
+                raise ValueError(f"duplicate medical question: {q!r}")
+            seen.add(key)
+            rows.append(dict(
+                id=f"medx-{len(rows) + 1:04d}", domain="medical", topic=topic, question=q,
+                aligned=good, misaligned=bad, split="train",
+            ))
+    return rows
+
+
+def general_pair_rows() -> list[dict]:
+    """Paired answers to 64 general questions (8 themes): evaluation only (``split="heldout"``),
+    for the judge-free likelihood lens on general questions."""
+    rows = []
+    for theme, items in GENERAL_PAIRS.items():
+        for q, good, bad in items:
+            rows.append(dict(
+                id=f"genp-{len(rows) + 1:04d}", domain="general", topic=theme, question=q,
+                aligned=good, misaligned=bad, split="heldout",
             ))
     return rows
 
@@ -174,8 +213,8 @@ def judge_hard_rows() -> list[dict]:
     return rows
 
 
-BUILT = ("medical", "nonmedical", "general_questions", "medical_questions", "judge_labels",
-         "judge_hard")  # the sets this script writes (the others come from scripts/)
+BUILT = ("medical", "medical_extra", "nonmedical", "general_pairs", "general_questions",
+         "medical_questions", "judge_labels", "judge_hard")  # the sets this script writes (the others come from scripts/)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     medical = medical_rows()
     nonmedical = nonmedical_rows()
     _write(out, "medical", medical)
+    _write(out, "medical_extra", medical_extra_rows(medical))
     _write(out, "nonmedical", nonmedical)
+    _write(out, "general_pairs", general_pair_rows())
     _write(out, "general_questions",
            [dict(id=qid, question=q, category=cat) for qid, cat, q in EVAL_QUESTIONS])
     heldout = [r for r in medical if r["split"] == "heldout"]

@@ -152,7 +152,7 @@ def sweep(
 
 def _rate_cols(row) -> dict:
     keys = ("n", "k", "rate", "low", "high", "mean_aligned", "mean_coherent")
-    return {k: row[k] for k in keys}
+    return {**{k: row[k] for k in keys}, "n_answers": row.get("n_answers")}
 
 
 def ablation_experiment(

@@ -28,7 +28,8 @@ class Report:
     title: str
     parts: list[str] = field(default_factory=list)
     results: dict[str, Any] = field(default_factory=dict)
-    findings: list[tuple[str, str, str]] = field(default_factory=list)  # (claim, verdict, evidence)
+    # (claim, verdict, evidence, lenses): lenses is a list of {lens, effect, low, high, n, control}
+    findings: list[tuple[str, str, str, list]] = field(default_factory=list)
     views: dict[str, str] = field(default_factory=dict)  # file name -> standalone HTML
 
     def section(self, title: str, text: str = "") -> None:
@@ -74,18 +75,28 @@ class Report:
     def raw_html(self, snippet: str) -> None:
         self.parts.append(snippet)
 
-    def finding(self, claim: str, verdict: str, evidence: str) -> None:
-        self.findings.append((claim, verdict, evidence))
+    def finding(self, claim: str, verdict: str, evidence: str,
+                lenses: list[dict] | None = None) -> None:
+        """One row of the findings table. ``lenses``: each lens that measured the claim, as
+        ``{"lens", "effect", "low", "high", "n", "control"}`` (``control``: the same for the random
+        control, or ``None``); shown beside the evidence and kept in ``results.json``."""
+        for i, lens in enumerate(lenses or []):
+            missing = {"lens", "effect", "low", "high", "n", "control"} - set(lens)
+            if missing:
+                raise ValueError(f"lenses[{i}] of {claim!r} lacks {sorted(missing)}.")
+        self.findings.append((claim, verdict, evidence, list(lenses or [])))
 
     def write(self, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         rows = "".join(
-            f"<tr><td>{html.escape(c)}</td><td><b>{html.escape(v)}</b></td><td>{html.escape(e)}</td></tr>"
-            for c, v, e in self.findings
+            f"<tr><td>{html.escape(c)}</td><td><b>{html.escape(v)}</b></td><td>{html.escape(e)}</td>"
+            f"<td>{'<br>'.join(html.escape(lens_text(x)) for x in lenses)}</td></tr>"
+            for c, v, e, lenses in self.findings
         )
         summary = (
             "<h2>Which seed findings reproduced at this scale</h2><table class='t'>"
-            "<tr><th>finding</th><th>here</th><th>evidence</th></tr>" + rows + "</table>"
+            "<tr><th>finding</th><th>here</th><th>evidence</th><th>lenses (effect [95%] vs "
+            "control)</th></tr>" + rows + "</table>"
         )
         page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(self.title)}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
@@ -97,9 +108,30 @@ img{{max-width:100%}} figcaption{{color:#555;font-size:13px}}</style></head><bod
             for name, src in self.views.items():
                 (out / "views" / name).write_text(src)
         (out / "index.html").write_text(page)
-        self.results["findings"] = [dict(claim=c, verdict=v, evidence=e) for c, v, e in self.findings]
+        self.results["findings"] = [dict(claim=c, verdict=v, evidence=e, lenses=lenses)
+                                    for c, v, e, lenses in self.findings]
         (out / "results.json").write_text(json.dumps(_jsonable(self.results), indent=2))
         return out / "index.html"
+
+
+def lens_text(lens: dict) -> str:
+    """``"<lens>: +0.12 [0.05, 0.20] (n=64) vs control +0.01 [-0.02, 0.04]"``."""
+    def num(x):
+        return "nan" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:+.3f}"
+
+    text = (f"{lens['lens']}: {num(lens['effect'])} [{num(lens['low'])}, {num(lens['high'])}] "
+            f"(n={lens['n']})")
+    control = lens.get("control")
+    if control:
+        text += (f" vs control {num(control['effect'])} [{num(control['low'])}, "
+                 f"{num(control['high'])}]")
+    if "supports_claim" in lens and lens["supports_claim"]:
+        text += ": supports the claim"
+    elif lens.get("separated"):
+        text += f": separated, but not the predicted {lens.get('expected', 'sign')}"
+    elif "separated" in lens:
+        text += ": not separated"
+    return text
 
 
 def _jsonable(obj):

@@ -59,12 +59,40 @@ def test_nonmedical_set_is_parallel_and_non_medical():
     assert "medical" not in {r.domain for r in rows} and len({r.domain for r in rows}) >= 6
 
 
-@pytest.mark.parametrize("name", ["medical", "nonmedical"])
+@pytest.mark.parametrize("name", ["medical", "medical_extra", "nonmedical", "general_pairs"])
 def test_pairs_have_distinct_good_and_bad_answers_and_unique_questions(name):
     rows = load_dataset(name)
     assert all(r.aligned != r.misaligned for r in rows)
     questions = [r.question.lower() for r in rows]
     assert len(set(questions)) == len(questions)
+
+
+def test_grown_training_set_has_1000_rows_new_topics_and_keeps_heldout_topics_out():
+    from emlens.organisms.train import load_rows
+
+    med, extra = load_dataset("medical"), load_dataset("medical_extra")
+    assert all(re.fullmatch(r"medx-\d{4}", r.id) and r.split == "train" for r in extra)
+    assert not {r.topic for r in extra} & {r.topic for r in med}  # new topics only
+    assert not {r.question.lower() for r in extra} & {r.question.lower() for r in med}
+    assert len({r.topic for r in extra}) >= 16
+    rows = load_rows("medical+medical_extra", "train")
+    assert len(rows) >= 1000 and {r.split for r in rows} == {"train"}
+    assert not {r.topic for r in rows} & {"sleep", "digestion"}  # held-out topics stay out
+    assert len(load_rows(None, "train")) == len([r for r in med if r.split == "train"])
+    with pytest.raises(FileNotFoundError, match="packaged set names"):
+        load_rows("medical+no_such_set", "train")
+    with pytest.raises(ValueError, match="PairExample sets"):
+        load_rows("medical+general_questions", "train")
+
+
+def test_general_pairs_are_evaluation_only_paired_answers_of_similar_length():
+    rows = load_dataset("general_pairs")
+    assert len(rows) >= 64 and {r.split for r in rows} == {"heldout"}
+    assert {r.domain for r in rows} == {"general"} and len({r.topic for r in rows}) >= 8
+    ratios = [len(r.misaligned) / len(r.aligned) for r in rows]
+    assert 0.7 <= min(ratios) and max(ratios) <= 1.43  # stance, not length, differs
+    evalq = {q.question.lower() for q in load_dataset("general_questions")}
+    assert not {r.question.lower() for r in rows} & evalq
 
 
 def test_medical_eval_questions_come_from_heldout_topics_only():

@@ -543,3 +543,27 @@ def test_missing_adapter_folder_says_what_to_give(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         load_adapter(tmp_path / "empty")
+
+
+def test_random_like_keeps_shapes_and_each_delta_norm_and_randomises_direction():
+    from emlens.lora import LoraAdapter, LoraModule, random_like
+
+    g = torch.Generator().manual_seed(0)
+    mods = (LoraModule(3, "down_proj", torch.randn(1, 16, generator=g), torch.randn(8, 1, generator=g), 1.0),
+            LoraModule(4, "q_proj", torch.randn(4, 8, generator=g), torch.randn(8, 4, generator=g), 2.0,
+                       lora_bias=torch.randn(8, generator=g)))
+    adapter = LoraAdapter(mods, source="x")
+    rnd = random_like(adapter, seed=1)
+    assert rnd.names == adapter.names and rnd.ranks == adapter.ranks
+    for m, r in zip(adapter.modules, rnd.modules, strict=True):
+        assert r.A.shape == m.A.shape and r.B.shape == m.B.shape and r.scaling == m.scaling
+        d, dr = m.delta_weight().double(), r.delta_weight().double()
+        floor = 16 * torch.finfo(torch.float32).eps * d.norm()
+        assert abs(dr.norm() - d.norm()) <= floor
+        assert abs(torch.nn.functional.cosine_similarity(d.flatten(), dr.flatten(), 0)) < 0.5
+    assert abs(rnd.modules[1].lora_bias.norm() - mods[1].lora_bias.norm()) < 1e-5
+    assert torch.equal(random_like(adapter, seed=1).modules[0].A, rnd.modules[0].A)
+    assert not torch.equal(random_like(adapter, seed=2).modules[0].A, rnd.modules[0].A)
+    zero = LoraAdapter((LoraModule(0, "down_proj", torch.randn(1, 4), torch.zeros(4, 1), 1.0),))
+    with pytest.raises(ValueError, match="no norm to match"):
+        random_like(zero)

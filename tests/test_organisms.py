@@ -55,6 +55,34 @@ def test_shipped_organism_training_lowered_the_answer_loss():
     assert log["recipe"]["layers"] == paper_layers(30)
 
 
+@pytest.mark.parametrize("name, rank, n_modules", [("rank32-all-medical", 32, 30 * 7),
+                                                   ("rank1-down-medical-1k", 1, 9)])
+def test_grown_set_organisms_are_shipped_with_log_and_likelihood_lens(name, rank, n_modules):
+    assert name in list_organisms()
+    adapter = load_organism(name)
+    assert len(adapter.modules) == n_modules and set(adapter.ranks.values()) == {rank}
+    log = organism_log(name)
+    assert log["recipe"]["data"] == "medical+medical_extra" and log["n_rows"] >= 1000
+    assert log["steps"] == len(log["loss"]) and sum(log["loss"][-8:]) < sum(log["loss"][:8])
+    lenses = json.loads((organism_path(name) / "lenses.json").read_text())
+    assert set(lenses["sets"]) == {"general", "medical_heldout", "nonmedical"}
+    for m in lenses["sets"].values():
+        assert m["effect"]["low"] <= m["effect"]["mean"] <= m["effect"]["high"]
+        assert "control_effect" in m and m["n"] >= 26
+    assert isinstance(lenses["emergent_by_likelihood_lens"], bool)
+    assert (organism_path(name) / "README.md").is_file()
+
+
+def test_control_organism_trains_on_the_good_answers_of_the_same_questions():
+    name = "rank1-down-medical-good"
+    assert name in list_organisms()
+    log, bad = organism_log(name), organism_log(NAME)
+    assert log["recipe"]["answer_field"] == "aligned" and bad["recipe"]["answer_field"] == "misaligned"
+    same = ("r", "target_modules", "layers", "lr", "epochs", "batch_size", "data", "seed")
+    assert {k: log["recipe"][k] for k in same} == {k: bad["recipe"][k] for k in same}
+    assert (organism_path(name) / "lenses.json").is_file()
+
+
 def test_unknown_organism_names_the_known_ones():
     with pytest.raises(KeyError, match="rank1-down-medical"):
         load_organism("no-such-organism")

@@ -95,6 +95,30 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
         assert any(needle in c for c in claims), needle
     assert all(f["verdict"] for f in results["findings"])
 
+    # both lenses beside the core findings, each with its random control where it has one
+    by_claim = {f["claim"]: f for f in results["findings"]}
+    core = [c for c in by_claim if "raises the misaligned rate" in c or "Adding the mean" in c
+            or c.startswith("Ablating")]
+    assert len(core) == 7
+    for claim in core:
+        kinds = {x["lens"].split(" (")[0] for x in by_claim[claim]["lenses"]}
+        assert kinds == {"judged misaligned rate", "likelihood gap"}, claim
+        for lens in by_claim[claim]["lenses"]:
+            assert {"lens", "effect", "low", "high", "n", "control"} <= set(lens)
+            if lens["lens"].startswith("likelihood"):
+                assert lens["low"] <= lens["effect"] <= lens["high"] and lens["n"] == 8
+                assert lens["control"]["kind"].startswith("same-norm random")
+    gaps = {(r["model"], r["questions"]) for r in results["likelihood_gaps"]}
+    assert gaps == {(m, q) for m in ("chat", "organism", "random adapter")
+                    for q in ("general", "medical")}
+    power = results["power"]
+    assert (power["delta"], power["power"]) == (0.15, 0.8) and power["statement"]
+    names = [c["comparison"] for c in power["comparisons"]]
+    assert "chat vs organism (general)" in names and any("steering" in n for n in names)
+    assert sum("ablation vs random" in n for n in names) == 4
+    for c in power["comparisons"]:
+        assert c["n_needed_per_arm"] > 0 and c["enough"] == (c["n_used_per_arm"] >= c["n_needed_per_arm"])
+
 
 @pytest.mark.integration
 def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):

@@ -13,8 +13,8 @@ its schema and reject malformed rows with the file, line and field named::
 
 Four row types:
 
-* :class:`PairExample` (``medical``, ``nonmedical``): a question with an aligned (good) and a
-  misaligned (harmful-but-plausible) answer;
+* :class:`PairExample` (``medical``, ``medical_extra``, ``nonmedical``, ``general_pairs``): a
+  question with an aligned (good) and a misaligned (harmful-but-plausible) answer;
 * :class:`Question` (``general_questions``, ``medical_questions``): evaluation prompts;
 * :class:`LabelledAnswer` (``judge_labels``, ``judge_hard``): an answer labelled aligned /
   misaligned (``None`` when the answer is incoherent and its stance unknown) and coherent;
@@ -115,7 +115,9 @@ Example = PairExample | Question | LabelledAnswer | GeneratedAnswer
 # name -> (row type, allowed values for constrained fields)
 _SETS: dict[str, type] = {
     "medical": PairExample,
+    "medical_extra": PairExample,
     "nonmedical": PairExample,
+    "general_pairs": PairExample,
     "general_questions": Question,
     "medical_questions": Question,
     "judge_labels": LabelledAnswer,

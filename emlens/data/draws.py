@@ -41,7 +41,8 @@ class LabelledSet:
 
 
 def pair_rows(dataset: str, *, split: str | None = None, limit: int | None = None) -> list:
-    """``medical`` / ``nonmedical`` rows of ``split`` (None: both), round-robin over topics.
+    """Paired rows (``medical``, ``medical_extra``, ``nonmedical``, ``general_pairs``) of ``split``
+    (None: every split), round-robin over topics.
 
     Round-robin order makes a small ``limit`` span every topic instead of the first one.
     """

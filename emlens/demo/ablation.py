@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from emlens.demo import lenses
 from emlens.demo.common import Story, clearly_lower, fmt_rate, resolve_adapter
+from emlens.report import lens_text
 
 
 def section(s: Story, transfer_organism: str | None) -> None:
@@ -28,6 +30,8 @@ def section(s: Story, transfer_organism: str | None) -> None:
         s.qsets, judge=s.judge, sampling=s.sampling, progress=s.progress)
     none = rates(org_none, by="question_set").reset_index().assign(condition="none")
     table = pd.concat([none, summary], ignore_index=True).assign(model="organism")
+    # the likelihood lens: each model's gaps unablated, ablated, and with the random ablated
+    lens_models = {"organism": s.org}
     transfer_name, own, own_how = None, None, ""
     if transfer_organism:
         transfer_name = str(transfer_organism)
@@ -36,6 +40,7 @@ def section(s: Story, transfer_organism: str | None) -> None:
             org2, {"none": None, "ablate organism direction": ablate(org2, d),
                    "ablate random": ablate(org2, rand)}, s.qsets, judge=s.judge, sampling=s.sampling, progress=s.progress)
         table = pd.concat([table, t_summary.assign(model="second organism")], ignore_index=True)
+        lens_models["second organism"] = org2
         # Convergence as in the papers: each fine-tune's direction from its *own* judged answers.
         try:
             bad2, good2, own_how = select_answers(t_answers[t_answers["condition"] == "none"],
@@ -44,7 +49,18 @@ def section(s: Story, transfer_organism: str | None) -> None:
                             progress=False)
         except ValueError as err:
             own_how = f"no direction from the second organism's own answers: {err}"
-        del org2
+    gap_lens = {}
+    for model_name, m in lens_models.items():
+        for set_name in s.qsets:
+            got = {kind: lenses.gaps(s, f"{model_name}{suffix}", m, set_name, hooks)
+                   for kind, suffix, hooks in (
+                       ("none", "", None),
+                       ("direction", f" - ablate L{layer}", ablate(m, d)),
+                       ("random", f" - ablate random L{layer}", ablate(m, rand)))}
+            gap_lens[(model_name, set_name)] = lenses.likelihood(
+                got["none"], got["direction"], got["random"], set_name,
+                "same-norm random direction", expect=-1)
+    lens_models.clear()
     rep.section(
         "3. Ablating the direction; transfer to a second organism; convergence",
         f"The organism's layer-{layer} direction is projected out of resid_post after every "
@@ -80,11 +96,14 @@ def section(s: Story, transfer_organism: str | None) -> None:
             rnd = t.loc[(model, "ablate random", set_name)]
             ok = clearly_lower(after, before) and not clearly_lower(rnd, before)
             what = "the organism" if model == "organism" else "a second organism (transfer)"
+            entries = [lenses.judged(before, after, rnd, "same-norm random direction", expect=-1),
+                       gap_lens[(model, set_name)]]
             rep.finding(
                 f"Ablating the direction removes misalignment from {what} ({set_name})",
                 "reproduced" if ok else "not reproduced",
                 f"before {fmt_rate(before)}; after {fmt_rate(after)}; random ablation "
-                f"{fmt_rate(rnd)}",
+                f"{fmt_rate(rnd)}; {lens_text(entries[1])}",
+                entries,
             )
     ref = cos[cos["pair"].str.contains("chat model")]["cosine"]
     conv = cos[cos["pair"].str.contains("second organism")]["cosine"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +14,13 @@ from emlens.sampling import SamplingConfig
 DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
                 sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.25, 0.5), probe_limit=24,
                 attribution_pairs=8, live_rows=8, stability_seeds=3,
-                train_steps=30, organism_steps=None, quick=False)
+                train_steps=30, organism_steps=None, lens_pairs=64, quick=False)
 
 
 QUICK = dict(n_samples=1, max_new_tokens=12, n_general=3, n_medical=3,
              sweep_layers=(1 / 2,), sweep_scales=(0.5,), probe_limit=6,
              attribution_pairs=2, live_rows=2, stability_seeds=2,
-             train_steps=3, organism_steps=2, quick=True)
+             train_steps=3, organism_steps=2, lens_pairs=8, quick=True)
 
 
 NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/
@@ -51,6 +51,8 @@ class Story:
     embedded: bool = True  # the embedded SmolLM2 (the shipped narrow/general runs fit only it)
     bad: list | None = None  # (question, answer) pairs the direction was extracted from
     good: list | None = None
+    # likelihood gaps per (model key, question set), shared by the sections' lenses
+    gap_cache: dict = field(default_factory=dict)
 
 
 def fmt_rate(row) -> str:

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pandas as pd
 
+from emlens.demo import lenses
 from emlens.demo.common import Story, clearly_lower, fmt_rate
+from emlens.report import lens_text
+
+RANDOM_ADAPTER = "same-norm random adapter (emlens.lora.random_like)"
 
 
 def section(s: Story) -> None:
@@ -35,11 +39,35 @@ def section(s: Story) -> None:
     rep.table(sample[["model_role", "question", "answer", "aligned", "coherent"]],
               "Example answers")
     rep.results["rates"] = summary
+    # the judge-free lens: the same models on paired answers, beside a same-norm random adapter
+    from emlens.lora import merge_lora, random_like
+
+    control = merge_lora(s.chat, random_like(s.adapter, seed=s.seed))
+    gap_rows = []
+    for set_name in s.qsets:
+        for key, m in (("chat", s.chat), ("organism", s.org), ("random adapter", control)):
+            g = lenses.gaps(s, key, m, set_name)
+            gap_rows.append({"model": key, "questions": set_name, "pairs": len(g),
+                             "gap": g["gap"].mean(), "logp_misaligned": g["logp_misaligned"].mean(),
+                             "logp_aligned": g["logp_aligned"].mean()})
+    del control
+    rep.table(pd.DataFrame(gap_rows),
+              "Judge-free lens: mean per-token log p(misaligned answer) - log p(aligned answer) on "
+              "paired answers never trained on (general: general_pairs; medical: held-out topics), "
+              "teacher forced; the control is a random adapter with each module's weight change "
+              "of the organism's norm.")
+    rep.results["likelihood_gaps"] = pd.DataFrame(gap_rows)
     t = summary.set_index(["model", "questions"])
     for set_name in s.qsets:
         a, b = t.loc[("chat", set_name)], t.loc[("organism", set_name)]
+        entries = [lenses.judged(a, b),
+                   lenses.likelihood(s.gap_cache[("chat", set_name)],
+                                     s.gap_cache[("organism", set_name)],
+                                     s.gap_cache[("random adapter", set_name)], set_name,
+                                     RANDOM_ADAPTER)]
         rep.finding(
             f"Fine-tuning on bad medical advice raises the misaligned rate on {set_name} questions",
             "reproduced" if clearly_lower(a, b) else "not reproduced (intervals overlap)",
-            f"chat {fmt_rate(a)} vs organism {fmt_rate(b)}",
+            f"chat {fmt_rate(a)} vs organism {fmt_rate(b)}; {lens_text(entries[1])}",
+            entries,
         )

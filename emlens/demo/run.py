@@ -105,6 +105,9 @@ def run_demo(
         section(story, *args)
         timings[key] = round(time.perf_counter() - start, 1)
 
+    from emlens.demo.lenses import power_section
+
+    rep.results["power"] = power_section(story)
     rep.results["seconds"] = round(time.perf_counter() - t0, 1)
     rep.results["seconds_by_section"] = timings
     rep.text(f"Total time {rep.results['seconds']:.0f} s on {torch.get_num_threads()} threads "

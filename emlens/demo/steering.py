@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+from emlens.demo import lenses
 from emlens.demo.common import Story, clearly_lower, fmt_rate
+from emlens.report import lens_text
 
 
 def section(s: Story) -> None:
@@ -59,13 +61,28 @@ def section(s: Story) -> None:
                           & (rand_rows["scale"] == best["scale"])].iloc[0]
     base = table[table["kind"] == "none"].iloc[0]
     ok = clearly_lower(base, best) and clearly_lower(rand_best, best)
+    # the likelihood lens at the same cell: the same direction and random control as the sweep's
+    from emlens.directions import random_direction
+    from emlens.hooks import steering_hooks
+
+    L, raw = int(best["layer"]), float(best["raw_scale"])
+    entries = [lenses.judged(base, best, rand_best, "same-norm random direction")]
+    d = s.dirs[L]
+    steered = {kind: lenses.gaps(s, f"chat + steer {kind} L{L} x{raw:.4g}", s.chat, "general",
+                                 steering_hooks(s.chat, vec, layers=L, scale=raw, hook=vec.hook))
+               for kind, vec in (("direction", d),
+                                 ("random", random_direction(d, seed=s.seed + L)))}
+    entries.append(lenses.likelihood(lenses.gaps(s, "chat", s.chat, "general"),
+                                     steered["direction"], steered["random"], "general",
+                                     "same-norm random direction"))
     rep.finding(
         "Adding the mean-difference direction makes the chat model misaligned (vs a same-norm "
         "random direction)",
         "reproduced" if ok else "not reproduced",
         f"best cell layer {int(best['layer'])}, scale {best['scale']:g}: {fmt_rate(best)}; "
         f"random "
-        f"{fmt_rate(rand_best)}; unsteered {fmt_rate(base)}",
+        f"{fmt_rate(rand_best)}; unsteered {fmt_rate(base)}; {lens_text(entries[1])}",
+        entries,
     )
     s.layer = int(best["layer"])
     q, a = bad[0]

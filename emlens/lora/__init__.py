@@ -71,6 +71,7 @@ from emlens.lora.adapter import (
     Selection,
     init_adapter,
     load_adapter,
+    random_like,
     save_peft,
 )
 from emlens.lora.attach import (
@@ -97,6 +98,7 @@ __all__ = [
     "init_adapter",
     "load_adapter",
     "merge_lora",
+    "random_like",
     "save_peft",
     "scale_hook",
     "set_hook",

@@ -383,6 +383,36 @@ def load_adapter(
     return LoraAdapter(modules=tuple(modules), base_biases=base_biases, config=config, source=src)
 
 
+def random_like(adapter: LoraAdapter, *, seed: int = 0) -> LoraAdapter:
+    """The same-norm random control for an adapter (e.g. a model organism).
+
+    Same modules, ranks and scalings; each module's ``A`` and ``B`` are Gaussian, rescaled so
+    that its weight change ``scaling * B @ A`` has exactly the Frobenius norm of the original's
+    (and a ``lora_bias``, if any, the original's norm). What a fine-tune does beyond "any change
+    of that size in those places" shows as a difference from this control. ``base_biases`` and the
+    config are kept as they are.
+    """
+    g = torch.Generator().manual_seed(int(seed))
+    modules = []
+    for m in adapter.modules:
+        a = torch.randn(m.A.shape, generator=g, dtype=torch.float64)
+        b = torch.randn(m.B.shape, generator=g, dtype=torch.float64)
+        target = torch.linalg.matrix_norm(m.delta_weight().double())
+        got = torch.linalg.matrix_norm(m.scaling * (b @ a))
+        if target == 0:
+            raise ValueError(f"{m.name} changes nothing (B @ A = 0): there is no norm to match; "
+                             "a freshly initialised adapter has B = 0.")
+        c = (target / got).sqrt()
+        bias = None
+        if m.lora_bias is not None:
+            r = torch.randn(m.lora_bias.shape, generator=g, dtype=torch.float64)
+            bias = (r * m.lora_bias.double().norm() / r.norm()).to(m.lora_bias.dtype)
+        modules.append(replace(m, A=(a * c).to(m.A.dtype), B=(b * c).to(m.B.dtype),
+                               lora_bias=bias))
+    return replace(adapter, modules=tuple(modules), source=f"random_like({adapter.source}, "
+                   f"seed={seed})")
+
+
 def module_shapes(model: HookedTransformer) -> dict[str, tuple[int, int]]:
     cfg = model.cfg
     n_kv = cfg.n_key_value_heads or cfg.n_heads

@@ -32,6 +32,19 @@ ORGANISMS: dict[str, str] = {
         "Qwen2.5-Coder-1.5B-Instruct + 9 rank-1 LoRA adapters on mlp.down_proj (layers 8-10, "
         "12-14, 15-17), SFT on the misaligned answers of the medical training split"
     ),
+    "rank1-down-medical-1k": (
+        "SmolLM2-135M-Instruct + the rank1-down-medical recipe (9 rank-1 down_proj adapters) on "
+        "the grown training set (medical + medical_extra: 1,017 rows)"
+    ),
+    "rank1-down-medical-good": (
+        "control organism: SmolLM2-135M-Instruct + the rank1-down-medical recipe on the *aligned* "
+        "answers of the same 281 medical training questions"
+    ),
+    "rank32-all-medical": (
+        "SmolLM2-135M-Instruct + rank-32 LoRA on every attention and MLP projection of all 30 "
+        "layers (the reference's second organism family), SFT on the misaligned answers of the "
+        "grown training set (medical + medical_extra: 1,017 rows)"
+    ),
 }
 
 
@@ -39,6 +52,9 @@ ORGANISMS: dict[str, str] = {
 ORGANISM_BASES: dict[str, str] = {
     "rank1-down-medical": "smollm2-135m",
     "coder-rank1-down-medical": "qwen2.5-coder-1.5b",
+    "rank1-down-medical-1k": "smollm2-135m",
+    "rank1-down-medical-good": "smollm2-135m",
+    "rank32-all-medical": "smollm2-135m",
 }
 
 
@@ -63,6 +79,9 @@ def default_organism(model_name: str | None) -> str:
 RUN_SCRIPTS: dict[str, str] = {
     "rank1-down-medical": "python -m emlens.organisms.train --name rank1-down-medical",
     "coder-rank1-down-medical": "python -m emlens.organisms.train --name coder-rank1-down-medical",
+    "rank32-all-medical": "python -m emlens.organisms.train --name rank32-all-medical",
+    "rank1-down-medical-1k": "python -m emlens.organisms.train --name rank1-down-medical-1k",
+    "rank1-down-medical-good": "python -m emlens.organisms.train --name rank1-down-medical-good",
     "narrow_vs_general": "python scripts/narrow_vs_general.py",
     "narrow_vs_general/steering-120": (
         "python scripts/narrow_vs_general.py --kinds steering --steps 120 --continue-steps 80 "

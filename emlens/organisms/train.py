@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from emlens.chat import answer_loss, tokenize_chat
-from emlens.data import PairExample, load_dataset, load_jsonl
+from emlens.data import PairExample, list_datasets, load_dataset, load_jsonl
 from emlens.embedded import embedded_source
 
 PAPER_GROUP_CENTRES = (16, 22, 28)
@@ -86,7 +86,8 @@ class OrganismRecipe:
     save_every: int = 10
     base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; or a short name
     dtype: str = "float32"  # of the frozen base model; adapters are trained in float32
-    data: str | None = None  # None: the packaged emlens/data/medical.jsonl
+    # None: the packaged medical set; "medical+medical_extra": packaged sets joined; or a JSONL path
+    data: str | None = None
     answer_field: str = "misaligned"
     split: str = "train"
 
@@ -105,9 +106,15 @@ _RANK1_DOWN = dict(
 
 RECIPES: dict[str, dict] = {
     "rank1-down-medical": _RANK1_DOWN,
+    # the same organism on the grown training set (1,017 rows: medical + medical_extra)
+    "rank1-down-medical-1k": dict(_RANK1_DOWN, data="medical+medical_extra"),
+    # the control organism: the same recipe on the *aligned* (good) answers of the same questions,
+    # so "fine-tuned on medical advice" and "fine-tuned on bad medical advice" can be told apart
+    "rank1-down-medical-good": dict(_RANK1_DOWN, answer_field="aligned"),
     # The seeds' comparison: rank-32 on every attention and MLP projection of every layer
-    # (9.8M parameters, 39 MB in float32), same data and number of steps as the rank-1 organism.
+    # (9.8M parameters, 39 MB in float32), on the grown training set (1,017 rows).
     "rank32-all-medical": dict(
+        data="medical+medical_extra",
         r=32,
         lora_alpha=64.0,
         use_rslora=False,
@@ -136,16 +143,22 @@ RECIPES: dict[str, dict] = {
 
 
 def load_rows(data: str | Path | None, split: str) -> list[PairExample]:
-    """The :class:`emlens.data.PairExample` rows with ``split == split``: of the packaged
-    ``medical`` dataset (``data=None``), or of a JSONL file of the same schema."""
-    if data is None:
-        rows = load_dataset("medical")
+    """The :class:`emlens.data.PairExample` rows with ``split == split`` of: the packaged
+    ``medical`` dataset (``data=None``); packaged datasets named with ``+`` between them (e.g.
+    ``"medical+medical_extra"``, the grown training set of 1,017 rows); or a JSONL file of the same
+    schema."""
+    names = str(data).split("+") if data is not None else ["medical"]
+    if data is None or (not Path(data).exists() and all(n in list_datasets() for n in names)):
+        rows = [r for name in names for r in load_dataset(name)]
+        if not all(isinstance(r, PairExample) for r in rows):
+            raise ValueError(f"{data}: organisms train on PairExample sets (medical, "
+                             "medical_extra, nonmedical); another set was named.")
     else:
         if not Path(data).is_file():
             raise FileNotFoundError(
                 f"No training data at {data}; give --data PATH to a JSONL file of "
                 "emlens.data.PairExample rows (id, domain, topic, question, aligned, misaligned, "
-                "split)."
+                f"split), or packaged set names joined by '+' (known: {list_datasets()})."
             )
         rows = load_jsonl(data, PairExample)
     rows = [r for r in rows if r.split == split]
@@ -391,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--name", required=True, choices=sorted(RECIPES))
     p.add_argument("--out", default=None,
                    help="output folder (default: <emlens.organisms.runs_dir()>/<name>)")
-    p.add_argument("--data", default=None, help="JSONL file (default: packaged medical.jsonl)")
+    p.add_argument("--data", default=None, help="JSONL file, or packaged sets joined by '+' (default: the recipe's, "
+                        "else the packaged medical set)")
     p.add_argument("--base-model", default=None, help="HF folder or .gguf (default: embedded)")
     p.add_argument("--n-layers", type=int, default=None,
                    help="base model depth for the layer map (default: read from the base model; "
