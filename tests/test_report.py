@@ -224,3 +224,24 @@ def test_least_sure_answers_sit_nearest_a_threshold():
     assert list(chat["answer"]) == ["near aligned", "near coherent"]
     assert list(chat["margin"]) == [1.0, 2.0]
     assert len(out[out["model_role"] == "organism"]) == 2
+
+
+def test_judged_lens_supports_a_claim_only_beyond_zero_and_beyond_its_control():
+    from emlens.demo.lenses import judged
+    from emlens.report import lens_text
+
+    base = {"k": 13, "n": 21}
+    # steering cell 4/4 vs a random control that breaks the model (1/11): separated from the
+    # control, but the effect's own interval still includes zero -> does not support
+    small = judged(base, {"k": 4, "n": 4}, {"k": 1, "n": 11}, "random")
+    assert small["separated"] and small["low"] < 0 and not small["supports_claim"]
+    big = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random")
+    assert big["supports_claim"] and "supports the claim" in lens_text(big)
+    down = judged({"k": 40, "n": 60}, {"k": 2, "n": 60}, {"k": 39, "n": 60}, "random", expect=-1)
+    assert down["supports_claim"] and down["expected"] == "decrease"
+    wrong_way = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random",
+                       expect=-1)
+    assert wrong_way["separated"] and not wrong_way["supports_claim"]
+    assert "not the predicted decrease" in lens_text(wrong_way)
+    empty = judged(base, {"k": 0, "n": 0})
+    assert not empty["supports_claim"] and empty["control"] is None

@@ -11,8 +11,9 @@ likelihood gap on paired answers, each beside its random control.
 
 Each lens entry is ``{"lens", "effect", "low", "high", "n", "control", "separated", "expected",
 "supports_claim"}``: a lens says an effect is real when its interval does not overlap the
-control's (without a control: when it excludes zero), and supports the finding's claim when it is
-also of the sign the claim predicts (``expected``: ``"increase"`` or ``"decrease"``).
+control's (without a control: when it excludes zero), and supports the finding's claim when its
+own interval also excludes zero on the side the claim predicts (``expected``: ``"increase"`` or
+``"decrease"``).
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ def gaps(s: Story, key: str, model, set_name: str, hooks=None):
 
 
 def _verdict(entry: dict, expect: int) -> dict:
+    """Supports the claim: separated from the control, and the effect's own interval excludes
+    zero on the side the claim predicts."""
     entry["expected"] = "increase" if expect > 0 else "decrease"
-    entry["supports_claim"] = bool(entry["separated"] and entry["effect"] * expect > 0)
+    beyond_zero = entry["low"] > 0 if expect > 0 else entry["high"] < 0
+    entry["supports_claim"] = bool(entry["separated"] and beyond_zero)
     return entry
 
 
