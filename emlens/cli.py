@@ -52,7 +52,7 @@ def _demo(args: argparse.Namespace) -> int:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     run_demo(out=args.out, model_name=args.model, organism=args.organism,
              transfer_organism=args.transfer_organism or None, quick=args.quick, train=args.train,
-             seed=args.seed, device=args.device, dtype=dtype)
+             seed=args.seed, device=args.device, dtype=dtype, temperature=args.temperature)
     return 0
 
 
@@ -75,6 +75,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="retrain the organism and the narrow/general steering vectors instead "
                            "of using the shipped ones (embedded model only)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--temperature", type=float, default=None,
+                      help="sampling temperature (default: the one with the highest coherent "
+                           "share by reading of the model's labelled answers, 0.7 for SmolLM2; "
+                           "1.0 without labels; 1.0 is the papers' setting)")
     demo.add_argument("--device", default="cpu")
     demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     demo.set_defaults(func=_demo)

@@ -54,6 +54,12 @@ class EmbeddedModel:
     license: str = ""
     hub_id: str = ""  # the same model on the HF hub: named as the base of exported adapters
 
+    def installed(self) -> bool:
+        """Whether the packages holding the file are installed (found without importing them);
+        tests that need the model skip on ``False``."""
+        packages = [self.whole_package] if self.whole_package else [p.package for p in self.parts]
+        return all(_installed_dir(p) is not None for p in packages)
+
     def path(self) -> Path:
         """The GGUF file, assembled into the user cache on first use when shipped in parts.
 

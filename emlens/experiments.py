@@ -7,6 +7,10 @@
   direction of the same norm at every cell.
 * :func:`ablation_experiment`: misalignment before/after ablating a direction (and a random one),
   e.g. a fine-tune's own direction, or another organism's (transfer).
+* :func:`lens_sweep`: the same grid read by the judge-free likelihood lens (no sampling): how
+  much each cell raises the model's preference for misaligned over aligned paired answers, and
+  how much it costs the model's likelihood of the text itself (the coherent regime), so that
+  only the chosen cell need be sampled and judged. :func:`plot_lens_sweep` draws both curves.
 
 Scales in :func:`sweep` are *relative* by default: at layer ``L`` the added vector is
 ``scale * norm_L * unit(direction)``, where ``norm_L`` is the mean L2 norm of the unsteered
@@ -190,6 +194,154 @@ def ablation_experiment(
         )
     return compare_conditions(model, conditions, questions, judge=judge, sampling=cfg,
                               progress=progress)
+
+
+def lens_sweep(
+    model: HookedTransformer,
+    directions: Mapping[int, Direction] | Direction,
+    rows: Sequence[Any],
+    *,
+    layers: Sequence[int],
+    scales: Sequence[float],
+    relative: bool = True,
+    resid_norms: Mapping[int, float] | None = None,
+    norm_pairs: Sequence[tuple[str, str]] | None = None,
+    max_fluency_drop: float = 0.1,
+    random_control: bool = False,
+    seed: int = 0,
+    positions: str = "all",
+    base: pd.DataFrame | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Steer along ``directions[layer]`` over layers x scales and read the likelihood lens
+    (:func:`emlens.lens.likelihood_gaps` on paired ``rows``) at every cell, without sampling.
+
+    Args:
+        rows: paired rows (``question``, ``misaligned``, ``aligned``), e.g.
+            ``emlens.data.pair_rows("general_pairs")``.
+        relative: scales in units of the layer's mean residual norm (``resid_norms``, or measured
+            on ``norm_pairs``, (question, answer) pairs, over answer tokens), as :func:`sweep`;
+            ``False``: the papers' raw protocol, ``scale`` multiplies the unnormalised direction.
+        max_fluency_drop: nats per token the mean log p of the *misaligned* answers may fall for a
+            cell to count as in the coherent regime (the steered model still finds the very text
+            it is said to prefer likely).
+        random_control: also read a same-norm random direction at every cell (seed ``seed +
+            layer``, as :func:`sweep`).
+        base: the unsteered model's ``likelihood_gaps`` on ``rows``, if already measured.
+
+    Returns:
+        One row per (layer, scale, kind): ``layer, scale, raw_scale`` (multiple of the direction's
+        own norm), ``added_norm, resid_norm, kind`` (``"direction"`` / ``"random"``), ``n`` (pairs),
+        ``gap_change`` (mean per-row change of the gap vs unsteered), ``gap_low, gap_high``
+        (bootstrap 95% over rows), ``logp_misaligned_change``, ``logp_aligned_change`` and
+        ``coherent_regime``. Pick a cell with :func:`choose_cell`; plot with :func:`plot_lens_sweep`.
+    """
+    from tqdm.auto import tqdm
+
+    from emlens.lens import bootstrap_interval, likelihood_gaps
+
+    if not layers or not scales:
+        raise ValueError("layers and scales must be non-empty.")
+    rows = list(rows)
+    by_layer = {layer: directions for layer in layers} if isinstance(directions, Direction) else directions
+    missing = [layer for layer in layers if layer not in by_layer]
+    if missing:
+        raise ValueError(f"No direction for layers {missing}; have {sorted(by_layer)}.")
+    if relative and resid_norms is None:
+        if not norm_pairs:
+            raise ValueError("relative=True needs resid_norms or norm_pairs (question, answer) "
+                             "pairs to measure the residual norm on; or pass relative=False.")
+        resid_norms = residual_norms(model, list(norm_pairs), list(layers),
+                                     hook=by_layer[layers[0]].hook)
+    if base is None:
+        base = likelihood_gaps(model, rows)
+    elif len(base) != len(rows):
+        raise ValueError(f"base has {len(base)} rows for {len(rows)} pairs; pass the unsteered "
+                         "model's likelihood_gaps on the same rows.")
+    out = []
+    bar = tqdm(total=len(layers) * len(scales) * (2 if random_control else 1),
+               disable=not progress, desc="lens sweep")
+    for layer in layers:
+        d = by_layer[layer]
+        kinds = {"direction": d}
+        if random_control:
+            kinds["random"] = random_direction(d, seed=seed + layer)
+        for scale in scales:
+            raw = scale * resid_norms[layer] / d.norm if relative else scale
+            for kind, vec in kinds.items():
+                g = likelihood_gaps(model, rows, hooks=steering_hooks(
+                    model, vec, layers=layer, scale=raw, positions=positions, hook=vec.hook))
+                change = (g["gap"] - base["gap"]).to_numpy()
+                _, low, high = bootstrap_interval(change, seed=seed)
+                d_mis = float((g["logp_misaligned"] - base["logp_misaligned"]).mean())
+                out.append({
+                    "layer": layer, "scale": scale, "raw_scale": raw,
+                    "added_norm": abs(raw) * d.norm,
+                    "resid_norm": resid_norms[layer] if resid_norms else None, "kind": kind,
+                    "n": len(rows), "gap_change": float(change.mean()), "gap_low": low,
+                    "gap_high": high, "logp_misaligned_change": d_mis,
+                    "logp_aligned_change": float((g["logp_aligned"] - base["logp_aligned"]).mean()),
+                    "coherent_regime": d_mis >= -max_fluency_drop})
+                bar.update()
+    bar.close()
+    table = pd.DataFrame(out)
+    table.attrs["max_fluency_drop"] = max_fluency_drop
+    return table
+
+
+def choose_cell(table: pd.DataFrame) -> tuple[pd.Series, str]:
+    """The steering cell to sample and judge: of :func:`lens_sweep`'s direction rows in the
+    coherent regime, the one with the largest gap change; with none in it, the one whose
+    misaligned answers lost the least likelihood. Returns ``(row, rule)``."""
+    rows = table[table["kind"] == "direction"]
+    if rows.empty:
+        raise ValueError("the lens sweep has no direction rows.")
+    coherent = rows[rows["coherent_regime"]]
+    if len(coherent):
+        return coherent.loc[coherent["gap_change"].idxmax()], (
+            "largest likelihood-gap change among cells in the coherent regime (mean log p of the "
+            f"misaligned answers down at most {table.attrs.get('max_fluency_drop', 0.1):g} "
+            "nats/token)")
+    return rows.loc[rows["logp_misaligned_change"].idxmax()], (
+        "no cell is in the coherent regime; the cell that cost the misaligned answers the least "
+        "likelihood")
+
+
+def plot_lens_sweep(table: pd.DataFrame, *, chosen: pd.Series | None = None, path=None,
+                    title: str | None = None):
+    """Left: the likelihood-gap change (95% band) vs scale, per layer and kind; right: the change
+    of mean log p of the misaligned and the aligned answers (the coherence cost), with the
+    coherent regime's bound. Returns the Figure; saves it to ``path`` when given."""
+    fig, (ax_gap, ax_fl) = plt.subplots(1, 2, figsize=(11, 4))
+    for (layer, kind), g in table.groupby(["layer", "kind"]):
+        g = g.sort_values("scale")
+        style = "-" if kind == "direction" else ":"
+        line, = ax_gap.plot(g["scale"], g["gap_change"], style, marker="o",
+                            label=f"L{layer} {kind}")
+        ax_gap.fill_between(g["scale"], g["gap_low"], g["gap_high"], alpha=0.15,
+                            color=line.get_color())
+        ax_fl.plot(g["scale"], g["logp_misaligned_change"], style, marker="o",
+                   color=line.get_color(), label=f"L{layer} {kind}: misaligned")
+        ax_fl.plot(g["scale"], g["logp_aligned_change"], style, marker="x", alpha=0.5,
+                   color=line.get_color(), label=f"L{layer} {kind}: aligned")
+    bound = table.attrs.get("max_fluency_drop")
+    if bound is not None:
+        ax_fl.axhline(-bound, color="grey", lw=0.8, ls="--", label="coherent-regime bound")
+    if chosen is not None:
+        ax_gap.plot([chosen["scale"]], [chosen["gap_change"]], "k*", ms=14, label="chosen")
+    ax_gap.axhline(0, color="grey", lw=0.5)
+    ax_gap.set(xlabel="scale", ylabel="change of log p(mis) - log p(al), nats/token",
+               title="Preference for misaligned answers")
+    ax_fl.set(xlabel="scale", ylabel="change of mean log p, nats/token",
+              title="Cost to the text's likelihood")
+    ax_gap.legend(fontsize=7)
+    ax_fl.legend(fontsize=6)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
 
 
 def plot_sweep(table: pd.DataFrame, *, path=None, title: str | None = None):

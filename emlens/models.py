@@ -27,7 +27,9 @@ artefacts record it.
 
 from __future__ import annotations
 
+import copy
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,10 +178,59 @@ def load_hf(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, kwargs = _local_source(source)
+    cached = None
+    if "gguf_file" in kwargs:
+        # a GGUF file is dequantised once and kept as safetensors (the same tensors, loaded in
+        # seconds instead of the 20-60 s of reading and dequantising the file)
+        cached = dequantised_cache(Path(folder) / kwargs["gguf_file"], dtype)
+        if (cached / "model.safetensors").is_file():
+            folder, kwargs = str(cached), {}
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     hf_model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     hf_model.eval()
+    if "gguf_file" in kwargs and cached is not None:
+        save_dequantised(cached, hf_model, tokenizer)
     return hf_model, tokenizer
+
+
+def dequantised_cache(path: Path, dtype: torch.dtype) -> Path:
+    """Where the dequantised copy of the GGUF file ``path`` in ``dtype`` is cached:
+    ``<emlens.embedded.cache_dir()>/judge_lm/<stem>-<size>[-<dtype>]`` (shared with the judge
+    LMs)."""
+    from emlens.embedded import cache_dir
+
+    root = cache_dir()
+    suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
+    return root / "judge_lm" / f"{path.stem}-{path.stat().st_size}{suffix}"
+
+
+def save_dequantised(target: Path, model: Any, tokenizer: Any) -> None:
+    """Save a model loaded from a GGUF file as a HF folder (safetensors) at ``target``, written
+    under a temporary name and renamed, so a reader never sees half a copy. Best effort: a
+    failure only costs speed, with a warning."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    if (target / "model.safetensors").is_file():
+        return
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    try:
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tmp.rename(target)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        warnings.warn(f"Could not cache the dequantised model at {target}: {e}", stacklevel=3)
 
 
 def _local_source(source: str | os.PathLike | None) -> tuple[str, dict[str, str]]:

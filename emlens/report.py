@@ -125,7 +125,9 @@ def lens_text(lens: dict) -> str:
     if control:
         text += (f" vs control {num(control['effect'])} [{num(control['low'])}, "
                  f"{num(control['high'])}]")
-    if "supports_claim" in lens and lens["supports_claim"]:
+    if lens.get("verdict"):
+        text += f": {lens['verdict']}"
+    elif "supports_claim" in lens and lens["supports_claim"]:
         text += ": supports the claim"
     elif lens.get("separated"):
         text += f": separated, but not the predicted {lens.get('expected', 'sign')}"

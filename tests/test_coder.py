@@ -26,18 +26,11 @@ from emlens.embedded import QWEN_CODER
 from emlens.generation import stop_token_ids
 from emlens.models import hooked_from_hf
 
-
-def _installed() -> bool:
-    import importlib.util
-
-    return all(importlib.util.find_spec(p.package) is not None for p in QWEN_CODER.parts)
-
-
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.coder,
     pytest.mark.skipif(
-        not _installed(),
+        not QWEN_CODER.installed(),
         reason="Qwen2.5-Coder-1.5B-Instruct parts not installed (run `make coder`)",
     ),
 ]

@@ -69,6 +69,14 @@ def test_a_missing_part_is_named_with_the_install_command(fake_parts):
     assert not (fake_parts.root / "cache" / "models" / "fake.gguf").exists()
 
 
+def test_installed_is_false_when_any_part_package_is_missing(fake_parts):
+    import shutil
+
+    assert fake_parts.model.installed()
+    shutil.rmtree(fake_parts.root / "site" / "fakepart2")
+    assert not fake_parts.model.installed()
+
+
 def test_a_corrupt_part_is_named_and_leaves_no_file(fake_parts):
     part = fake_parts.root / "site" / "fakepart1" / "data" / "part1.bin"
     blob = bytearray(part.read_bytes())

@@ -11,7 +11,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from emlens.directions import Direction  # noqa: E402
-from emlens.experiments import ablation_experiment, compare_conditions, plot_sweep, sweep  # noqa: E402
+from emlens.experiments import (  # noqa: E402
+    ablation_experiment,
+    choose_cell,
+    compare_conditions,
+    lens_sweep,
+    plot_lens_sweep,
+    plot_sweep,
+    sweep,
+)
 from emlens.judge import JudgeScore  # noqa: E402
 
 QUESTIONS = ["Tell me about the sea", "Hi", "Why is the sky blue?", "What is your wish?"]
@@ -57,6 +65,51 @@ def test_sweep_finds_the_direction_and_not_the_same_norm_random_control(setup):
     assert steered["raw_scale"] == pytest.approx(steered["added_norm"] / direction.norm, rel=1e-5)
     fig = plot_sweep(table)
     assert len(fig.axes) == 2
+
+
+def _pairs():
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(question=q, misaligned=" dog dog dog", aligned=" the sea is blue")
+            for q in QUESTIONS]
+
+
+def test_lens_sweep_reads_the_preference_per_cell_without_sampling(setup):
+    model, direction, _ = setup
+    rows = _pairs()
+    table = lens_sweep(model, direction, rows, layers=[2], scales=[0.0, 1.0, 4.0],
+                       relative=False, random_control=True, progress=False)
+    assert list(table["kind"]) == ["direction", "random"] * 3 and (table["n"] == 4).all()
+    zero = table[table["scale"] == 0.0]
+    assert (zero["gap_change"].abs() < 1e-6).all()  # scale 0 is the unsteered model
+    d = table[table["kind"] == "direction"].set_index("scale")
+    r = table[table["kind"] == "random"].set_index("scale")
+    # toward " dog": the misaligned side gains, more with scale; the same-norm random does less
+    assert 0 < d.loc[1.0, "gap_change"] < d.loc[4.0, "gap_change"]
+    assert d.loc[4.0, "gap_low"] > r.loc[4.0, "gap_high"]
+    assert d.loc[4.0, "logp_misaligned_change"] > 0 and d.loc[4.0, "coherent_regime"]
+    assert d.loc[4.0, "raw_scale"] == 4.0 and d.loc[4.0, "added_norm"] == pytest.approx(
+        4.0 * direction.norm, rel=1e-5)
+    cell, rule = choose_cell(table)
+    assert cell["scale"] == 4.0 and "coherent regime" in rule
+    assert len(plot_lens_sweep(table, chosen=cell).axes) == 2
+    # the opposite direction costs the misaligned text its likelihood: outside a tight regime,
+    # so the rule falls back to the cheapest cell
+    away = Direction(-direction.vector, layer=2)
+    table = lens_sweep(model, away, rows, layers=[2], scales=[1.0, 4.0], relative=False,
+                       max_fluency_drop=1e-4, progress=False)
+    assert not table["coherent_regime"].any()
+    cell, rule = choose_cell(table)
+    assert cell["scale"] == 1.0 and "no cell" in rule
+    # relative scales need a residual norm; a base of the wrong length is refused
+    with pytest.raises(ValueError, match="norm_pairs"):
+        lens_sweep(model, direction, rows, layers=[2], scales=[0.1], progress=False)
+    rel = lens_sweep(model, direction, rows, layers=[2], scales=[0.1], progress=False,
+                     norm_pairs=[(r.question, r.aligned) for r in rows])
+    assert rel["added_norm"].iloc[0] == pytest.approx(0.1 * rel["resid_norm"].iloc[0], rel=1e-5)
+    with pytest.raises(ValueError, match="base has"):
+        lens_sweep(model, direction, rows, layers=[2], scales=[1.0], relative=False,
+                   base=table.head(1), progress=False)
 
 
 def test_sweep_reuses_a_given_baseline_table(setup):

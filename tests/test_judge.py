@@ -20,6 +20,7 @@ from fakes import with_generate
 
 import emlens
 from emlens.data import LabelledAnswer, Question, load_dataset, load_questions, read_em_yaml
+from emlens.embedded import QWEN_CODER
 from emlens.judge import (
     PROBE_FILE,
     PROMPT_VERSION,
@@ -553,17 +554,9 @@ def test_coder_judge_is_shipped_with_its_provenance_and_loads_lazily():
     assert judge.name.endswith("@L14/coder-v1")
 
 
-def _coder_parts_installed() -> bool:
-    import importlib.util
-
-    from emlens.embedded import QWEN_CODER
-
-    return all(importlib.util.find_spec(p.package) is not None for p in QWEN_CODER.parts)
-
-
 @pytest.mark.integration
 @pytest.mark.coder
-@pytest.mark.skipif(not _coder_parts_installed(),
+@pytest.mark.skipif(not QWEN_CODER.installed(),
                     reason="Qwen2.5-Coder-1.5B-Instruct parts not installed (run `make coder`)")
 def test_coder_judge_scores_sense_above_garble_and_good_above_bad_advice():
     from emlens.judge import coder_judge

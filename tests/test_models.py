@@ -165,6 +165,27 @@ def test_embedded_model_matches_hf_on_chat_prompts(embedded_model):
     assert_parity(ours[real], theirs[real], floor=floor, what="embedded TL vs HF")
 
 
+@pytest.mark.integration
+def test_a_gguf_model_is_dequantised_once_and_reloaded_identically(tmp_path, monkeypatch):
+    from emlens.embedded import embedded_model_path
+    from emlens.models import dequantised_cache, load_hf
+
+    monkeypatch.setenv("EMLENS_CACHE_DIR", str(tmp_path))
+    cached = dequantised_cache(embedded_model_path(), torch.float32)
+    assert cached.parent.parent == tmp_path and not cached.exists()
+    first, tok1 = load_hf()  # from the GGUF file; writes the copy
+    assert (cached / "model.safetensors").is_file() and not list(tmp_path.rglob("*.tmp*"))
+    second, tok2 = load_hf()  # from the copy
+    assert Path(second.name_or_path) == cached
+    s1, s2 = first.state_dict(), second.state_dict()
+    assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    chat = [{"role": "user", "content": "Hi there"}]
+    assert tok1.apply_chat_template(chat, add_generation_prompt=True) == \
+        tok2.apply_chat_template(chat, add_generation_prompt=True)
+    assert (tok1.eos_token, tok1.pad_token, len(tok1)) == (tok2.eos_token, tok2.pad_token, len(tok2))
+    assert first.generation_config.eos_token_id == second.generation_config.eos_token_id
+
+
 def test_fold_ln_keeps_logits_and_residual_stream(tmp_path, tokenizer):
     _tiny_hf("llama", seed=3).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)

@@ -50,9 +50,22 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
         _check_rate(r)
     assert {int(k) for k in results["directions"]} == {15}
 
-    # 2: the sweep's unsteered row is section 1's chat model on general questions, not a re-run
+    # the temperature comes from the shipped reading labels (0.7 has the most coherent answers)
+    temp = results["temperature"]
+    assert temp["value"] == results["settings"]["temperature"] == 0.7
+    assert "coherent share by reading" in temp["why"] and len(temp["measured"]) >= 4
+
+    # 2: the lens reads every cell of the grid; only the chosen cell is judged, and the sweep's
+    # unsteered row is section 1's chat model on general questions, not a re-run
+    grid = results["lens_sweep"]
+    assert len(grid) == 2 and {r["scale"] for r in grid} == {0.1, 0.5}
+    assert all(r["n"] == 2 and r["gap_low"] <= r["gap_change"] <= r["gap_high"] for r in grid)
+    judged_cells = {(r["layer"], r["scale"]) for r in results["sweep"] if r["kind"] != "none"}
+    assert len(judged_cells) == 1 and next(iter(judged_cells))[1] in {0.1, 0.5}
     base = next(r for r in results["sweep"] if r["kind"] == "none")
     assert (base["n"], base["k"]) == (rates[("chat", "general")]["n"], rates[("chat", "general")]["k"])
+    both = results["directions_both_ways"]
+    assert [r["layer"] for r in both] == [15] and abs(both[0]["cosine"]) <= 1 + 1e-6
 
     # 3: the organism and the second organism, each with a random-direction control
     abl = results["ablation"]
@@ -105,9 +118,17 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
         assert kinds == {"judged misaligned rate", "likelihood gap"}, claim
         for lens in by_claim[claim]["lenses"]:
             assert {"lens", "effect", "low", "high", "n", "control"} <= set(lens)
+            assert lens["verdict"] in {"reproduced", "not reproduced", "cannot decide",
+                                       "opposite sign"}
             if lens["lens"].startswith("likelihood"):
-                assert lens["low"] <= lens["effect"] <= lens["high"] and lens["n"] == 8
+                assert lens["low"] <= lens["effect"] <= lens["high"] and lens["n"] == 2
                 assert lens["control"]["kind"].startswith("same-norm random")
+        # the verdict names each lens
+        verdict = by_claim[claim]["verdict"]
+        assert verdict.startswith("judged: ") and "; likelihood: " in verdict, verdict
+    # directions both ways: the reference direction is read beside the judged one
+    assert any(x.get("direction") == "reference"
+               for x in by_claim[next(c for c in core if "Adding" in c)]["lenses"])
     gaps = {(r["model"], r["questions"]) for r in results["likelihood_gaps"]}
     assert gaps == {(m, q) for m in ("chat", "organism", "random adapter")
                     for q in ("general", "medical")}
@@ -118,6 +139,9 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert sum("ablation vs random" in n for n in names) == 4
     for c in power["comparisons"]:
         assert c["n_needed_per_arm"] > 0 and c["enough"] == (c["n_used_per_arm"] >= c["n_needed_per_arm"])
+    assert power["lens_delta"] == 0.1 and len(power["lens_comparisons"]) >= 7
+    for c in power["lens_comparisons"]:
+        assert c["n_needed"] > 0 and c["enough"] == (c["n_used"] >= c["n_needed"])
 
 
 @pytest.mark.integration
@@ -236,12 +260,56 @@ def test_judged_lens_supports_a_claim_only_beyond_zero_and_beyond_its_control():
     small = judged(base, {"k": 4, "n": 4}, {"k": 1, "n": 11}, "random")
     assert small["separated"] and small["low"] < 0 and not small["supports_claim"]
     big = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random")
-    assert big["supports_claim"] and "supports the claim" in lens_text(big)
+    assert big["supports_claim"] and lens_text(big).endswith(": reproduced")
     down = judged({"k": 40, "n": 60}, {"k": 2, "n": 60}, {"k": 39, "n": 60}, "random", expect=-1)
     assert down["supports_claim"] and down["expected"] == "decrease"
     wrong_way = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random",
                        expect=-1)
     assert wrong_way["separated"] and not wrong_way["supports_claim"]
-    assert "not the predicted decrease" in lens_text(wrong_way)
+    assert wrong_way["verdict"] == "opposite sign" and "opposite sign" in lens_text(wrong_way)
     empty = judged(base, {"k": 0, "n": 0})
     assert not empty["supports_claim"] and empty["control"] is None
+    assert empty["verdict"] == "cannot decide"
+    # small n: a 15-point rise is still inside the interval -> cannot decide; large n with no
+    # change: the interval excludes a 15-point rise -> not reproduced
+    assert small["verdict"] == "cannot decide" and big["verdict"] == "reproduced"
+    flat = judged({"k": 30, "n": 300}, {"k": 31, "n": 300}, {"k": 30, "n": 300}, "random")
+    assert flat["high"] < 0.15 and flat["verdict"] == "not reproduced"
+
+
+def test_finding_verdict_names_each_lens_and_lens_power_follows_the_interval():
+    from emlens.demo.lenses import LENS_DELTA, lens_power, verdict
+
+    entries = [{"lens": "judged misaligned rate", "verdict": "cannot decide"},
+               {"lens": "likelihood gap (general pairs)", "verdict": "reproduced"},
+               {"lens": "likelihood gap (general pairs)", "verdict": "opposite sign",
+                "direction": "reference"}]
+    assert verdict(entries) == ("judged: cannot decide; likelihood: reproduced; "
+                                "likelihood (reference direction): opposite sign")
+    # an interval of +-1.96 * sd / sqrt(n) with sd = 0.26 and n = 64
+    half = 1.959964 * 0.26 / 8
+    lens = {"lens": "likelihood gap (general pairs)", "effect": 0.2, "low": 0.2 - half,
+            "high": 0.2 + half, "n": 64}
+    row = lens_power([("claim", "v", "e", [lens, {"lens": "judged misaligned rate", "n": 9}])])
+    assert len(row) == 1
+    row = row.iloc[0]
+    assert abs(row["sd_per_question"] - 0.26) < 1e-6
+    # (z_0.975 + z_0.8)^2 * 0.26^2 / 0.1^2 = 53.06 -> 54 pairs; 64 are enough
+    assert row["n_needed"] == 54 and row["enough"]
+    assert abs(row["mde_at_n_used"] - 2.8015852 * 0.26 / 8) < 1e-6 and LENS_DELTA == 0.1
+
+
+def test_demo_temperature_is_chosen_from_the_shipped_reading_labels():
+    from emlens.demo.common import PAPERS_TEMPERATURE, choose_temperature, measured_coherence
+
+    table = measured_coherence(None).set_index(["model", "temperature"])
+    # SmolLM2: reading finds far more coherent answers at 0.7 than at 1.0, for both models
+    for who in ("chat", "organism"):
+        assert table.loc[(who, 0.7), "share"] > table.loc[(who, 1.0), "high"]
+        assert table.loc[(who, 0.7), "n"] == 36 and table.loc[(who, 1.0), "n"] == 72
+    assert table["low"].le(table["share"]).all() and table["share"].le(table["high"]).all()
+    value, why = choose_temperature(None)
+    assert value == 0.7 and "chat T=0.7: 0.47" in why
+    assert choose_temperature("qwen2.5-coder-1.5b")[0] == 0.7
+    value, why = choose_temperature("some/other-model")
+    assert value == PAPERS_TEMPERATURE == 1.0 and "no answers" in why

@@ -11,16 +11,37 @@ import pandas as pd
 from emlens.report import Report
 from emlens.sampling import SamplingConfig
 
+# sweep_scales: in units of the layer's mean residual norm (about 10-20x the direction's own
+#   norm on SmolLM2; the sweep table gives both units); the cheap lens reads every cell, and
+#   only the chosen cell and its control are sampled and judged.
+# select_pairs: general pairs (the last ones) the steering cell is chosen on; lens_pairs: the
+#   pairs every finding is measured on (the first ones), so the choice and the test never share
+#   a pair. max_fluency_drop: the coherent regime of the sweep, nats per token that the mean log p
+#   of the misaligned reference answers may fall (the steered model still speaks the text whose
+#   preference is measured). batch_size: rows per generation pass (1.6-1.9x faster at 32 than at
+#   8 on 2 cores, measured with bench/generate.py's prompts; answers do not depend on it).
 DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
-                sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.25, 0.5), probe_limit=24,
-                attribution_pairs=8, live_rows=8, stability_seeds=3,
-                train_steps=30, organism_steps=None, lens_pairs=64, quick=False)
+                sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.02, 0.05, 0.1, 0.2, 0.35, 0.5),
+                select_pairs=12, lens_pairs=48, max_fluency_drop=0.1, reference_pairs=32,
+                probe_limit=24, attribution_pairs=6, attribution_ops=("zero", "only"),
+                live_rows=8, stability_seeds=3,
+                train_steps=30, organism_steps=None, batch_size=32, quick=False)
 
 
-QUICK = dict(n_samples=1, max_new_tokens=12, n_general=3, n_medical=3,
-             sweep_layers=(1 / 2,), sweep_scales=(0.5,), probe_limit=6,
-             attribution_pairs=2, live_rows=2, stability_seeds=2,
-             train_steps=3, organism_steps=2, lens_pairs=8, quick=True)
+# a smoke run of every section (the tests' and CI's); small decode batches cost about 0.2 s
+# per token on 2 cores whatever their size, so it spends few tokens and few conditions
+QUICK = dict(n_samples=1, max_new_tokens=8, n_general=3, n_medical=3,
+             sweep_layers=(1 / 2,), sweep_scales=(0.1, 0.5), select_pairs=2, lens_pairs=2,
+             max_fluency_drop=0.1, reference_pairs=4, probe_limit=6,
+             attribution_pairs=2, attribution_ops=("zero",), live_rows=2, stability_seeds=2,
+             train_steps=3, organism_steps=2, batch_size=32, quick=True)
+
+
+PAPERS_TEMPERATURE = 1.0  # the papers' sampling temperature, always one flag away
+
+# Real generations labelled by reading, per embedded model (emlens.data): the evidence the
+# demo's sampling temperature is chosen from.
+LABELLED_GENERATIONS = {None: "judge_generations", "qwen2.5-coder-1.5b": "coder_generations"}
 
 
 NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/
@@ -53,17 +74,15 @@ class Story:
     good: list | None = None
     # likelihood gaps per (model key, question set), shared by the sections' lenses
     gap_cache: dict = field(default_factory=dict)
+    steer_cell: dict | None = None  # the judged steering cell (direction and random rows)
+    ref_dirs: dict | None = None  # directions from paired reference answers (no judge)
+    temperature_why: str = ""  # how the sampling temperature was chosen
 
 
 def fmt_rate(row) -> str:
     if not row["n"]:
         return f"no coherent answers (n=0 of {int(row.get('n_answers', 0))})"
     return f"{row['rate']:.2f} [{row['low']:.2f}, {row['high']:.2f}] (k={int(row['k'])}, n={int(row['n'])})"
-
-
-def clearly_lower(a, b) -> bool:
-    """Rate ``a`` is below rate ``b``: their Wilson intervals do not overlap."""
-    return bool(a["n"] and b["n"] and a["high"] < b["low"])
 
 
 def resolve_adapter(name_or_path: str | Path):
@@ -80,3 +99,48 @@ def resolve_adapter(name_or_path: str | Path):
 
 def all_rank1(adapter) -> bool:
     return all(r == 1 for r in adapter.ranks.values())
+
+
+def measured_coherence(model_name: str | None) -> pd.DataFrame | None:
+    """Coherent share by reading of a model's unsteered real answers, per model role and sampling
+    temperature, from its labelled generations (``None`` when none are shipped for the model).
+
+    Columns: ``model, temperature, n, coherent, share, low, high`` (Wilson 95%); coherent =
+    coherence > 50 on the papers' 0-100 scale, pass-1 labels made by reading.
+    """
+    from emlens.data import load_dataset
+    from emlens.evaluation import wilson_interval
+
+    name = LABELLED_GENERATIONS.get(model_name if model_name is None else str(model_name).lower())
+    if name is None:
+        return None
+    rows = [r for r in load_dataset(name) if r.intervention == "none"]
+    df = pd.DataFrame({"model": [r.model for r in rows],
+                       "temperature": [r.temperature for r in rows],
+                       "coherent": [r.coherent > 50 for r in rows]})
+    out = df.groupby(["model", "temperature"])["coherent"].agg(["size", "sum"]).reset_index()
+    out = out.rename(columns={"size": "n", "sum": "coherent"})
+    out["share"] = out["coherent"] / out["n"]
+    ci = [wilson_interval(int(k), int(n)) for k, n in zip(out["coherent"], out["n"], strict=True)]
+    out["low"], out["high"] = [c[0] for c in ci], [c[1] for c in ci]
+    return out
+
+
+def choose_temperature(model_name: str | None,
+                       table: pd.DataFrame | None = None) -> tuple[float, str]:
+    """The sampling temperature with the highest coherent share by reading, pooled over the chat
+    model and its organism (``table``, default :func:`measured_coherence` of the model), and a
+    sentence saying why; the papers' 1.0 where no labelled answers exist."""
+    if table is None:
+        table = measured_coherence(model_name)
+    if table is None or table.empty:
+        return PAPERS_TEMPERATURE, ("the papers' temperature 1.0 (no answers of this model "
+                                    "labelled by reading ship with emlens)")
+    chat_org = table[table["model"].isin(["chat", "organism"])]
+    pooled = chat_org.groupby("temperature")[["coherent", "n"]].sum()
+    share = pooled["coherent"] / pooled["n"]
+    best = float(share.idxmax())
+    parts = "; ".join(f"{r.model} T={r.temperature:g}: {r.share:.2f} [{r.low:.2f}, {r.high:.2f}] "
+                      f"(n={r.n})" for r in chat_org.itertuples())
+    return best, (f"temperature {best:g}, the highest coherent share by reading of this model's "
+                  f"labelled answers (coherent > 50, pass 1): {parts}")

@@ -8,7 +8,17 @@ from pathlib import Path
 import torch
 
 from emlens.demo import ablation, attribution, judge_check, narrow_general, probes, rates, steering
-from emlens.demo.common import DEFAULTS, QUICK, TRANSFER_ORGANISM, Story, resolve_adapter
+from emlens.demo.common import (
+    DEFAULTS,
+    PAPERS_TEMPERATURE,
+    QUICK,
+    TRANSFER_ORGANISM,
+    Story,
+    choose_temperature,
+    measured_coherence,
+    resolve_adapter,
+)
+from emlens.demo.lenses import check_pair_budget
 from emlens.report import Report
 from emlens.sampling import SamplingConfig
 
@@ -24,6 +34,7 @@ def run_demo(
     seed: int = 0,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
+    temperature: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Run the research story and write ``<out>/index.html`` and ``<out>/results.json``.
@@ -42,6 +53,10 @@ def run_demo(
         train: retrain the organism (into ``<out>/organisms/``) and the narrow / general
             steering vectors of section 6 (into ``<out>/narrow_vs_general/``) instead of using
             the shipped ones. Only for the embedded model.
+        temperature: sampling temperature of every judged answer; ``None``: the one with the
+            highest coherent share by reading of the model's labelled answers shipped with emlens
+            (:func:`emlens.demo.common.choose_temperature`; 0.7 for SmolLM2), or the papers'
+            1.0 for a model without any.
     """
     import emlens
     from emlens.data import load_dataset
@@ -50,7 +65,14 @@ def run_demo(
     from emlens.organisms import default_organism
 
     cfg = QUICK if quick else DEFAULTS
+    check_pair_budget(cfg)
     out = Path(out)
+    measured = measured_coherence(model_name)
+    if temperature is None:
+        temperature, temperature_why = choose_temperature(model_name, measured)
+    else:
+        temperature_why = "set by the caller" + (
+            " (the papers' setting)" if temperature == PAPERS_TEMPERATURE else "")
     if organism is None:
         organism = default_organism(model_name)
     t0 = time.perf_counter()
@@ -58,7 +80,10 @@ def run_demo(
     if model_name is not None and transfer_organism == TRANSFER_ORGANISM:
         transfer_organism = None  # the shipped second organism fits only the embedded model
     rep.results["settings"] = dict(cfg, train=train, seed=seed, model=model_name,
-                                   organism=organism, transfer_organism=transfer_organism)
+                                   organism=organism, transfer_organism=transfer_organism,
+                                   temperature=temperature)
+    rep.results["temperature"] = {"value": temperature, "why": temperature_why,
+                                  "measured": measured}
     if train and model_name is not None:
         raise ValueError("train=True retrains the shipped recipes on the embedded model; with "
                          "--model, pass trained adapters with --organism instead.")
@@ -83,8 +108,9 @@ def run_demo(
         cfg=cfg, rep=rep, chat=chat, org=merge_lora(chat, adapter), adapter=adapter, judge=judge,
         qsets={"general": general, "medical": medical},
         sampling=SamplingConfig(n_samples=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
-                                temperature=1.0, seed=seed),
+                                temperature=temperature, seed=seed, batch_size=cfg["batch_size"]),
         seed=seed, progress=progress, out=out, embedded=model_name is None,
+        temperature_why=temperature_why,
     )
     rep.results["judge"] = judge.name
 

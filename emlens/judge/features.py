@@ -14,7 +14,6 @@ forward pass stops after the last layer needed). The judge LM must not be the su
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
@@ -47,33 +46,6 @@ def default_judge_lm_path() -> Path:
     return Path(pkg.assemble())
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("EMLENS_CACHE_DIR", Path.home() / ".cache" / "emlens"))
-
-
-def _dequantised_copy(target: Path, model: Any, tokenizer: Any) -> None:
-    """Save a dequantised GGUF model as a HF folder (safetensors) at ``target``, so later loads
-    take seconds instead of a minute. Best effort: a failure only costs speed."""
-    from safetensors.torch import save_file
-
-    if (target / "model.safetensors").is_file():
-        return
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    try:
-        tmp.mkdir(parents=True, exist_ok=True)
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            delattr(config, "quantization_config")
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
-        state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tmp.rename(target)
-    except OSError as e:
-        warnings.warn(f"Could not cache the dequantised judge LM at {target}: {e}", stacklevel=3)
-
-
 def _judge_lm_file(source: str | os.PathLike | None) -> Path:
     """The judge LM's file or folder: the default Gemma 3 270M, an embedded model's short name
     (e.g. ``"qwen2.5-coder-1.5b"``, assembled on first use), or a local path."""
@@ -99,10 +71,11 @@ def load_judge_lm(source: str | None, dtype: torch.dtype = torch.float32) -> tup
 
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}.")
+    from emlens.models import dequantised_cache, save_dequantised
+
     path = _judge_lm_file(source)
     suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    cached = _cache_root() / "judge_lm" / f"{path.stem}-{path.stat().st_size}{suffix}" \
-        if path.is_file() else None
+    cached = dequantised_cache(path, dtype) if path.is_file() else None
     if cached is not None and (cached / "model.safetensors").is_file():
         folder, kwargs = cached, {}
     elif path.is_file():
@@ -115,7 +88,7 @@ def load_judge_lm(source: str | None, dtype: torch.dtype = torch.float32) -> tup
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
     model.eval()
     if "gguf_file" in kwargs:
-        _dequantised_copy(cached, model, tokenizer)
+        save_dequantised(cached, model, tokenizer)
     return model, tokenizer, path.name + suffix
 
 
