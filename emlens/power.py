@@ -44,7 +44,10 @@ def power_at(p0: float, delta: float, n: float, *, alpha: float = 0.05) -> float
     null_sd = math.sqrt(2 * pbar * (1 - pbar))
     alt_sd = math.sqrt(p0 * (1 - p0) + p1 * (1 - p1))
     z_a = _Z.inv_cdf(1 - alpha / 2)
-    return _Z.cdf((abs(delta) * math.sqrt(n) - z_a * null_sd) / alt_sd)
+    margin = abs(delta) * math.sqrt(n) - z_a * null_sd
+    if alt_sd == 0:  # 0% vs 100%: no sampling variance under the alternative
+        return 1.0 if margin > 0 else 0.0
+    return _Z.cdf(margin / alt_sd)
 
 
 def n_per_arm(p0: float, delta: float, *, power: float = 0.8, alpha: float = 0.05) -> int:

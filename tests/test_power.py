@@ -57,3 +57,14 @@ def test_bad_inputs_are_named():
         n_per_arm(0.9, 0.15)
     with pytest.raises(ValueError, match="power"):
         n_per_arm(0.1, 0.1, power=1.0)
+
+
+def test_power_of_zero_vs_one_is_decided_without_dividing_by_zero():
+    import warnings
+
+    from emlens.power import power_at
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert power_at(0.0, 1.0, 10) == 1.0
+        assert power_at(0.0, 1.0, 1) == 0.0  # 1 - 1.96 * sqrt(0.5) < 0: one answer per arm cannot

@@ -75,7 +75,9 @@ def section(s: Story, transfer_organism: str | None) -> None:
         f"The organism's layer-{layer} direction is projected out of resid_post after every "
         "block, in the organism and (transfer) in a second, independently trained fine-tune "
         f"({transfer_name or 'none given'}); the control projects out a same-norm random "
-        "direction. The unablated organism's rows are section 1's answers.",
+        "direction. The unablated organism's rows are section 1's answers. The likelihood lens "
+        "also reads the organism with section 2's reference-answer direction ablated the same way "
+        "(no judge in the loop).",
     )
     cols = ["model", "condition", "question_set", "n", "k", "rate", "low", "high",
             "mean_aligned", "mean_coherent"]

@@ -18,8 +18,10 @@ from emlens.sampling import SamplingConfig
 #   pairs every finding is measured on (the first ones), so the choice and the test never share
 #   a pair. max_fluency_drop: the coherent regime of the sweep, nats per token that the mean log p
 #   of the misaligned reference answers may fall (the steered model still speaks the text whose
-#   preference is measured). batch_size: rows per generation pass (1.6-1.9x faster at 32 than at
-#   8 on 2 cores, measured with bench/generate.py's prompts; answers do not depend on it).
+#   preference is measured). batch_size: rows per generation pass; answers do not depend on it.
+#   On 2 cores a decode step costs about the same at any small batch (the weights are read once
+#   per step): 8 general questions x 3 samples x 48 sampled tokens took 18.7 s at batch 8 and
+#   11.4 s in one batch of 24 (SmolLM2, float32, this round's measurement).
 DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
                 sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.02, 0.05, 0.1, 0.2, 0.35, 0.5),
                 select_pairs=12, lens_pairs=48, max_fluency_drop=0.1, reference_pairs=32,
