@@ -28,6 +28,7 @@ artefacts record it.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -195,13 +196,16 @@ def load_hf(
 
 def dequantised_cache(path: Path, dtype: torch.dtype) -> Path:
     """Where the dequantised copy of the GGUF file ``path`` in ``dtype`` is cached:
-    ``<emlens.embedded.cache_dir()>/judge_lm/<stem>-<size>[-<dtype>]`` (shared with the judge
-    LMs)."""
+    ``<emlens.embedded.cache_dir()>/judge_lm/<stem>-<size>-<where>[-<dtype>]`` (shared with the
+    judge LMs). ``where`` hashes the file's resolved path and modification time, so two
+    same-named, same-sized files (two fine-tunes of one base) never share a copy, and a file
+    rewritten in place gets a new one."""
     from emlens.embedded import cache_dir
 
-    root = cache_dir()
+    st = Path(path).stat()
+    where = hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return root / "judge_lm" / f"{path.stem}-{path.stat().st_size}{suffix}"
+    return cache_dir() / "judge_lm" / f"{Path(path).stem}-{st.st_size}-{where.hexdigest()[:12]}{suffix}"
 
 
 def save_dequantised(target: Path, model: Any, tokenizer: Any) -> None:

@@ -165,6 +165,26 @@ def test_embedded_model_matches_hf_on_chat_prompts(embedded_model):
     assert_parity(ours[real], theirs[real], floor=floor, what="embedded TL vs HF")
 
 
+def test_dequantised_cache_never_shares_a_copy_between_different_files(tmp_path, monkeypatch):
+    import os
+
+    from emlens.models import dequantised_cache
+
+    monkeypatch.setenv("EMLENS_CACHE_DIR", str(tmp_path / "cache"))
+    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
+    for f in (a, b):
+        f.parent.mkdir()
+        f.write_bytes(b"x" * 64)  # same name, same size: two fine-tunes of one base
+    assert dequantised_cache(a, torch.float32) != dequantised_cache(b, torch.float32)
+    assert dequantised_cache(a, torch.float32) == dequantised_cache(a, torch.float32)
+    assert dequantised_cache(a, torch.bfloat16).name.endswith("-bfloat16")
+    before = dequantised_cache(a, torch.float32)
+    st = a.stat()
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten in place
+    assert dequantised_cache(a, torch.float32) != before
+    assert before.parent == tmp_path / "cache" / "judge_lm"
+
+
 @pytest.mark.integration
 def test_a_gguf_model_is_dequantised_once_and_reloaded_identically(tmp_path, monkeypatch):
     from emlens.embedded import embedded_model_path
