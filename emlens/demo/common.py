@@ -32,7 +32,7 @@ DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
 
 # a smoke run of every section (the tests' and CI's); small decode batches cost about 0.2 s
 # per token on 2 cores whatever their size, so it spends few tokens and few conditions
-QUICK = dict(n_samples=1, max_new_tokens=8, n_general=3, n_medical=3,
+QUICK = dict(n_samples=1, max_new_tokens=6, n_general=3, n_medical=3,
              sweep_layers=(1 / 2,), sweep_scales=(0.1, 0.5), select_pairs=2, lens_pairs=2,
              max_fluency_drop=0.1, reference_pairs=4, probe_limit=6,
              attribution_pairs=2, attribution_ops=("zero",), live_rows=2, stability_seeds=2,
