@@ -113,10 +113,7 @@ def sweep(
     """
     if not layers or not scales:
         raise ValueError("layers and scales must be non-empty.")
-    by_layer = {layer: directions for layer in layers} if isinstance(directions, Direction) else directions
-    missing = [layer for layer in layers if layer not in by_layer]
-    if missing:
-        raise ValueError(f"No direction for layers {missing}; have {sorted(by_layer)}.")
+    by_layer = _by_layer(directions, layers)
     cfg = SamplingConfig.resolve(sampling, sampling_overrides, "sweep")
     common = dict(judge=judge, sampling=cfg, progress=progress)
     if baseline is None:
@@ -152,6 +149,17 @@ def sweep(
                              "added_norm": abs(raw) * d.norm, "resid_norm": norms[layer],
                              "kind": row["condition"], **_rate_cols(row)})
     return pd.DataFrame(rows)
+
+
+def _by_layer(directions: Mapping[int, Direction] | Direction,
+              layers: Sequence[int]) -> Mapping[int, Direction]:
+    """``{layer: Direction}`` for every layer (one Direction serves them all); ValueError naming
+    the layers that have none."""
+    by_layer = {layer: directions for layer in layers} if isinstance(directions, Direction) else directions
+    missing = [layer for layer in layers if layer not in by_layer]
+    if missing:
+        raise ValueError(f"No direction for layers {missing}; have {sorted(by_layer)}.")
+    return by_layer
 
 
 def _rate_cols(row) -> dict:
@@ -243,10 +251,7 @@ def lens_sweep(
     if not layers or not scales:
         raise ValueError("layers and scales must be non-empty.")
     rows = list(rows)
-    by_layer = {layer: directions for layer in layers} if isinstance(directions, Direction) else directions
-    missing = [layer for layer in layers if layer not in by_layer]
-    if missing:
-        raise ValueError(f"No direction for layers {missing}; have {sorted(by_layer)}.")
+    by_layer = _by_layer(directions, layers)
     if relative and resid_norms is None:
         if not norm_pairs:
             raise ValueError("relative=True needs resid_norms or norm_pairs (question, answer) "
