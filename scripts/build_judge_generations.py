@@ -151,13 +151,31 @@ def intervention_block(
     return emlens.ablate(model, vec, hook="writers")
 
 
-def load_questions(limit: int | None) -> list[tuple[str, str]]:
-    """(question_id, question) for the general then the medical evaluation questions."""
+def load_questions(limit: int | None, which: str = "all") -> list[tuple[str, str]]:
+    """(question_id, question) for the general then the medical evaluation questions
+    (``which``: ``all``, ``general`` or ``medical``)."""
     general = [(q.id, q.question) for q in emlens.load_dataset("general_questions")]
     medical = [(q.id, q.question) for q in emlens.load_dataset("medical_questions")]
     if limit is not None:
         general, medical = general[: limit // 2], medical[: limit - limit // 2]
-    return general + medical
+    return {"all": general + medical, "general": general, "medical": medical}[which]
+
+
+def parse_plain(specs: list[str]) -> list[Condition]:
+    """Plain (unsteered) conditions from ``MODEL:T:N`` specs, e.g. ``organism:0.7:8``."""
+    out = []
+    for spec in specs:
+        try:
+            model, temperature, n = spec.split(":")
+            cond = Condition(f"{model} T={float(temperature):g}", model, "none", float(temperature),
+                             int(n))
+        except ValueError:
+            raise SystemExit(f"--plain {spec!r}: expected MODEL:TEMPERATURE:SAMPLES, e.g. "
+                             "organism:0.7:8") from None
+        if model not in ("chat", "organism"):
+            raise SystemExit(f"--plain {spec!r}: the model is 'chat' or 'organism'")
+        out.append(cond)
+    return out
 
 
 def reference_pairs(limit: int | None) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -232,6 +250,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--organism", default="rank1-down-medical", help="shipped organism to merge")
     p.add_argument("--plain-only", action="store_true",
                    help="only the chat model and the organism, unsteered (no direction)")
+    p.add_argument("--plain", nargs="+", default=None, metavar="MODEL:T:N",
+                   help="only these unsteered conditions (implies --plain-only), e.g. "
+                   "chat:0.7:5 organism:0.7:8")
+    p.add_argument("--questions", choices=["all", "general", "medical"], default="all",
+                   help="which evaluation questions to answer")
     p.add_argument("--id-prefix", default="jg")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     return p.parse_args()
@@ -239,6 +262,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.plain_only = args.plain_only or bool(args.plain)
     torch.set_num_threads(args.threads)  # default 1: the machine is shared (2 cores)
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -255,8 +279,8 @@ def main() -> None:
             print(f"organism2 ({ORGANISM2}) did not load, skipped: {organism2_error}")
     timings["load"] = round(time.perf_counter() - t0, 1)
     if args.plain_only:
-        questions = load_questions(args.limit)
-        conds = conditions([], False, plain_only=True)
+        questions = load_questions(args.limit, args.questions)
+        conds = parse_plain(args.plain) if args.plain else conditions([], False, plain_only=True)
         rows = list(iter_rows(models, conds, questions, None, {}, args, timings))
         _write(args, rows, conds, timings, t0, chat, info={"organism": args.organism})
         return
@@ -283,7 +307,7 @@ def main() -> None:
     )
     print("raw scales (x direction):", {k: round(v, 3) for k, v in raw_scales.items()})
 
-    questions = load_questions(args.limit)
+    questions = load_questions(args.limit, args.questions)
     conds = conditions(args.rel_scales, "organism2" in models)
     rows = list(iter_rows(models, conds, questions, direction, raw_scales, args, timings))
     _write(args, rows, conds, timings, t0, chat, info={
