@@ -92,6 +92,7 @@ def sweep(
     sampling: SamplingConfig | None = None,
     progress: bool = True,
     baseline: pd.DataFrame | None = None,
+    resid_norms: Mapping[int, float] | None = None,
     **sampling_overrides: Any,
 ) -> pd.DataFrame:
     """Steer the model along ``directions[layer]`` for each layer x scale and judge the answers.
@@ -110,6 +111,9 @@ def sweep(
     ``baseline``: the judged answers (an :func:`emlens.evaluate` table) of the *unsteered* model
     on the same questions with the same settings, if you already have them; they give the
     ``"none"`` row and the residual norms instead of sampling and judging again.
+
+    ``resid_norms``: the mean residual norm per layer, if you already measured it (e.g. for
+    :func:`lens_sweep` on the same answers); otherwise it is measured on the baseline answers.
     """
     if not layers or not scales:
         raise ValueError("layers and scales must be non-empty.")
@@ -127,8 +131,14 @@ def sweep(
                              "DataFrame emlens.evaluate() returned for the unsteered model.")
         base_answers = baseline
         baseline_row = rates(baseline, by=None).iloc[0].to_dict()
-    pairs = list(zip(base_answers["question"], base_answers["answer"], strict=True))
-    norms = residual_norms(model, pairs, list(layers), hook=by_layer[layers[0]].hook)
+    if resid_norms is None:
+        pairs = list(zip(base_answers["question"], base_answers["answer"], strict=True))
+        norms = residual_norms(model, pairs, list(layers), hook=by_layer[layers[0]].hook)
+    else:
+        if missing := [L for L in layers if L not in resid_norms]:
+            raise ValueError(f"resid_norms has no norm for layers {missing}; measure them with "
+                             "emlens.directions.residual_norms or leave resid_norms=None.")
+        norms = dict(resid_norms)
     rows = [{"layer": None, "scale": 0.0, "raw_scale": 0.0, "added_norm": 0.0,
              "resid_norm": None, "kind": "none", **_rate_cols(baseline_row)}]
     for layer in layers:

@@ -137,6 +137,24 @@ def test_sweep_reuses_a_given_baseline_table(setup):
               baseline=base.drop(columns="aligned"), **kw)
 
 
+def test_sweep_takes_measured_residual_norms_and_scales_in_them(setup):
+    model, direction, judge = setup
+    from emlens.evaluation import evaluate
+
+    kw = dict(n_samples=1, max_new_tokens=3, temperature=0, progress=False)
+    base = evaluate(model, QUESTIONS, judge=judge, **kw)
+    measured = sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS,
+                     judge=judge, baseline=base, **kw)
+    given = sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
+                  baseline=base, resid_norms={2: 10.0}, **kw)
+    row = given[given["kind"] == "direction"].iloc[0]
+    assert row["resid_norm"] == 10.0 and row["raw_scale"] == pytest.approx(3.0 * 10.0 / 2.0)
+    assert measured[measured["kind"] == "direction"].iloc[0]["resid_norm"] != 10.0
+    with pytest.raises(ValueError, match="no norm for layers"):
+        sweep(model, direction, layers=[2], scales=[3.0], questions=QUESTIONS, judge=judge,
+              baseline=base, resid_norms={1: 10.0}, **kw)
+
+
 def test_ablation_removes_what_steering_added(setup):
     model, direction, judge = setup
     from emlens.hooks import steering_hooks

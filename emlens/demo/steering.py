@@ -71,7 +71,8 @@ def section(s: Story) -> None:
     L, scale = int(chosen["layer"]), float(chosen["scale"])
     # 2. only the chosen cell and its same-norm random control are sampled and judged
     table = sweep(s.chat, s.dirs, layers=[L], scales=[scale], questions=s.qsets["general"],
-                  judge=s.judge, sampling=s.sampling, progress=s.progress, baseline=chat_general)
+                  judge=s.judge, sampling=s.sampling, progress=s.progress, baseline=chat_general,
+                  resid_norms=norms)
     rep.section(
         "2. A mean-difference direction steers the chat model",
         f"Direction per layer = mean resid_post over answer tokens of misaligned minus aligned "
