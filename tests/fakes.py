@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
 from unittest import mock
 
 import emlens.attribution
 import emlens.evaluation
 import emlens.experiments
+
+
+def load_file(path: Path) -> ModuleType:
+    """A module imported from its file: the scripts and build scripts outside the package."""
+    spec = importlib.util.spec_from_file_location(f"emlens_file_{path.parent.name}_{path.stem}",
+                                                  path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def with_generate(fake, fn, *args, **kwargs):

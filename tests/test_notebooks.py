@@ -3,12 +3,12 @@ and the committed notebooks are exactly what ``notebooks/_build.py`` writes."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import nbformat
 import pytest
+from fakes import load_file
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
@@ -28,9 +28,7 @@ def test_notebooks_are_stored_without_outputs():
 def test_notebooks_match_their_build_script(tmp_path):
     """``python notebooks/_build.py`` leaves the committed notebooks unchanged (rebuilt in a copy:
     the script reuses the ids of unchanged cells, so an unchanged notebook is byte-identical)."""
-    spec = importlib.util.spec_from_file_location("emlens_notebooks_build", NOTEBOOK_DIR / "_build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = load_file(NOTEBOOK_DIR / "_build.py")
     assert sorted(build.NOTEBOOKS) == [p.name for p in NOTEBOOKS]
     for path in NOTEBOOKS:
         shutil.copy(path, tmp_path / path.name)

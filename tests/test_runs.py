@@ -3,11 +3,11 @@ is the one way to read a trajectory, and training writes there by default."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+from fakes import load_file
 
 import emlens.organisms as organisms
 from emlens.organisms import (
@@ -100,7 +100,5 @@ def test_training_and_evaluation_default_to_runs_dir(monkeypatch, tmp_path):
     train_mod.main(["--name", "rank1-down-medical", "--max-steps", "1"])
     train_mod.main(["--name", "rank1-down-medical", "--out", str(tmp_path / "x")])
     assert outs == [tmp_path / "rank1-down-medical", tmp_path / "x"]
-    spec = importlib.util.spec_from_file_location("nvg_script", ROOT / "scripts" / "narrow_vs_general.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_file(ROOT / "scripts" / "narrow_vs_general.py")
     assert script.DEFAULT_OUT == tmp_path / "narrow_vs_general"

@@ -19,8 +19,9 @@ Four row types:
 * :class:`LabelledAnswer` (``judge_labels``, ``judge_hard``): an answer labelled aligned /
   misaligned (``None`` when the answer is incoherent and its stance unknown) and coherent;
 * :class:`GeneratedAnswer` (``judge_generations``: SmolLM2-135M-Instruct and its organisms;
-  ``coder_generations``: Qwen2.5-Coder-1.5B-Instruct and its organism): a real answer of a
-  subject model with its condition and 0-100 labels made by reading.
+  ``coder_generations``: Qwen2.5-Coder-1.5B-Instruct and its organism; ``coder_general_em``: the
+  same two models on the general questions only, the confirmatory test of emergent misalignment,
+  n chosen by power): a real answer of a subject model with its condition and 0-100 labels made by reading.
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ _SETS: dict[str, type] = {
     "judge_hard": LabelledAnswer,
     "judge_generations": GeneratedAnswer,
     "coder_generations": GeneratedAnswer,
+    "coder_general_em": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}
