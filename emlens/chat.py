@@ -189,26 +189,35 @@ def iter_chat_batches(
 
 
 def answer_logprobs(
-    logits: Float[Tensor, "batch pos d_vocab"], batch: ChatBatch, *, reduce: str = "sum"
+    source, batch: ChatBatch, *, reduce: str = "sum"
 ) -> Float[Tensor, " batch"]:
     """Log-probability the model gives each row's answer tokens (teacher forced).
 
-    ``reduce="sum"`` gives log p(answer | prompt); ``"mean"`` the per-token mean.
+    ``source``: logits ``[batch, pos, d_vocab]``, or a ``HookedTransformer``, run on the batch
+    with only the answer positions unembedded (:func:`answer_logits`; the same values up to float
+    rounding, without the prompt's logits). ``reduce="sum"`` gives log p(answer | prompt);
+    ``"mean"`` the per-token mean.
     """
-    if logits.shape[:2] != batch.tokens.shape:
-        raise ValueError(
-            f"logits of shape {tuple(logits.shape)} do not match tokens {tuple(batch.tokens.shape)}."
-        )
-    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    target = batch.tokens[:, 1:].to(logits.device)
-    token_logp = logp.gather(-1, target[..., None])[..., 0]
-    mask = batch.answer_mask[:, 1:].to(logits.device)
-    total = (token_logp * mask).sum(-1)
-    if reduce == "sum":
-        return total
-    if reduce == "mean":
-        return total / mask.sum(-1).clamp(min=1)
-    raise ValueError(f"reduce={reduce!r}; expected 'sum' or 'mean'.")
+    if reduce not in ("sum", "mean"):
+        raise ValueError(f"reduce={reduce!r}; expected 'sum' or 'mean'.")
+    counts = batch.answer_mask[:, 1:].sum(-1)
+    if not isinstance(source, Tensor):
+        logits, targets = answer_logits(source, batch)
+        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+        counts = counts.to(token_logp.device)
+        row = torch.repeat_interleave(torch.arange(len(counts), device=token_logp.device), counts)
+        total = torch.zeros(len(counts), device=token_logp.device).index_add(0, row, token_logp)
+    else:
+        logits = source
+        if logits.shape[:2] != batch.tokens.shape:
+            raise ValueError(f"logits of shape {tuple(logits.shape)} do not match tokens "
+                             f"{tuple(batch.tokens.shape)}.")
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target = batch.tokens[:, 1:].to(logits.device)
+        token_logp = logp.gather(-1, target[..., None])[..., 0]
+        total = (token_logp * batch.answer_mask[:, 1:].to(logits.device)).sum(-1)
+        counts = counts.to(logits.device)
+    return total if reduce == "sum" else total / counts.clamp(min=1)
 
 
 def answer_logits(

@@ -25,11 +25,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Float
-from torch import Tensor
 from transformer_lens import HookedTransformer
 
-from emlens.chat import answer_logits, iter_chat_batches
+from emlens.chat import answer_logprobs, iter_chat_batches
 from emlens.hooks import Hooks
 
 
@@ -67,7 +65,7 @@ def likelihood_gaps(
             for batch in iter_chat_batches(model.tokenizer, questions,
                                            [getattr(r, side) for r in rows],
                                            batch_size=batch_size, device=model.cfg.device):
-                values.append(_mean_answer_logprob(model, batch).cpu())
+                values.append(answer_logprobs(model, batch, reduce="mean").cpu())
         sides[side] = torch.cat(values).numpy().astype(np.float64)
     return pd.DataFrame({
         "id": [getattr(r, "id", i) for i, r in enumerate(rows)],
@@ -75,18 +73,6 @@ def likelihood_gaps(
         "logp_aligned": sides["aligned"],
         "gap": sides["misaligned"] - sides["aligned"],
     })
-
-
-def _mean_answer_logprob(model: HookedTransformer, batch) -> Float[Tensor, " batch"]:
-    """Per-row mean log p of the answer tokens, unembedding only the positions that predict them
-    (:func:`emlens.chat.answer_logits`); equal to ``answer_logprobs(model(tokens), batch,
-    reduce="mean")`` up to float rounding, about 20% cheaper (the prompt's logits are skipped)."""
-    logits, targets = answer_logits(model, batch)
-    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-    counts = batch.answer_mask[:, 1:].sum(-1).to(token_logp.device)
-    row = torch.repeat_interleave(torch.arange(len(counts), device=token_logp.device), counts)
-    total = torch.zeros(len(counts), device=token_logp.device).index_add_(0, row, token_logp)
-    return total / counts.clamp(min=1)
 
 
 def bootstrap_interval(

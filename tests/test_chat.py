@@ -52,6 +52,25 @@ def test_answer_logprobs_match_manual_sum(tiny_model, tokenizer):
     assert torch.allclose(answer_loss(logits, batch), -got.sum() / n, atol=1e-5)
 
 
+def test_answer_logprobs_of_a_model_unembed_only_answers_and_match_the_logits(tiny_model,
+                                                                               tokenizer):
+    from parity import assert_parity, float64_twin, maxdiff
+
+    batch = emlens.tokenize_chat(tokenizer, ["Hi", "Tell me a joke", "Why?"],
+                                 ["Hello!", "No.", "Because the sky scatters blue light."])
+    twin = float64_twin(tiny_model)
+    with torch.no_grad():
+        for reduce in ("sum", "mean"):
+            got = answer_logprobs(tiny_model, batch, reduce=reduce)
+            floor = maxdiff(got, answer_logprobs(twin, batch, reduce=reduce))
+            logits = tiny_model(batch.tokens, attention_mask=batch.attention_mask)
+            want = answer_logprobs(logits, batch, reduce=reduce)
+            assert got.shape == (3,)
+            assert_parity(got, want, floor=floor, what=f"answer_logprobs model vs logits ({reduce})")
+    with pytest.raises(ValueError, match="reduce"):
+        answer_logprobs(tiny_model, batch, reduce="max")
+
+
 def test_bad_chat_input_raises(tokenizer):
     with pytest.raises(ValueError, match="empty"):
         emlens.tokenize_chat(tokenizer, [])
