@@ -11,7 +11,8 @@ proportions, pooled variance under the null):
 * :func:`power_at` is the power of that test at a given ``n`` per arm;
 * :func:`min_detectable_difference` is the smallest ``delta`` detected with the given power at
   ``n`` per arm (what a comparison at that ``n`` can decide);
-* :func:`rate_difference` is the Newcombe (hybrid Wilson score) 95% interval of ``p1 - p2``.
+* :func:`rate_difference` is the Newcombe (hybrid Wilson score) 95% interval of ``p1 - p2``;
+* :func:`compare_rates` puts them together for one comparison of two measured rates.
 """
 
 from __future__ import annotations
@@ -96,4 +97,25 @@ def rate_difference(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, f
             d + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2))
 
 
-__all__ = ["min_detectable_difference", "n_per_arm", "power_at", "rate_difference"]
+def compare_rates(k1: int, n1: int, k2: int, n2: int, *, delta: float = 0.15,
+                  power: float = 0.8, alpha: float = 0.05) -> dict:
+    """One comparison of two measured rates ``k1/n1`` (treated) and ``k2/n2`` (base).
+
+    Returns ``effect, low, high`` (``p1 - p2`` with :func:`rate_difference`'s interval), ``p0``
+    (the baseline of the power calculation: the lower measured rate, capped at ``1 - delta`` so a
+    rise of ``delta`` is defined; 0 where neither arm has n), ``n_used`` (the smaller n),
+    ``n_needed`` (:func:`n_per_arm`), ``power_at_n`` (:func:`power_at` at ``n_used``; 0 at n 0)
+    and ``mde_at_n`` (:func:`min_detectable_difference` at ``n_used``; ``nan`` at n 0).
+    """
+    effect, low, high = rate_difference(k1, n1, k2, n2)
+    rates = [k / n for k, n in ((k1, n1), (k2, n2)) if n]
+    p0 = min(max(min(rates) if rates else 0.0, 0.0), 1 - delta)
+    n_used = int(min(n1, n2))
+    return {"effect": effect, "low": low, "high": high, "p0": p0, "n_used": n_used,
+            "n_needed": n_per_arm(p0, delta, power=power, alpha=alpha),
+            "power_at_n": power_at(p0, delta, n_used, alpha=alpha) if n_used else 0.0,
+            "mde_at_n": min_detectable_difference(p0, n_used, power=power, alpha=alpha)}
+
+
+__all__ = ["compare_rates", "min_detectable_difference", "n_per_arm", "power_at",
+           "rate_difference"]

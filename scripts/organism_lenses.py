@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -102,18 +103,17 @@ def judged_rates(model, judge, k: int, temperature: float, k_medical: int, seed:
 
 def judged_effect(chat: dict, org: dict) -> dict:
     """Organism minus chat model, per set: Newcombe 95% interval and the minimum detectable
-    difference (power 0.8, two-sided 0.05) at the smaller n."""
-    from emlens.power import min_detectable_difference, rate_difference
+    difference (power 0.8, two-sided 0.05) at the smaller n (:func:`emlens.power.compare_rates`)."""
+    from emlens.power import compare_rates
 
     out = {}
     for name in chat:
         a, b = chat[name], org[name]
-        effect, low, high = rate_difference(b["k"], b["n"], a["k"], a["n"])
-        p0 = min(x["rate"] for x in (a, b) if x["rate"] is not None) if a["n"] and b["n"] else 0.0
-        n = min(a["n"], b["n"])
-        out[name] = {"effect": effect, "low": low, "high": high, "n_chat": a["n"], "n_organism": b["n"],
-                     "mde_at_n": min_detectable_difference(min(p0, 0.85), n) if n else None,
-                     "rises": bool(low > 0)}
+        c = compare_rates(b["k"], b["n"], a["k"], a["n"])
+        out[name] = {"effect": c["effect"], "low": c["low"], "high": c["high"],
+                     "n_chat": a["n"], "n_organism": b["n"],
+                     "mde_at_n": None if math.isnan(c["mde_at_n"]) else c["mde_at_n"],
+                     "rises": bool(c["low"] > 0)}
     return out
 
 

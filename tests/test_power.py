@@ -68,3 +68,17 @@ def test_power_of_zero_vs_one_is_decided_without_dividing_by_zero():
         warnings.simplefilter("error")
         assert power_at(0.0, 1.0, 10) == 1.0
         assert power_at(0.0, 1.0, 1) == 0.0  # 1 - 1.96 * sqrt(0.5) < 0: one answer per arm cannot
+
+
+def test_compare_rates_puts_the_interval_and_the_power_of_one_comparison_together():
+    from emlens.power import compare_rates
+
+    c = compare_rates(22, 66, 0, 66)
+    assert (c["effect"], c["low"], c["high"]) == rate_difference(22, 66, 0, 66)
+    assert c["p0"] == 0.0 and c["n_used"] == 66 and c["n_needed"] == n_per_arm(0.0, 0.15)
+    assert c["power_at_n"] == power_at(0.0, 0.15, 66) > 0.8
+    assert c["mde_at_n"] == min_detectable_difference(0.0, 66) < 0.15
+    # the baseline is the lower rate, capped where a rise of delta is still defined
+    assert compare_rates(10, 10, 19, 20)["p0"] == 0.85
+    none = compare_rates(0, 0, 3, 10)
+    assert none["n_used"] == 0 and none["power_at_n"] == 0.0 and math.isnan(none["mde_at_n"])

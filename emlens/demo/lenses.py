@@ -154,23 +154,20 @@ def judged(before, after, control=None, control_name: str = "", *, expect: int =
 def _power_row(name: str, a, b, answers_per_arm: int) -> dict:
     """Power of one judged comparison of rows ``a`` and ``b`` (each with n coherent, k, and
     ``n_answers`` sampled when known) to detect a 15-point difference."""
-    from emlens.power import min_detectable_difference, n_per_arm, power_at
+    from emlens.power import compare_rates
 
-    n_used = int(min(a["n"], b["n"]))
-    rates = [r["rate"] for r in (a, b) if r["n"]]
-    # the baseline: the lower measured rate, kept where a 15-point rise is defined
-    p0 = min(max(min(rates) if rates else 0.0, 0.0), 1 - DELTA)
+    c = compare_rates(int(b["k"]), int(b["n"]), int(a["k"]), int(a["n"]), delta=DELTA,
+                      power=POWER, alpha=ALPHA)
     sampled = [int(r["n_answers"]) for r in (a, b) if "n_answers" in r and r["n_answers"]]
     share = min(int(r["n"]) / int(r["n_answers"]) for r in (a, b)
                 if "n_answers" in r and r["n_answers"]) if sampled else None
-    need = n_per_arm(p0, DELTA, power=POWER, alpha=ALPHA)
-    return {"comparison": name, "p0": p0, "n_used_per_arm": n_used,
+    need = c["n_needed"]
+    return {"comparison": name, "p0": c["p0"], "n_used_per_arm": c["n_used"],
             "answers_sampled_per_arm": min(sampled) if sampled else answers_per_arm,
             "coherent_share": share, "n_needed_per_arm": need,
             "answers_needed_per_arm": (math.ceil(need / share) if share else None),
-            "power_at_n_used": power_at(p0, DELTA, n_used, alpha=ALPHA) if n_used else 0.0,
-            "mde_at_n_used": min_detectable_difference(p0, n_used, power=POWER, alpha=ALPHA),
-            "enough": n_used >= need}
+            "power_at_n_used": c["power_at_n"], "mde_at_n_used": c["mde_at_n"],
+            "enough": c["n_used"] >= need}
 
 
 def power_section(s: Story) -> dict:
