@@ -313,3 +313,19 @@ def test_demo_temperature_is_chosen_from_the_shipped_reading_labels():
     assert choose_temperature("qwen2.5-coder-1.5b")[0] == 0.7
     value, why = choose_temperature("some/other-model")
     assert value == PAPERS_TEMPERATURE == 1.0 and "no answers" in why
+
+
+def test_the_judge_check_describes_the_model_the_demo_runs_on():
+    from emlens.data import load_dataset
+    from emlens.demo.judge_check import judge_check_for
+
+    smol, own = judge_check_for(None)
+    assert own and smol["labelled_sets"] == ["judge_generations"]
+    assert smol["n"] == len(load_dataset("judge_generations"))
+    coder, own = judge_check_for("Qwen2.5-Coder-1.5B")
+    assert own and coder["labelled_sets"] == ["coder_generations", "coder_general_em"]
+    assert coder["n"] == len(load_dataset("coder_generations")) + len(
+        load_dataset("coder_general_em"))
+    assert all(c.split(": ")[0] in coder["labelled_sets"] for c in coder["per_condition"])
+    other, own = judge_check_for("Qwen/Qwen2.5-7B-Instruct")  # no labels of its own: said so
+    assert not own and other == smol

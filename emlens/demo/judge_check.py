@@ -11,7 +11,20 @@ import pandas as pd
 
 from emlens.demo.common import Story
 
-JUDGE_CHECK = Path(__file__).parents[1] / "data" / "judge_check.json"
+DATA = Path(__file__).parents[1] / "data"
+JUDGE_CHECK = DATA / "judge_check.json"  # the embedded SmolLM2's labelled answers
+# the judge against reading on each embedded model's own labelled answers
+JUDGE_CHECKS = {None: JUDGE_CHECK, "qwen2.5-coder-1.5b": DATA / "judge_check_coder.json"}
+
+
+def judge_check_for(model_name: str | None) -> tuple[dict | None, bool]:
+    """The shipped judge check for a model's answers and whether it is that model's own
+    (``False``: only the embedded SmolLM2's check exists for this model)."""
+    key = model_name if model_name is None else str(model_name).lower()
+    path = JUDGE_CHECKS.get(key)
+    own = path is not None
+    path = path or JUDGE_CHECK
+    return (json.loads(path.read_text()) if path.is_file() else None), own
 
 
 def least_sure(answers: pd.DataFrame, k: int = 3) -> pd.DataFrame:
@@ -33,15 +46,20 @@ def least_sure(answers: pd.DataFrame, k: int = 3) -> pd.DataFrame:
 
 def section(s: Story) -> None:
     rep = s.rep
+    check, own = judge_check_for(s.rep.results.get("settings", {}).get("model"))
+    sets = ", ".join((check or {}).get("labelled_sets", ["judge_generations"]))
+    whose = ("this model's own real answers" if own else
+             "another model's real answers (the embedded SmolLM2-135M-Instruct's; none of this "
+             "model's answers labelled by reading ship with emlens, so they do not describe the "
+             "judge on this model)")
     rep.section(
         "Judge check: how far the judge's counts can be trusted",
         "Every rate in this report is counted by the judge. Below: how the shipped offline judge "
-        "agrees with careful reading on 648 real answers of the embedded model, its organisms and "
-        "steered / ablated variants (labelled blind to the condition; emlens/data/README.md), and, "
-        "for each condition judged here, the answers nearest the thresholds, so that a reader can "
-        "see what was counted.",
+        f"agrees with careful reading on {check['n'] if check else 'no'} answers of {whose} "
+        f"(labelled blind to the condition: {sets}; emlens/data/README.md), and, for each "
+        "condition judged here, the answers nearest the thresholds, so that a reader can see what "
+        "was counted.",
     )
-    check = json.loads(JUDGE_CHECK.read_text()) if JUDGE_CHECK.is_file() else None
     if check is None:
         rep.text("No judge check is shipped with this installation.")
     else:
