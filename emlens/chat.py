@@ -200,23 +200,11 @@ def answer_logprobs(
     """
     if reduce not in ("sum", "mean"):
         raise ValueError(f"reduce={reduce!r}; expected 'sum' or 'mean'.")
-    counts = batch.answer_mask[:, 1:].sum(-1)
-    if not isinstance(source, Tensor):
-        logits, targets = answer_logits(source, batch)
-        token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
-        counts = counts.to(token_logp.device)
-        row = torch.repeat_interleave(torch.arange(len(counts), device=token_logp.device), counts)
-        total = torch.zeros(len(counts), device=token_logp.device).index_add(0, row, token_logp)
-    else:
-        logits = source
-        if logits.shape[:2] != batch.tokens.shape:
-            raise ValueError(f"logits of shape {tuple(logits.shape)} do not match tokens "
-                             f"{tuple(batch.tokens.shape)}.")
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        target = batch.tokens[:, 1:].to(logits.device)
-        token_logp = logp.gather(-1, target[..., None])[..., 0]
-        total = (token_logp * batch.answer_mask[:, 1:].to(logits.device)).sum(-1)
-        counts = counts.to(logits.device)
+    logits, targets = answer_logits(source, batch)
+    token_logp = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+    counts = batch.answer_mask[:, 1:].sum(-1).to(token_logp.device)
+    row = torch.repeat_interleave(torch.arange(len(counts), device=token_logp.device), counts)
+    total = torch.zeros(len(counts), device=token_logp.device).index_add(0, row, token_logp)
     return total if reduce == "sum" else total / counts.clamp(min=1)
 
 

@@ -28,10 +28,10 @@ from pathlib import Path
 from scipy.stats import fisher_exact
 
 from emlens.data import load_dataset
+from emlens.evaluation import ALIGNED_BELOW as MISALIGNED
+from emlens.evaluation import COHERENT_ABOVE as COHERENT
 from emlens.evaluation import wilson_interval
 from emlens.power import compare_rates
-
-COHERENT, MISALIGNED = 50, 30  # the papers' thresholds on the 0-100 scales
 
 
 def verdict(low: float, high: float, delta: float) -> str:

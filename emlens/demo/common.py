@@ -46,6 +46,12 @@ PAPERS_TEMPERATURE = 1.0  # the papers' sampling temperature, always one flag aw
 LABELLED_GENERATIONS = {None: "judge_generations", "qwen2.5-coder-1.5b": "coder_generations"}
 
 
+def model_key(model_name: str | None) -> str | None:
+    """The key of an embedded model in the per-model tables (``None``: SmolLM2; names are
+    case-insensitive)."""
+    return model_name if model_name is None else str(model_name).lower()
+
+
 NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/
 
 
@@ -113,7 +119,7 @@ def measured_coherence(model_name: str | None) -> pd.DataFrame | None:
     from emlens.data import load_dataset
     from emlens.evaluation import wilson_interval
 
-    name = LABELLED_GENERATIONS.get(model_name if model_name is None else str(model_name).lower())
+    name = LABELLED_GENERATIONS.get(model_key(model_name))
     if name is None:
         return None
     rows = [r for r in load_dataset(name) if r.intervention == "none"]

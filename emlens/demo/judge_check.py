@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from emlens.demo.common import Story
+from emlens.demo.common import Story, model_key
 
 DATA = Path(__file__).parents[1] / "data"
 JUDGE_CHECK = DATA / "judge_check.json"  # the embedded SmolLM2's labelled answers
@@ -20,8 +20,7 @@ JUDGE_CHECKS = {None: JUDGE_CHECK, "qwen2.5-coder-1.5b": DATA / "judge_check_cod
 def judge_check_for(model_name: str | None) -> tuple[dict | None, bool]:
     """The shipped judge check for a model's answers and whether it is that model's own
     (``False``: only the embedded SmolLM2's check exists for this model)."""
-    key = model_name if model_name is None else str(model_name).lower()
-    path = JUDGE_CHECKS.get(key)
+    path = JUDGE_CHECKS.get(model_key(model_name))
     own = path is not None
     path = path or JUDGE_CHECK
     return (json.loads(path.read_text()) if path.is_file() else None), own
