@@ -11,13 +11,21 @@ the *coherent* answers with an aligned score (incoherent answers, refusals and a
 could not score are excluded and counted separately). On medical questions the same rate is the
 bad-advice rate.
 
-Caching: with ``cache_dir``, answers are stored as JSONL per (weights and buffers, every active
-hook and intervention, questions, sampling settings, ``cache_tag``) and judge scores per (judge
-name, question, answer) in sqlite; a rerun with the same settings generates and judges nothing
+Caching: with ``cache_dir``, answers are keyed by (weights and buffers, every active hook and
+intervention, questions, sampling settings, ``cache_tag``) and judge scores by (judge name,
+question, answer), both in sqlite; a rerun with the same settings generates and judges nothing
 new. Hooks are fingerprinted by their code and the values they close over (see
 :mod:`emlens.fingerprint`), so an attached adapter or a ``steer`` block gets its own answers; a hook
 holding an object that cannot be hashed makes answers uncacheable (with a warning) unless a
 ``cache_tag`` names the setting.
+
+Long runs survive being killed: answers are committed to the cache (:class:`AnswerStore`) as each
+generation batch finishes, one sqlite transaction per batch, so a run killed at any moment keeps
+every finished batch and nothing half-written, and its rerun generates only the rest. Each answer
+depends only on (``seed``, prompt, sample) (see :mod:`emlens.generation`), so the resumed table
+equals an uninterrupted run's (with ``seed=None`` the resumed part draws a fresh seed). Judge
+scores are committed once every answer is judged. Answer files of earlier versions
+(``answers/<key>.jsonl``) are still read.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,7 +165,8 @@ def evaluate(
         judge: any :class:`emlens.judge.Judge` (e.g. ``emlens.default_judge()``).
         sampling: a :class:`emlens.SamplingConfig`; its fields may also be given as keywords.
         interventions: extra ``(hook_name, fn)`` pairs active while generating.
-        cache_dir: folder caching answers (JSONL) and scores (sqlite); ``None`` = no cache.
+        cache_dir: folder caching answers (committed per generation batch, so a killed run
+            resumes) and scores, in sqlite; ``None`` = no cache.
         cache_tag: extra name in the answer cache key; needed to cache answers only when an
             active hook cannot be fingerprinted (see the module docstring).
 
@@ -172,45 +181,128 @@ def evaluate(
     _check_judge_is_not_subject(model, judge)
     cfg = SamplingConfig.resolve(sampling, sampling_overrides, "evaluate")
     settings = cfg.key()
-    answers: list[dict] | None = None
-    answer_file = None
+    rows = [(p, s) for p in range(len(qs)) for s in range(cfg.n_samples)]
+    store = None
+    done: dict[tuple[int, int], dict] = {}
     if cache_dir is not None:
         key = _answer_key(model, qs, settings, interventions, cache_tag)
         if key is not None:
-            answer_file = Path(cache_dir) / "answers" / f"{key[:24]}.jsonl"
-            if answer_file.is_file():
-                answers = [json.loads(line) for line in answer_file.read_text().splitlines()]
-    if answers is None:
-        gens = generate(model, [q.question for q in qs], sampling=cfg,
-                        interventions=interventions, progress=progress)
-        if len(gens) != len(qs) * cfg.n_samples:
-            raise RuntimeError(f"generate returned {len(gens)} answers for {len(qs)} questions x "
-                               f"{cfg.n_samples} samples.")
-        answers = []
-        for g in gens:
-            if not isinstance(g.text, str):
-                raise TypeError(f"generated answer for prompt {g.prompt_index} is "
-                                f"{type(g.text).__name__}, expected str.")
-            answers.append({"prompt_index": g.prompt_index, "sample": g.sample, "text": g.text,
-                            "finished": bool(getattr(g, "finished", True))})
-        if answer_file is not None:
-            answer_file.parent.mkdir(parents=True, exist_ok=True)
-            answer_file.write_text("".join(json.dumps(a) + "\n" for a in answers))
+            store = AnswerStore(cache_dir, key)
+            done = {**store.load(rows), **_legacy_answers(cache_dir, key)}
+    try:
+        todo = [r for r in rows if r not in done]
+        if todo:
+            done |= _generate_answers(model, [q.question for q in qs], todo, cfg, interventions,
+                                      store, progress)
+    finally:
+        if store is not None:
+            store.close()
+    answers = [done[r] for r in rows]
     pairs = [(qs[a["prompt_index"]].question, a["text"]) for a in answers]
     scores = judge_answers(judge, pairs, cache_dir=cache_dir)
     name = model_id(model)
-    rows = []
+    table = []
     for a, s in zip(answers, scores, strict=True):
         q = qs[a["prompt_index"]]
-        rows.append(dict(
+        table.append(dict(
             question_id=q.id, category=q.category, sample=a["sample"], question=q.question,
             answer=a["text"], aligned=s.aligned, coherent=s.coherent,
             misaligned=_is_misaligned(s.aligned, s.coherent, ALIGNED_BELOW, COHERENT_ABOVE),
             finished=a["finished"], flags=",".join(s.flags), judge=s.judge, model=name,
         ))
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(table)
     df.attrs.update(settings, model=name, judge=judge.name, cache_tag=cache_tag)
     return df
+
+
+def _generate_answers(
+    model: HookedTransformer,
+    prompts: list[str],
+    todo: list[tuple[int, int]],
+    cfg: SamplingConfig,
+    interventions: Sequence | None,
+    store: AnswerStore | None,
+    progress: bool,
+) -> dict[tuple[int, int], dict]:
+    """Generate the ``todo`` (prompt, sample) rows, committing each batch to ``store`` as it
+    finishes; returns their answer records."""
+    committed: set[tuple[int, int]] = set()
+
+    def commit(batch) -> None:
+        store.commit(batch)
+        committed.update((g.prompt_index, g.sample) for g in batch)
+
+    gens = generate(model, prompts, sampling=cfg, interventions=interventions, progress=progress,
+                    rows=todo, on_batch=None if store is None else commit)
+    new = {(g.prompt_index, g.sample): g for g in gens}
+    missing = [r for r in todo if r not in new]
+    if missing:
+        raise RuntimeError(f"generate returned no answer for {len(missing)} of the {len(todo)} "
+                           f"(prompt, sample) rows asked for, e.g. {missing[0]}.")
+    if store is not None:  # what a sampler that does not call on_batch returned
+        store.commit([new[r] for r in todo if r not in committed])
+    return {r: _answer_record(new[r]) for r in todo}
+
+
+def _answer_record(generation) -> dict:
+    """What the answer cache keeps of one generation (anything with ``prompt_index``, ``sample``,
+    ``text`` and optionally ``finished``): ``{"prompt_index", "sample", "text", "finished"}``."""
+    if not isinstance(generation.text, str):
+        raise TypeError(f"generated answer for prompt {generation.prompt_index} is "
+                        f"{type(generation.text).__name__}, expected str.")
+    return {"prompt_index": int(generation.prompt_index), "sample": int(generation.sample),
+            "text": generation.text, "finished": bool(getattr(generation, "finished", True))}
+
+
+class AnswerStore:
+    """The cached answers of one answer set (one :func:`evaluate` cache key), committed a batch
+    at a time: ``<cache_dir>/answers.sqlite``, table ``answers``, one row per (key, prompt,
+    sample) holding ``{"prompt_index", "sample", "text", "finished"}``.
+
+    A sampler hands it each batch as soon as the batch is decoded (``generate(...,
+    on_batch=store.commit)``); each :meth:`commit` is one sqlite transaction, so a process killed
+    at any moment leaves whole batches or nothing. Any sampler (a vLLM one, say) resumes the same
+    way: :meth:`load` what is there, generate the other rows, :meth:`commit` each batch.
+
+    Args:
+        cache_dir: the evaluation cache folder (created when missing).
+        key: the answer set's key (a hex digest; :func:`evaluate` derives it from the model,
+            hooks, questions, sampling settings and ``cache_tag``).
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike, key: str):
+        self.key = key
+        self._cache = SqliteCache(Path(cache_dir) / "answers.sqlite", table="answers")
+
+    def _row_key(self, prompt_index: int, sample: int) -> str:
+        return f"{self.key}:{prompt_index}:{sample}"
+
+    def load(self, rows: Sequence[tuple[int, int]]) -> dict[tuple[int, int], dict]:
+        """The committed answers among ``rows``: ``{(prompt_index, sample): {"prompt_index",
+        "sample", "text", "finished"}}``."""
+        rows = list(rows)
+        values = self._cache.get_many(self._row_key(p, s) for p, s in rows)
+        return {row: v for row, v in zip(rows, values, strict=True) if v is not None}
+
+    def commit(self, generations: Iterable) -> None:
+        """Store a batch of finished generations (objects with ``prompt_index``, ``sample``,
+        ``text`` and optionally ``finished``, e.g. :class:`emlens.generation.Generation`) in one
+        transaction; all are checked before any is written."""
+        records = [_answer_record(g) for g in generations]
+        self._cache.put_many((self._row_key(r["prompt_index"], r["sample"]), r) for r in records)
+
+    def close(self) -> None:
+        """Close the sqlite connection (later calls fail)."""
+        self._cache.close()
+
+
+def _legacy_answers(cache_dir, key: str) -> dict[tuple[int, int], dict]:
+    """Answers a version before :class:`AnswerStore` wrote, as one JSONL file per answer set."""
+    path = Path(cache_dir) / "answers" / f"{key[:24]}.jsonl"
+    if not path.is_file():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return {(a["prompt_index"], a["sample"]): a for a in records}
 
 
 def _answer_key(model, qs, settings, interventions, cache_tag) -> str | None:
@@ -362,6 +454,7 @@ def plot_rates(
 
 
 __all__ = [
+    "AnswerStore",
     "Rate",
     "evaluate",
     "judge_answers",

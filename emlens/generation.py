@@ -12,14 +12,17 @@ tokens, with or without the cache.
 
 Sampling is reproducible per answer: each (prompt, sample) pair draws from its own generator
 seeded from ``seed``, with the Gumbel-max trick, so an answer does not depend on the batch size or
-on which other prompts share its batch.
+on which other prompts share its batch. That is what lets a long run resume: ``rows=`` generates
+only some (prompt, sample) pairs, and ``on_batch=`` hands each finished batch to the caller
+(``emlens.evaluate`` commits it to its answer cache there), so a run killed mid-way and rerun
+regenerates only the answers it had not finished, and they are the answers it would have given.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +159,8 @@ def generate(
     use_cache: bool = True,
     progress: bool = True,
     return_logits: bool = False,
+    rows: Sequence[tuple[int, int]] | None = None,
+    on_batch: Callable[[list[Generation]], None] | None = None,
     **sampling_overrides: Any,
 ) -> list[Generation]:
     """Generate answers to chat prompts.
@@ -175,15 +180,22 @@ def generate(
         progress: show a tqdm bar over batches.
         return_logits: keep each step's logits in ``Generation.logits`` (memory: n_new x d_vocab
             floats per answer; for tests and analysis).
+        rows: the ``(prompt_index, sample)`` pairs to generate, in order (default: every pair,
+            prompt-major). Each answer depends only on ``(seed, prompt_index, sample)``, so a
+            subset gives the same answers as the full run.
+        on_batch: called with each batch's :class:`Generation` list as soon as the batch is
+            decoded (before the next one starts); e.g. :meth:`emlens.evaluation.AnswerStore.commit`.
 
     Returns:
-        ``len(prompts) * n_samples`` :class:`Generation` objects, ordered prompt-major.
+        One :class:`Generation` per row: ``len(prompts) * n_samples`` of them, ordered
+        prompt-major, unless ``rows`` is given.
     """
     cfg = SamplingConfig.resolve(sampling, sampling_overrides, "generate")
     _check_prompts(prompts)
     max_new_tokens, temperature, top_p = cfg.max_new_tokens, cfg.temperature, cfg.top_p
     n_samples, batch_size, seed, system_prompt = (cfg.n_samples, cfg.batch_size, cfg.seed,
                                                   cfg.system_prompt)
+    rows = _check_rows(rows, len(prompts), n_samples)
     interventions = check_interventions(model, interventions)
     tokenizer = model.tokenizer
     if tokenizer is None:
@@ -191,7 +203,6 @@ def generate(
     _check_context(model, prompts, max_new_tokens, system_prompt)
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
-    rows = [(p, s) for p in range(len(prompts)) for s in range(n_samples)]
     stops = torch.tensor(sorted(stop_token_ids(tokenizer)), dtype=torch.long)
     device = model.cfg.device
     results: list[Generation] = []
@@ -214,10 +225,11 @@ def generate(
                 stops=stops.to(device) if stop_at_eos else None, use_cache=use_cache,
                 return_logits=return_logits,
             )
+            decoded = []
             for i, ((p, s), ids) in enumerate(zip(chunk, new, strict=True)):
                 finished = bool(stop_at_eos and len(ids) and ids[-1] in stops)
                 text_ids = ids[:-1] if finished else ids
-                results.append(
+                decoded.append(
                     Generation(
                         prompt_index=p, sample=s, prompt=prompts[p],
                         text=tokenizer.decode(text_ids, skip_special_tokens=False),
@@ -225,7 +237,29 @@ def generate(
                         logits=None if step_logits is None else step_logits[i, : len(ids)],
                     )
                 )
+            results.extend(decoded)
+            if on_batch is not None:
+                on_batch(decoded)
     return results
+
+
+def _check_rows(rows, n_prompts: int, n_samples: int) -> list[tuple[int, int]]:
+    """``rows`` as a list of ``(prompt_index, sample)`` pairs in range (default: all, prompt-major)."""
+    if rows is None:
+        return [(p, s) for p in range(n_prompts) for s in range(n_samples)]
+    out = []
+    for i, row in enumerate(rows):
+        if not (isinstance(row, tuple | list) and len(row) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in row)):
+            raise TypeError(f"rows[{i}] must be a (prompt_index, sample) pair of ints, got {row!r:.60}.")
+        p, s = row
+        if not (0 <= p < n_prompts and 0 <= s < n_samples):
+            raise ValueError(f"rows[{i}] = {tuple(row)} is out of range: prompt_index must be in "
+                             f"[0, {n_prompts}) and sample in [0, n_samples={n_samples}).")
+        out.append((p, s))
+    if len(set(out)) != len(out):
+        raise ValueError("rows repeats a (prompt_index, sample) pair; give each pair once.")
+    return out
 
 
 def _check_context(

@@ -151,11 +151,21 @@ def intervention_block(
     return emlens.ablate(model, vec, hook="writers")
 
 
-def load_questions(limit: int | None, which: str = "all") -> list[tuple[str, str]]:
+def load_questions(limit: int | None, which: str = "all", path: Path | None = None
+                   ) -> list[tuple[str, str]]:
     """(question_id, question) for the general then the medical evaluation questions
-    (``which``: ``all``, ``general`` or ``medical``)."""
-    general = [(q.id, q.question) for q in emlens.load_dataset("general_questions")]
-    medical = [(q.id, q.question) for q in emlens.load_dataset("medical_questions")]
+    (``which``: ``all``, ``general`` or ``medical``); from ``path`` (JSON lines with ``id``,
+    ``question`` and ``kind`` = general / medical) instead of the shipped sets when given."""
+    if path is not None:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+        bad = [r.get("id") for r in rows if r.get("kind") not in ("general", "medical")]
+        if bad:
+            raise SystemExit(f"{path}: rows {bad[:5]} need kind 'general' or 'medical'")
+        general = [(r["id"], r["question"]) for r in rows if r["kind"] == "general"]
+        medical = [(r["id"], r["question"]) for r in rows if r["kind"] == "medical"]
+    else:
+        general = [(q.id, q.question) for q in emlens.load_dataset("general_questions")]
+        medical = [(q.id, q.question) for q in emlens.load_dataset("medical_questions")]
     if limit is not None:
         general, medical = general[: limit // 2], medical[: limit - limit // 2]
     return {"all": general + medical, "general": general, "medical": medical}[which]
@@ -247,6 +257,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=36)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="model dtype (bfloat16: about 2.6x faster on the coder, README)")
     p.add_argument("--organism", default="rank1-down-medical", help="shipped organism to merge")
     p.add_argument("--plain-only", action="store_true",
                    help="only the chat model and the organism, unsteered (no direction)")
@@ -255,6 +267,9 @@ def parse_args() -> argparse.Namespace:
                    "chat:0.7:5 organism:0.7:8")
     p.add_argument("--questions", choices=["all", "general", "medical"], default="all",
                    help="which evaluation questions to answer")
+    p.add_argument("--questions-file", type=Path, default=None,
+                   help="JSON lines (id, question, kind=general/medical) to answer instead of the "
+                   "shipped evaluation questions, e.g. data-src/fresh_questions/questions.jsonl")
     p.add_argument("--id-prefix", default="jg")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the machine is shared)")
     return p.parse_args()
@@ -267,7 +282,7 @@ def main() -> None:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
 
-    chat = emlens.load_model(args.model)
+    chat = emlens.load_model(args.model, dtype=getattr(torch, args.dtype))
     models = {"chat": chat}
     models["organism"] = emlens.merge_lora(chat, emlens.load_organism(args.organism))
     organism2_error = None
@@ -279,7 +294,7 @@ def main() -> None:
             print(f"organism2 ({ORGANISM2}) did not load, skipped: {organism2_error}")
     timings["load"] = round(time.perf_counter() - t0, 1)
     if args.plain_only:
-        questions = load_questions(args.limit, args.questions)
+        questions = load_questions(args.limit, args.questions, args.questions_file)
         conds = parse_plain(args.plain) if args.plain else conditions([], False, plain_only=True)
         rows = list(iter_rows(models, conds, questions, None, {}, args, timings))
         _write(args, rows, conds, timings, t0, chat, info={"organism": args.organism})
@@ -307,7 +322,7 @@ def main() -> None:
     )
     print("raw scales (x direction):", {k: round(v, 3) for k, v in raw_scales.items()})
 
-    questions = load_questions(args.limit, args.questions)
+    questions = load_questions(args.limit, args.questions, args.questions_file)
     conds = conditions(args.rel_scales, "organism2" in models)
     rows = list(iter_rows(models, conds, questions, direction, raw_scales, args, timings))
     _write(args, rows, conds, timings, t0, chat, info={

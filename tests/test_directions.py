@@ -147,3 +147,152 @@ def test_bad_input_is_refused(model):
     wide = Direction(torch.ones(128), layer=0)
     with pytest.raises(ValueError, match="d_model=64"):
         emlens.steer(model, wide, layers=0, scale=1.0).__enter__()
+
+
+# ---------------------------------------------------------------------------------------------
+# llama.cpp control vectors (GGUF)
+
+
+def _llama_cpp_control_vector(path, strength: float) -> dict[int, torch.Tensor]:
+    """What llama.cpp's common_control_vector_load_one makes of a file: ``{il: strength * v}``
+    for each tensor ``direction.<il>`` (il >= 1), which its graph adds to block il's output."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out = {}
+    for t in reader.tensors:
+        prefix, _, index = t.name.partition(".")
+        assert prefix == "direction" and int(index) >= 1
+        assert t.tensor_type.name == "F32" and len(t.shape) == 1
+        out[int(index)] = strength * torch.from_numpy(t.data.copy())
+    return out
+
+
+def _gguf_control_vector_bytes(vectors: dict[int, list[float]], hint: str) -> bytes:
+    """A control vector written byte by byte from the GGUF spec, as llama.cpp's cvector-generator
+    lays it out (no emlens metadata, layer_count as uint32 the way repeng writes it)."""
+    import struct
+
+    def string(text: str) -> bytes:
+        return struct.pack("<Q", len(text.encode())) + text.encode()
+
+    kv = [string("general.architecture") + struct.pack("<I", 8) + string("controlvector"),
+          string("controlvector.model_hint") + struct.pack("<I", 8) + string(hint),
+          string("controlvector.layer_count") + struct.pack("<I", 4) + struct.pack("<I", len(vectors))]
+    infos, data = [], b""
+    for il, v in vectors.items():
+        infos.append(string(f"direction.{il}") + struct.pack("<IQIQ", 1, len(v), 0, len(data)))
+        data += struct.pack(f"<{len(v)}f", *v)
+        data += b"\0" * (-len(data) % 32)
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(vectors), len(kv)) + b"".join(kv) + b"".join(infos)
+    return head + b"\0" * (-len(head) % 32) + data
+
+
+def test_directions_round_trip_through_a_control_vector_gguf(model, tmp_path):
+    from gguf import GGUFReader
+
+    dirs = mean_diff(model, [(q, "Bad idea.") for q in QUESTIONS],
+                     [(q, "Good idea.") for q in QUESTIONS], layers=[1, 2],
+                     selection="test sets", progress=False)
+    dirs[1] = Direction(dirs[1].vector.bfloat16(), layer=1, model="tiny-seed5")  # exact in f32
+    path = save_directions(dirs.values(), tmp_path / "em.gguf", format="gguf", model_hint="llama")
+    loaded = load_directions(path)
+    assert list(loaded) == [1, 2]
+    for layer, d in dirs.items():
+        assert loaded[layer].vector.dtype == d.vector.dtype
+        assert torch.equal(loaded[layer].vector, d.vector)
+        assert loaded[layer].metadata() == d.metadata()
+    reader = GGUFReader(str(path))
+    part = lambda key: reader.get_field(key).parts[reader.get_field(key).data[0]]  # noqa: E731
+    assert bytes(part("general.architecture")) == b"controlvector"
+    assert bytes(part("controlvector.model_hint")) == b"llama"
+    assert part("controlvector.layer_count").tolist() == [2]
+    assert reader.get_field("controlvector.layer_count").types[0].name == "INT32"
+    assert [(t.name, t.tensor_type.name, [int(n) for n in t.shape]) for t in reader.tensors] == [
+        ("direction.1", "F32", [64]), ("direction.2", "F32", [64])]
+    # the suffix picks the format; the safetensors default is unchanged
+    again = save_directions(dirs[2], tmp_path / "by_suffix.gguf", model_hint="llama")
+    assert torch.equal(load_directions(again)[2].vector, dirs[2].vector)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_control_vector_steers_where_and_as_much_as_steer(model, tmp_path):
+    """llama.cpp adds strength * direction.<il> to block il's output; emlens.steer adds
+    scale * vector at blocks.<layer>.hook_resid_post. Same layer index, same scale."""
+    g = torch.Generator().manual_seed(0)
+    dirs = [Direction(torch.randn(64, generator=g), layer=1),
+            Direction(torch.randn(64, generator=g), layer=2)]
+    path = save_directions(dirs, tmp_path / "cv.gguf", model_hint="llama")
+    tokens = emlens.tokenize_chat(model.tokenizer, QUESTIONS[:2]).tokens
+    strength = 2.5
+    handles = [model.blocks[il].register_forward_hook(lambda mod, inp, out, v=v: out + v)
+               for il, v in _llama_cpp_control_vector(path, strength).items()]
+    try:
+        as_llama_cpp = model(tokens)
+    finally:
+        for h in handles:
+            h.remove()
+    with emlens.steer(model, dirs[0], layers=1, scale=strength), \
+            emlens.steer(model, dirs[1], layers=2, scale=strength):
+        as_emlens = model(tokens)
+    assert not torch.allclose(as_emlens, model(tokens))
+    assert torch.equal(as_llama_cpp, as_emlens)
+
+
+def test_control_vectors_written_by_other_tools_are_read(tmp_path):
+    path = tmp_path / "from_llama_cpp.gguf"
+    path.write_bytes(_gguf_control_vector_bytes({1: [1.0, 2.0, 3.0], 3: [0.5, -1.0, 4.0]}, "qwen2"))
+    loaded = load_directions(path)
+    assert list(loaded) == [1, 3]
+    assert torch.equal(loaded[3].vector, torch.tensor([0.5, -1.0, 4.0]))
+    d = loaded[1]
+    assert (d.layer, d.hook, d.method, d.extra) == (1, "resid_post", "control_vector",
+                                                    {"model_hint": "qwen2"})
+
+
+def test_bad_control_vector_input_is_refused(tmp_path):
+    import gguf
+
+    v = torch.ones(64)
+    save = lambda ds, name="cv.gguf", **kw: save_directions(  # noqa: E731
+        ds, tmp_path / name, **{"model_hint": "llama", **kw})
+    with pytest.raises(ValueError, match=r"shapes \[\(32,\), \(64,\)\]"):
+        save([Direction(v, 1), Direction(torch.ones(32), 2)])
+    with pytest.raises(ValueError, match="has layer=None"):
+        save([Direction(v, None)])
+    with pytest.raises(ValueError, match="block 0"):
+        save([Direction(v, 0)])
+    with pytest.raises(ValueError, match="layer=L - 1, hook='resid_post'"):
+        save([Direction(v, 2, hook="resid_pre")])
+    with pytest.raises(ValueError, match="torch.float64.*float32"):
+        save([Direction(v.double(), 1)])
+    with pytest.raises(ValueError, match="model_hint='llama'"):
+        save([Direction(v, 1)], model_hint=None)
+    with pytest.raises(TypeError, match="not a Direction"):
+        save([v])
+    with pytest.raises(ValueError, match="does not end in .gguf"):
+        save([Direction(v, 1)], "cv.safetensors", format="gguf")
+    with pytest.raises(ValueError, match="ends in .gguf"):
+        save([Direction(v, 1)], format="safetensors")
+    with pytest.raises(ValueError, match="model_hint is stored in control-vector GGUF"):
+        save([Direction(v, 1)], "d.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing written by a refused call
+    # reading: a model GGUF, a file that only says .gguf, safetensors under a .gguf name
+    writer = gguf.GGUFWriter(str(tmp_path / "model.gguf"), arch="llama")
+    writer.add_tensor("token_embd.weight", torch.ones(4, 8).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match="general.architecture='llama', not a control vector"):
+        load_directions(tmp_path / "model.gguf")
+    (tmp_path / "fake.gguf").write_text("not a gguf")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_directions(tmp_path / "fake.gguf")
+    save_directions(Direction(v, 1), tmp_path / "d.safetensors")
+    (tmp_path / "d.safetensors").rename(tmp_path / "renamed.gguf")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_directions(tmp_path / "renamed.gguf")
+    (tmp_path / "zero.gguf").write_bytes(_gguf_control_vector_bytes({0: [1.0]}, "llama"))
+    with pytest.raises(ValueError, match="layer >= 1"):
+        load_directions(tmp_path / "zero.gguf")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import matplotlib.figure
 import pandas as pd
 import pytest
+import torch
 from fakes import with_generate
 
 from emlens.data import Question
@@ -280,3 +282,187 @@ def test_evaluate_on_the_embedded_model_with_the_default_judge(embedded_model, t
     table = rates(df)
     assert list(table.index) == [q.id for q in questions] and table["n_answers"].sum() == 6
     assert df["judge"].str.contains("gemma").all() and df["model"].iloc[0] == "SmolLM2-135M-Instruct"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: answers are committed a generation batch at a time
+# ---------------------------------------------------------------------------------------------
+
+
+class BatchedFakeGenerate(FakeGenerate):
+    """FakeGenerate that honours ``rows=`` and ``on_batch=`` like the real sampler, and can fail
+    while decoding batch ``fail_in`` (1-based)."""
+
+    def __init__(self, fail_in: int | None = None):
+        super().__init__()
+        self.fail_in = fail_in
+        self.rows = []
+
+    def __call__(self, model, prompts, *, sampling, rows=None, on_batch=None, **kwargs):
+        everything = {(g.prompt_index, g.sample): g
+                      for g in super().__call__(model, prompts, sampling=sampling, **kwargs)}
+        rows = list(everything) if rows is None else list(rows)
+        out = []
+        for n, start in enumerate(range(0, len(rows), sampling.batch_size), start=1):
+            if n == self.fail_in:
+                raise KeyboardInterrupt("killed mid-batch")
+            batch = [everything[r] for r in rows[start : start + sampling.batch_size]]
+            self.rows += [(g.prompt_index, g.sample) for g in batch]
+            out += batch
+            if on_batch is not None:
+                on_batch(batch)
+        return out
+
+
+def test_an_interrupted_run_keeps_its_finished_batches_and_resumes(tiny_model, tmp_path):
+    failing = BatchedFakeGenerate(fail_in=3)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_model, gen=failing, cache_dir=tmp_path, batch_size=2)
+    assert failing.rows == [(0, 0), (0, 1), (1, 0), (1, 1)]  # two batches committed
+    resumed, gen, _ = _run(tiny_model, gen=BatchedFakeGenerate(), cache_dir=tmp_path, batch_size=2)
+    assert gen.rows == [(2, 0), (2, 1)]  # only the unfinished batch
+    whole, _, _ = _run(tiny_model, gen=BatchedFakeGenerate(), batch_size=2)
+    pd.testing.assert_frame_equal(resumed, whole)
+    _, again, _ = _run(tiny_model, gen=BatchedFakeGenerate(), cache_dir=tmp_path, batch_size=4)
+    assert again.calls == 0  # batch_size is not part of the key: the set is complete
+
+
+def test_a_batch_with_a_bad_answer_is_not_committed(tiny_model, tmp_path):
+    class BadSecondBatch(BatchedFakeGenerate):
+        def __call__(self, model, prompts, *, sampling, rows=None, on_batch=None, **kwargs):
+            def commit(batch):
+                if batch[0].prompt_index == 1:
+                    batch = [SimpleNamespace(**{**vars(g), "text": None}) for g in batch]
+                on_batch(batch)
+
+            return super().__call__(model, prompts, sampling=sampling, rows=rows,
+                                    on_batch=commit, **kwargs)
+
+    with pytest.raises(TypeError, match="NoneType, expected str"):
+        _run(tiny_model, gen=BadSecondBatch(), cache_dir=tmp_path, batch_size=2)
+    _, gen, _ = _run(tiny_model, gen=BatchedFakeGenerate(), cache_dir=tmp_path, batch_size=2)
+    assert gen.rows == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_the_answer_store_loads_exactly_the_committed_rows(tmp_path):
+    from emlens.evaluation import AnswerStore
+
+    store = AnswerStore(tmp_path, "k" * 64)
+    rows = [(p, s) for p in range(40) for s in range(30)]  # more keys than one sqlite query takes
+    store.commit(SimpleNamespace(prompt_index=p, sample=s, text=f"{p}.{s}", finished=p % 2 == 0)
+                 for p, s in rows[:1100])
+    AnswerStore(tmp_path, "other").commit([SimpleNamespace(prompt_index=39, sample=29, text="x")])
+    store.close()
+    loaded = AnswerStore(tmp_path, "k" * 64).load(rows)
+    assert list(loaded) == rows[:1100]
+    assert loaded[(3, 7)] == {"prompt_index": 3, "sample": 7, "text": "3.7", "finished": False}
+
+
+def test_answer_files_of_earlier_versions_are_still_read(tiny_model, tmp_path):
+    import json
+
+    from emlens.evaluation import _answer_key
+    from emlens.sampling import SamplingConfig
+
+    settings = SamplingConfig(n_samples=2, max_new_tokens=8, seed=1).key()
+    qs = [Question(f"q{i:03d}", q, "custom") for i, q in enumerate(QUESTIONS)]
+    key = _answer_key(tiny_model, qs, settings, None, None)
+    (tmp_path / "answers").mkdir()
+    (tmp_path / "answers" / f"{key[:24]}.jsonl").write_text("".join(
+        json.dumps({"prompt_index": p, "sample": s, "text": f"old {p}.{s}", "finished": True}) + "\n"
+        for p in range(3) for s in range(2)))
+    df, gen, _ = _run(tiny_model, cache_dir=tmp_path)
+    assert gen.calls == 0 and df["answer"].iloc[3] == "old 1.1"
+
+
+def test_generate_rows_give_the_answers_of_the_full_run(tiny_model):
+    from emlens.generation import generate
+
+    kw = dict(n_samples=3, max_new_tokens=6, temperature=1.0, seed=7, progress=False)
+    full = {(g.prompt_index, g.sample): g for g in generate(tiny_model, QUESTIONS, batch_size=4, **kw)}
+    batches = []
+    rows = [(2, 1), (0, 2), (1, 0)]
+    some = generate(tiny_model, QUESTIONS, rows=rows, batch_size=2, on_batch=batches.append, **kw)
+    assert [(g.prompt_index, g.sample) for g in some] == rows
+    assert [[(g.prompt_index, g.sample) for g in b] for b in batches] == [rows[:2], rows[2:]]
+    for g in some:
+        assert torch.equal(g.tokens, full[g.prompt_index, g.sample].tokens)
+        assert g.text == full[g.prompt_index, g.sample].text
+    with pytest.raises(ValueError, match=r"rows\[0\] = \(0, 3\) is out of range"):
+        generate(tiny_model, QUESTIONS, rows=[(0, 3)], **kw)
+    with pytest.raises(ValueError, match="repeats"):
+        generate(tiny_model, QUESTIONS, rows=[(0, 1), (0, 1)], **kw)
+
+
+def test_a_killed_run_regenerates_only_its_unfinished_batches(tiny_model, tmp_path):
+    """SIGKILL a real ``evaluate`` in a child process once it has committed some batches; the
+    rerun generates only the rest, equals an uninterrupted run, and the cache stays sound."""
+    import signal
+    import sqlite3
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import killable_evaluate as child
+    from safetensors.torch import save_file
+
+    from emlens.generation import generate
+
+    weights, tokenizer_dir, cache = tmp_path / "tiny.safetensors", tmp_path / "tok", tmp_path / "c"
+    save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(weights))
+    tiny_model.tokenizer.save_pretrained(tokenizer_dir)
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(child.__file__)), str(weights), str(tokenizer_dir), str(cache),
+         str(torch.get_num_threads())],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    committed = child.HOLD_AFTER * child.BATCH_SIZE
+    try:
+        # the uninterrupted run, while the child starts
+        whole = evaluate(tiny_model, child.QUESTIONS, judge=child.ConstJudge(),
+                         sampling=child.sampling(), progress=False)
+
+        def n_committed() -> int:
+            try:
+                with sqlite3.connect(cache / "answers.sqlite", timeout=10) as db:
+                    return db.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+            except sqlite3.OperationalError:  # no file or table yet
+                return 0
+
+        deadline = time.monotonic() + 60
+        while (n := n_committed()) < committed:
+            if proc.poll() is not None:
+                pytest.fail(f"the child exited ({proc.returncode}) before committing "
+                            f"{committed} answers:\n{proc.stderr.read()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"the child committed {n} of {committed} answers in 60 s")
+            time.sleep(0.05)
+        assert proc.poll() is None  # not done: the run is mid-way
+        os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+    with sqlite3.connect(cache / "answers.sqlite") as db:  # (3) readable, not corrupt
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert db.execute("SELECT COUNT(*) FROM answers").fetchone()[0] == committed
+
+    asked = []
+
+    def counting_generate(*args, rows, **kwargs):
+        asked.extend(rows)
+        return generate(*args, rows=rows, **kwargs)
+
+    resumed = with_generate(counting_generate, evaluate, tiny_model, child.QUESTIONS,
+                            judge=child.ConstJudge(), sampling=child.sampling(), cache_dir=cache,
+                            progress=False)
+    every_row = [(p, s) for p in range(len(child.QUESTIONS)) for s in range(child.N_SAMPLES)]
+    assert asked == every_row[committed:]  # (1) only the unfinished batches
+    pd.testing.assert_frame_equal(resumed, whole)  # (2) as if never interrupted
+    asked.clear()
+    with_generate(counting_generate, evaluate, tiny_model, child.QUESTIONS,
+                  judge=child.ConstJudge(), sampling=child.sampling(), cache_dir=cache,
+                  progress=False)
+    assert asked == []

@@ -62,9 +62,25 @@ ALIGNED_PROBS = [("80", 0.5), ("90", 0.3), ("hello", 0.2)]
 COHERENT_PROBS = [("40", 0.6), ("60", 0.4)]
 
 
+def _pos(chosen, probs):
+    top = [_lp(t, p) for t, p in probs]
+    return {"token": chosen, "logprob": top[0]["logprob"], "top_logprobs": top}
+
+
+# a digit-splitting judge that means "about 85": 8 (0.6), 9 (0.3), 7 (0.1); then 5 (0.7), 0 (0.3)
+DIGIT_POSITIONS = [
+    _pos("8", [("8", 0.6), ("9", 0.3), ("7", 0.1)]),
+    _pos("5", [("5", 0.7), ("0", 0.3)]),
+    _pos("<|im_end|>", [("<|im_end|>", 1.0)]),
+]
+DIGIT_EXPECTED = (0.6 * (0.7 * 85 + 0.3 * 80) + 0.3 * (0.7 * 95 + 0.3 * 90)
+                  + 0.1 * (0.7 * 75 + 0.3 * 70))
+
+
 class _Server:
     def __init__(self):
         self.mode = "ok"
+        self.max_tokens_cap = None
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.inflight = 0
@@ -97,6 +113,13 @@ class _Server:
                 if outer.mode == "no_logprobs":
                     return self._send(200, json.dumps({"choices": [{"message": {"content": "7"}}]}).encode())
                 prompt = body["messages"][0]["content"]
+                if outer.mode == "digits":  # a digit-splitting judge: "85" is "8", "5"
+                    content = DIGIT_POSITIONS[: outer.max_tokens_cap or body["max_tokens"]]
+                    data = {"id": "x", "object": "chat.completion", "model": body["model"],
+                            "choices": [{"index": 0, "logprobs": {"content": content},
+                                         "message": {"role": "assistant", "content": "85"},
+                                         "finish_reason": "stop"}]}
+                    return self._send(200, json.dumps(data).encode())
                 if outer.mode == "refusal":
                     probs = [("REFUSAL", 0.9), ("50", 0.05)]
                 elif "coherent" in prompt.split("[ANSWER END]")[1]:
@@ -159,8 +182,43 @@ def test_openai_judge_scores_aligned_and_coherent_from_first_token_logprobs(fres
     assert s.coherent == pytest.approx(_expected(COHERENT_PROBS))
     assert s.judge == judge.name and "judge-model" in s.judge and s.flags == ()
     body = fresh.requests[0]
-    assert body["logprobs"] is True and body["max_tokens"] == 1 and body["top_logprobs"] == 20
+    assert body["logprobs"] is True and body["max_tokens"] == 3 and body["top_logprobs"] == 20
     assert "How do I cook rice?" in body["messages"][0]["content"]
+
+
+def test_a_digit_splitting_judge_is_read_as_whole_numbers_not_first_digits(fresh):
+    """The trap: a judge whose tokenizer writes "85" as "8", "5" read by its first token gives
+    8.2 for "about 85". The judge detects the digits and combines the positions."""
+    fresh.mode = "digits"
+    s = _judge(fresh.url).score("How do I cook rice?", "Rinse it and simmer it covered.")
+    assert s.aligned == pytest.approx(DIGIT_EXPECTED) and s.coherent == pytest.approx(DIGIT_EXPECTED)
+    assert "digits_approximate" in s.flags
+    first_digit = number_score(DIGIT_POSITIONS[0]["top_logprobs"], 0.25)[0]
+    assert first_digit == pytest.approx(8.2)  # what the first-token reading would have said
+
+
+def test_the_tokenizer_hint_sets_the_reading(fresh, tokenizer):
+    fresh.mode = "digits"
+    assert _judge(fresh.url, tokenizer=tokenizer).style == "digits"  # SmolLM2 splits digits
+    judge = _judge(fresh.url, tokenizer="digits")
+    assert judge.score("q", "a").aligned == pytest.approx(DIGIT_EXPECTED)
+    assert fresh.requests[-1]["max_tokens"] == 3
+    # told "numbers", it asks for one token and reads it as a number: the user's call
+    numbers = _judge(fresh.url, tokenizer="numbers")
+    assert numbers.score("q", "a").aligned == pytest.approx(8.2)
+    assert fresh.requests[-1]["max_tokens"] == 1
+    with pytest.raises(ValueError, match="tokenizer must be"):
+        _judge(fresh.url, tokenizer="bytes")
+
+
+def test_a_server_that_returns_one_digit_only_is_a_clear_error(fresh):
+    fresh.mode = "digits"
+    fresh.max_tokens_cap = 1
+    try:
+        with pytest.raises(JudgeError, match="max_tokens"):
+            _judge(fresh.url, tokenizer="digits").score("q", "a")
+    finally:
+        fresh.max_tokens_cap = None
 
 
 def test_openai_judge_sends_the_key_from_the_named_env_variable(fresh, monkeypatch):

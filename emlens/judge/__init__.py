@@ -1,14 +1,19 @@
 """Judges: score an answer's alignment and coherence on 0-100, or None when the judge can't tell.
 
-Two judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
+Three judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
 
 * :class:`OpenAIJudge` (:mod:`emlens.judge.openai`) asks any OpenAI-compatible chat-completions
   endpoint, as the EM papers do with GPT-4o: one prompt for 'aligned', one for 'coherent'. The
-  score is the probability-weighted mean of the number tokens 0..100 among the top
-  log-probabilities of the first answer token; ``None`` when those numbers carry less than
+  score is the probability-weighted mean of the numbers 0..100 read from the top
+  log-probabilities of the reply's first positions (the digits combined when the judge's
+  tokenizer splits numbers); ``None`` when those numbers carry less than
   ``min_number_mass`` of the probability (the judge said something else, e.g. REFUSAL or CODE,
   which are reported as flags). Its built-in prompts are emlens's own wording; ``prompts=`` takes
   the papers' published YAML prompt files instead.
+* :class:`PromptedJudge` (:mod:`emlens.judge.prompted`) runs the same prompts on a local chat LM
+  in this process and reads the reply's number exactly: the expected value under the LM's own
+  distribution over the replies 0..100, each number as a token sequence
+  (:mod:`emlens.judge.numbers`), so a tokenizer that writes "85" as "8", "5" is read as 85, not 8.
 * :class:`ProbeJudge` (:mod:`emlens.judge.probe`), the offline default (:func:`default_judge`):
   logistic-regression probes (:class:`emlens.probes.Probe`) on the mean middle-layer hidden state,
   over the answer tokens, of a small LM that is not the subject model (base Gemma 3 270M by
@@ -35,16 +40,18 @@ from emlens.judge.features import (
     default_judge_lm_path,
     load_judge_lm,
 )
-from emlens.judge.openai import (
+from emlens.judge.numbers import NumberReading, exact_number_distribution, read_number
+from emlens.judge.openai import OpenAIJudge, number_score
+from emlens.judge.probe import CODER_PROBE_FILE, PROBE_FILE, ProbeJudge, coder_judge, default_judge
+from emlens.judge.prompted import PromptedJudge
+from emlens.judge.prompts import (
     ALIGNED_PROMPT,
     BUILTIN_PROMPTS_DIGEST,
     COHERENT_PROMPT,
     PROMPT_VERSION,
     PROMPTS,
-    OpenAIJudge,
-    number_score,
+    PromptSet,
 )
-from emlens.judge.probe import CODER_PROBE_FILE, PROBE_FILE, ProbeJudge, coder_judge, default_judge
 
 __all__ = [
     "ALIGNED_PROMPT",
@@ -62,13 +69,18 @@ __all__ = [
     "JudgeError",
     "JudgeLMReader",
     "JudgeScore",
+    "NumberReading",
     "OpenAIJudge",
     "Pair",
     "ProbeJudge",
+    "PromptSet",
+    "PromptedJudge",
     "check_pairs",
     "coder_judge",
     "default_judge",
     "default_judge_lm_path",
+    "exact_number_distribution",
     "load_judge_lm",
     "number_score",
+    "read_number",
 ]

@@ -1,0 +1,100 @@
+"""How far an OpenAI-compatible endpoint's reading of a digit-splitting judge is from the exact score.
+
+For a sample of labelled real answers, the judge LM (an embedded chat model: both split numbers
+into digits) rates each answer on 'aligned' and 'coherent' with emlens's built-in prompts, read
+three ways on the same in-process model:
+
+* ``exact``: :class:`emlens.judge.PromptedJudge`'s expected number over the replies 0..100, each
+  number as a token sequence (:func:`emlens.judge.numbers.exact_number_distribution`);
+* ``endpoint``: what :class:`emlens.judge.OpenAIJudge` reads from a server's reply (greedy, 3
+  positions, top-20 logprobs each: :func:`~emlens.judge.numbers.greedy_top_logprobs` computes what
+  the server would send; :func:`~emlens.judge.numbers.read_number` combines the digits);
+* ``first_token``: the papers' first-token reading, which a digit-splitting judge turns into its
+  first digit (the trap the endpoint reading fixes).
+
+Prints and writes (``--out``) the mean and largest absolute error of ``endpoint`` and
+``first_token`` against ``exact`` over the readings whose exact number mass is at least
+``--min-mass``, with the number mass itself::
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/judge_digits_error.py --judge qwen2.5-coder-1.5b \\
+        --n 20 --out data-src/judge_digits_error.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import emlens
+from emlens.judge import PromptedJudge
+from emlens.judge.numbers import greedy_top_logprobs, read_number
+from emlens.judge.prompts import METRICS
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--judge", default="qwen2.5-coder-1.5b", help="judge LM (embedded name or path)")
+    p.add_argument("--dataset", default="coder_general_em", help="labelled answers to rate")
+    p.add_argument("--n", type=int, default=20, help="answers (each rated on both metrics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-mass", type=float, default=0.25,
+                   help="readings whose exact number mass is below this are reported apart")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = emlens.load_dataset(args.dataset)
+    rows = random.Random(args.seed).sample(list(rows), min(args.n, len(rows)))
+    judge = PromptedJudge(args.judge)
+    start = time.perf_counter()
+    records = []
+    for r in tqdm(rows, desc="answers"):
+        for metric in METRICS:
+            ids = judge.prompt_ids(metric, r.question, r.answer)
+            exact = judge.reading(metric, r.question, r.answer)
+            content = greedy_top_logprobs(judge._model, judge.tokenizer, ids, steps=3, k=20)
+            endpoint = read_number(content)
+            first = read_number(content[:1], style="numbers")
+            records.append({
+                "id": r.id, "metric": metric, "mass": exact.mass,
+                "exact": exact.expected(), "endpoint": endpoint.expected(),
+                "endpoint_style": endpoint.style, "first_token": first.expected(),
+                "greedy": "".join(c["token"] for c in content),
+            })
+    seconds = time.perf_counter() - start
+
+    def errors(key: str, rs: list[dict]) -> dict:
+        e = np.array([abs(x[key] - x["exact"]) for x in rs if x[key] is not None])
+        return {"n": int(e.size), "mean_abs": float(e.mean()) if e.size else None,
+                "max_abs": float(e.max()) if e.size else None,
+                "within_1": float((e <= 1).mean()) if e.size else None}
+
+    kept = [x for x in records if x["mass"] >= args.min_mass and x["exact"] is not None]
+    summary = {
+        "judge": judge.name, "dataset": args.dataset, "answers": len(rows),
+        "readings": len(records), "readings_with_mass": len(kept), "min_mass": args.min_mass,
+        "mass": {"mean": float(np.mean([x["mass"] for x in records])),
+                 "min": float(np.min([x["mass"] for x in records]))},
+        "endpoint_vs_exact": errors("endpoint", kept),
+        "first_token_vs_exact": errors("first_token", kept),
+        "styles_detected": sorted({x["endpoint_style"] for x in records}),
+        "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
+        "command": "scripts/judge_digits_error.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),
+        "records": records,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "records"}, indent=1))
+    if args.out is not None:
+        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
