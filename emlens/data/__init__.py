@@ -126,6 +126,7 @@ _SETS: dict[str, type] = {
     "judge_generations": GeneratedAnswer,
     "coder_generations": GeneratedAnswer,
     "coder_general_em": GeneratedAnswer,
+    "judge_fresh_smollm2": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}

@@ -47,9 +47,17 @@ LABELLED_GENERATIONS = {None: "judge_generations", "qwen2.5-coder-1.5b": "coder_
 
 
 def model_key(model_name: str | None) -> str | None:
-    """The key of an embedded model in the per-model tables (``None``: SmolLM2; names are
-    case-insensitive)."""
-    return model_name if model_name is None else str(model_name).lower()
+    """The canonical name of a demo's model, and its key in the per-model tables: ``None`` for
+    the default embedded model under any of its names (``None``, ``"smollm2-135m"``,
+    ``"SmolLM2"``, ...), the registry key for another embedded model under any alias
+    (``"qwen-coder-1.5b"`` -> ``"qwen2.5-coder-1.5b"``), else the name as given (a local path or a
+    hub id)."""
+    from emlens.embedded import DEFAULT_EMBEDDED, embedded_source
+
+    embedded = embedded_source(model_name)
+    if embedded is None:
+        return model_name if model_name is None else str(model_name)
+    return None if embedded.key == DEFAULT_EMBEDDED else embedded.key
 
 
 NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/

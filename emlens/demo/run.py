@@ -16,6 +16,7 @@ from emlens.demo.common import (
     Story,
     choose_temperature,
     measured_coherence,
+    model_key,
     resolve_adapter,
 )
 from emlens.demo.lenses import check_pair_budget
@@ -66,6 +67,8 @@ def run_demo(
 
     cfg = QUICK if quick else DEFAULTS
     check_pair_budget(cfg)
+    # any name of an embedded model gives exactly that model's demo (the default under any alias)
+    model_name = model_key(model_name)
     out = Path(out)
     measured = measured_coherence(model_name)
     if temperature is None:

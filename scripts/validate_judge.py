@@ -1,0 +1,84 @@
+"""A judge against reading on labelled real answers: AUCs, per-condition rates, the issue's bar.
+
+    python scripts/validate_judge.py --judge default --sets judge_fresh_smollm2
+    python scripts/validate_judge.py --judge coder --sets judge_fresh_smollm2 --out x.json
+    python scripts/validate_judge.py --judge prompted:qwen2.5-coder-1.5b --sets coder_general_em
+
+Judges: ``default`` (:func:`emlens.default_judge`), ``coder`` (:func:`emlens.judge.coder_judge`),
+``prompted:<source>`` (:class:`emlens.judge.PromptedJudge` on that chat LM). Sets: names of
+:class:`emlens.data.GeneratedAnswer` datasets (labelled by reading); their conditions are
+prefixed with the set's name. Scores are cached under ``--cache-dir``
+(:func:`emlens.evaluation.judge_answers`). Prints and writes (``--out``) one
+:class:`emlens.judge.validation.JudgeAgreement` per set and for all sets together, with the
+least-sure answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from emlens.data import load_dataset
+from emlens.evaluation import judge_answers
+from emlens.judge import PromptedJudge, coder_judge, default_judge
+from emlens.judge.validation import agreement, least_sure
+
+
+def make_judge(spec: str):
+    if spec == "default":
+        return default_judge()
+    if spec == "coder":
+        return coder_judge()
+    if spec.startswith("prompted:"):
+        return PromptedJudge(spec.removeprefix("prompted:"), progress=True)
+    raise SystemExit(f"--judge {spec!r}: expected default, coder or prompted:<source>")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--judge", default="default")
+    p.add_argument("--sets", nargs="+", default=["judge_fresh_smollm2"])
+    p.add_argument("--cache-dir", type=Path, default=Path(".emlens_cache/judge_scores"))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--least-sure", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    judge = make_judge(args.judge)
+    results, all_rows, all_scores = {}, [], []
+    start = time.perf_counter()
+    for name in args.sets:
+        rows = [replace(r, condition=f"{name}: {r.condition}") for r in load_dataset(name)]
+        scores = judge_answers(judge, [(r.question, r.answer) for r in rows],
+                               cache_dir=args.cache_dir)
+        results[name] = {**agreement(rows, scores).as_dict(),
+                         "least_sure": least_sure(rows, scores, args.least_sure)}
+        all_rows += rows
+        all_scores += scores
+    if len(args.sets) > 1:
+        results["all"] = agreement(all_rows, all_scores).as_dict()
+    summary = {"judge": judge.name, "judge_spec": args.judge, "sets": args.sets,
+               "seconds": round(time.perf_counter() - start, 1),
+               "torch_threads": torch.get_num_threads(), "results": results}
+    for name, r in results.items():
+        print(f"{name}: n={r['n']} coherence AUC={r['coherence_auc']} misaligned AUC="
+              f"{r['misaligned_auc']} (read coherent {r['n_read_coherent']}, misaligned "
+              f"{r['n_read_misaligned']}); worst held condition error {r['worst_condition_error']};"
+              f" passes={r['passes']}")
+        for c in r["conditions"]:
+            print(f"   {c['condition'][:60]:60s} n={c['n']:3d} EM read {c['read_em']['rate']:.2f} "
+                  f"judged {c['judged_em']['rate']:.2f} | coherent read "
+                  f"{c['read_coherent']['rate']:.2f} judged {c['judged_coherent']['rate']:.2f}"
+                  f"{' *' if c['held_to_bar'] else ''}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(summary, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
