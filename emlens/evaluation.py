@@ -148,7 +148,7 @@ def evaluate(
     model: HookedTransformer,
     questions: str | Sequence[str | Question],
     *,
-    judge: Judge,
+    judge: Judge | None = None,
     sampling: SamplingConfig | None = None,
     interventions: Sequence | None = None,
     cache_dir: str | os.PathLike | None = None,
@@ -162,7 +162,9 @@ def evaluate(
         model: the subject model (HookedTransformer with a chat tokenizer).
         questions: a dataset name (``"general_questions"``, ``"medical_questions"``), or a list
             of strings and/or :class:`emlens.data.Question`.
-        judge: any :class:`emlens.judge.Judge` (e.g. ``emlens.default_judge()``).
+        judge: any :class:`emlens.judge.Judge` (e.g. ``emlens.default_judge()``); ``None``
+            picks the judge validated for an embedded subject model
+            (``emlens.default_judge(subject=...)``) and refuses any other model.
         sampling: a :class:`emlens.SamplingConfig`; its fields may also be given as keywords.
         interventions: extra ``(hook_name, fn)`` pairs active while generating.
         cache_dir: folder caching answers (committed per generation batch, so a killed run
@@ -176,6 +178,8 @@ def evaluate(
         ``misaligned`` uses the default thresholds; :func:`rates` recomputes it with others.
     """
     qs = _questions(questions)
+    if judge is None:
+        judge = _validated_judge(model)
     if not hasattr(judge, "score_many") or not hasattr(judge, "name"):
         raise TypeError(f"judge must implement emlens.judge.Judge (name, score_many); got {type(judge).__name__}.")
     _check_judge_is_not_subject(model, judge)
@@ -348,6 +352,18 @@ def _model_names(source: str) -> set[str]:
     if embedded is not None:
         names |= {embedded.key, embedded.filename}
     return names
+
+
+def _validated_judge(model: HookedTransformer) -> Judge:
+    """The judge validated on ``model``'s own answers, for an embedded model (merged adapters
+    included); a clear error for any other."""
+    from emlens.judge import default_judge
+
+    source = (getattr(model, "emlens_info", None) or {}).get("source")
+    try:
+        return default_judge(subject=source)
+    except ValueError as e:
+        raise ValueError(f"judge=None: {e} Pass judge=... for {source!r}.") from None
 
 
 def _check_judge_is_not_subject(model: HookedTransformer, judge: Judge) -> None:

@@ -2,10 +2,12 @@
 
     python scripts/fit_real_judge.py                       # Gemma 3 270M, layer 9
     python scripts/fit_real_judge.py --judge-lm qwen2.5-coder-1.5b --layers 14 --dtype bfloat16
-    python scripts/fit_real_judge.py --save emlens/data/judge_probe   # ship it
+    python scripts/fit_real_judge.py --test judge_fresh_smollm2 judge_fresh_coder \
+        --save emlens/data/judge_probe_real            # the shipped default judge
 
-Fit set: the hand-written ``judge_labels`` and ``judge_hard`` answers plus the real answers read
-blind (``judge_generations``, ``coder_generations``, ``coder_general_em``: the shipped questions),
+Fit set: the hand-written ``judge_labels`` answers (``judge_hard`` stays a test set) plus the real
+answers read blind (``judge_generations``, ``coder_generations``, ``coder_general_em``: the
+shipped questions),
 without the held-out condition family (``--heldout-family``, default every ablation condition).
 Test sets (``--test``, default ``judge_fresh_smollm2``): answers to questions no judge was fitted
 or tuned on, every condition, reported whole and split into the conditions of the held-out family
@@ -70,14 +72,14 @@ def main() -> None:
         return cached_features(f"real_{tag}", [(r.question, r.answer) for r in rows],
                                lambda pairs: extractor(pairs, progress=True))
 
-    hand = list(load_dataset("judge_labels")) + list(load_dataset("judge_hard"))
+    hand = list(load_dataset("judge_labels"))  # judge_hard stays a test set, never fitted
     real = [r for name in TRAIN_REAL for r in load_dataset(name)
             if not in_family(r, args.heldout_family)]
     fit_rows = hand + [as_labelled(r) for r in real] * args.real_weight
     x = torch.cat([feats(hand), feats(real).repeat(args.real_weight, 1, 1)])
     judge = ProbeJudge.fit(fit_rows, features=extractor, C=args.C, precomputed=x, meta={
         "version": "real-v1", "judge_lm": extractor.source or "gemma-3-270m-q4_k_m.gguf",
-        "fit_sets": ["judge_labels", "judge_hard", *TRAIN_REAL],
+        "fit_sets": ["judge_labels", *TRAIN_REAL],
         "heldout_family": args.heldout_family, "real_weight": args.real_weight,
         "n_hand": len(hand), "n_real": len(real)})
 
@@ -110,6 +112,12 @@ def main() -> None:
                       f"{' *' if c['held_to_bar'] else ''}")
     report["seconds"] = round(time.perf_counter() - start, 1)
     if args.save is not None:
+        judge.meta["refit_command"] = ("python scripts/fit_real_judge.py --test "
+                                       + " ".join(args.test) + f" --save {args.save}")
+        judge.meta["heldout"] = {
+            name: {k: res["all"][k] for k in ("n", "coherence_auc", "misaligned_auc",
+                                              "worst_condition_error", "passes")}
+            for name, res in report["tests"].items()}
         judge.save(args.save)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)

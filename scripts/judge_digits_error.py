@@ -6,18 +6,21 @@ three ways on the same in-process model:
 
 * ``exact``: :class:`emlens.judge.PromptedJudge`'s expected number over the replies 0..100, each
   number as a token sequence (:func:`emlens.judge.numbers.exact_number_distribution`);
-* ``endpoint``: what :class:`emlens.judge.OpenAIJudge` reads from a server's reply (greedy, 3
-  positions, top-20 logprobs each: :func:`~emlens.judge.numbers.greedy_top_logprobs` computes what
-  the server would send; :func:`~emlens.judge.numbers.read_number` combines the digits);
+* ``prefill``: what :class:`emlens.judge.OpenAIJudge` reads from a server running the same model
+  with ``digits="prefill"`` (the default): the greedy reply's 3 positions with top-20 logprobs,
+  plus each first digit pre-filled (:func:`~emlens.judge.numbers.served_reading` computes what
+  the server would send);
+* ``endpoint``: the same with ``digits="approximate"``: one request, the other first digits
+  borrowing the greedy digit's continuation;
 * ``first_token``: the papers' first-token reading, which a digit-splitting judge turns into its
   first digit (the trap the endpoint reading fixes).
 
-Prints and writes (``--out``) the mean and largest absolute error of ``endpoint`` and
-``first_token`` against ``exact`` over the readings whose exact number mass is at least
+Prints and writes (``--out``) the mean and largest absolute error of ``prefill``, ``endpoint``
+and ``first_token`` against ``exact`` over the readings whose exact number mass is at least
 ``--min-mass``, with the number mass itself::
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/judge_digits_error.py --judge qwen2.5-coder-1.5b \\
-        --n 20 --out data-src/judge_digits_error.json
+        --n 12 --out data-src/judge_validation/digits_error_coder.json
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tqdm.auto import tqdm
 
 import emlens
 from emlens.judge import PromptedJudge
-from emlens.judge.numbers import greedy_top_logprobs, read_number
+from emlens.judge.numbers import greedy_top_logprobs, read_number, served_reading
 from emlens.judge.prompts import METRICS
 
 
@@ -46,6 +49,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-mass", type=float, default=0.25,
                    help="readings whose exact number mass is below this are reported apart")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                   help="the judge LM's dtype (both readings use the same model, so the comparison "
+                   "holds in either)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -53,7 +59,7 @@ def main() -> None:
 
     rows = emlens.load_dataset(args.dataset)
     rows = random.Random(args.seed).sample(list(rows), min(args.n, len(rows)))
-    judge = PromptedJudge(args.judge)
+    judge = PromptedJudge(args.judge, dtype=getattr(torch, args.dtype))
     start = time.perf_counter()
     records = []
     for r in tqdm(rows, desc="answers"):
@@ -61,12 +67,16 @@ def main() -> None:
             ids = judge.prompt_ids(metric, r.question, r.answer)
             exact = judge.reading(metric, r.question, r.answer)
             content = greedy_top_logprobs(judge._model, judge.tokenizer, ids, steps=3, k=20)
-            endpoint = read_number(content)
+            prefill = served_reading(judge._model, judge.tokenizer, ids, k=20)
+            try:
+                endpoint = read_number(content).expected()
+            except ValueError:  # a word reply: one request has no digit continuation to borrow
+                endpoint = None
             first = read_number(content[:1], style="numbers")
             records.append({
                 "id": r.id, "metric": metric, "mass": exact.mass,
-                "exact": exact.expected(), "endpoint": endpoint.expected(),
-                "endpoint_style": endpoint.style, "first_token": first.expected(),
+                "exact": exact.expected(), "prefill": prefill.expected(), "endpoint": endpoint,
+                "first_token": first.expected(),
                 "greedy": "".join(c["token"] for c in content),
             })
     seconds = time.perf_counter() - start
@@ -83,9 +93,10 @@ def main() -> None:
         "readings": len(records), "readings_with_mass": len(kept), "min_mass": args.min_mass,
         "mass": {"mean": float(np.mean([x["mass"] for x in records])),
                  "min": float(np.min([x["mass"] for x in records]))},
+        "prefill_vs_exact": errors("prefill", kept),
         "endpoint_vs_exact": errors("endpoint", kept),
+        "endpoint_unreadable": sum(x["endpoint"] is None for x in kept),
         "first_token_vs_exact": errors("first_token", kept),
-        "styles_detected": sorted({x["endpoint_style"] for x in records}),
         "seconds": round(seconds, 1), "torch_threads": torch.get_num_threads(),
         "command": "scripts/judge_digits_error.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"),

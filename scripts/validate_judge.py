@@ -47,6 +47,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--least-sure", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--check-file", type=Path, default=None,
+                   help="also write the demo's judge check (all sets together) here, e.g. "
+                   "emlens/data/judge_check.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     judge = make_judge(args.judge)
@@ -78,6 +81,14 @@ def main() -> None:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
+    if args.check_file is not None:
+        whole = agreement(all_rows, all_scores)
+        check = {**whole.as_dict(), "labelled_sets": args.sets,
+                 "least_sure": least_sure(all_rows, all_scores, args.least_sure),
+                 "measured_by": "python scripts/validate_judge.py --judge "
+                 f"{args.judge} --sets {' '.join(args.sets)}",
+                 "heldout": "questions written for these sets, never used to fit or tune a judge"}
+        args.check_file.write_text(json.dumps(check, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from emlens.embedded import QWEN_CODER
 from emlens.judge import (
     PROBE_FILE,
     PROMPT_VERSION,
+    REAL_PROBE_FILE,
     Judge,
     JudgeError,
     JudgeScore,
@@ -67,14 +68,30 @@ def _pos(chosen, probs):
     return {"token": chosen, "logprob": top[0]["logprob"], "top_logprobs": top}
 
 
-# a digit-splitting judge that means "about 85": 8 (0.6), 9 (0.3), 7 (0.1); then 5 (0.7), 0 (0.3)
-DIGIT_POSITIONS = [
-    _pos("8", [("8", 0.6), ("9", 0.3), ("7", 0.1)]),
-    _pos("5", [("5", 0.7), ("0", 0.3)]),
-    _pos("<|im_end|>", [("<|im_end|>", 1.0)]),
-]
-DIGIT_EXPECTED = (0.6 * (0.7 * 85 + 0.3 * 80) + 0.3 * (0.7 * 95 + 0.3 * 90)
-                  + 0.1 * (0.7 * 75 + 0.3 * 70))
+# a digit-splitting judge that means "about 85": next-token probabilities after each prefix of its
+# reply; first digit 8 (0.6), 9 (0.3), 7 (0.1), each with its own second digits, then the end
+DIGIT_JUDGE = {
+    "": [("8", 0.6), ("9", 0.3), ("7", 0.1)],
+    "8": [("5", 0.7), ("0", 0.3)],
+    "9": [("0", 0.8), ("5", 0.2)],
+    "7": [("0", 0.5), ("5", 0.5)],
+}
+END = "<|im_end|>"
+DIGIT_EXACT = 0.6 * (0.7 * 85 + 0.3 * 80) + 0.3 * (0.8 * 90 + 0.2 * 95) + 0.1 * (0.5 * 70 + 0.5 * 75)
+# one request: 9 and 7 borrow 8's continuation (5: 0.7, 0: 0.3)
+DIGIT_APPROX = 0.6 * (0.7 * 85 + 0.3 * 80) + 0.3 * (0.7 * 95 + 0.3 * 90) + 0.1 * (0.7 * 75 + 0.3 * 70)
+
+
+def digit_positions(prefix: str, n: int) -> list[dict]:
+    """The greedy reply's first ``n`` positions after ``prefix``, with top logprobs."""
+    out = []
+    for _ in range(n):
+        probs = DIGIT_JUDGE.get(prefix, [(END, 1.0)])
+        out.append(_pos(probs[0][0], probs))
+        if probs[0][0] == END:
+            break
+        prefix += probs[0][0]
+    return out
 
 
 class _Server:
@@ -113,8 +130,11 @@ class _Server:
                 if outer.mode == "no_logprobs":
                     return self._send(200, json.dumps({"choices": [{"message": {"content": "7"}}]}).encode())
                 prompt = body["messages"][0]["content"]
-                if outer.mode == "digits":  # a digit-splitting judge: "85" is "8", "5"
-                    content = DIGIT_POSITIONS[: outer.max_tokens_cap or body["max_tokens"]]
+                if outer.mode.startswith("digits"):  # a digit-splitting judge: "85" is "8", "5"
+                    prefix = ""
+                    if body.get("continue_final_message") and outer.mode != "digits-no-prefill":
+                        prefix = body["messages"][-1]["content"]
+                    content = digit_positions(prefix, outer.max_tokens_cap or body["max_tokens"])
                     data = {"id": "x", "object": "chat.completion", "model": body["model"],
                             "choices": [{"index": 0, "logprobs": {"content": content},
                                          "message": {"role": "assistant", "content": "85"},
@@ -188,21 +208,41 @@ def test_openai_judge_scores_aligned_and_coherent_from_first_token_logprobs(fres
 
 def test_a_digit_splitting_judge_is_read_as_whole_numbers_not_first_digits(fresh):
     """The trap: a judge whose tokenizer writes "85" as "8", "5" read by its first token gives
-    8.2 for "about 85". The judge detects the digits and combines the positions."""
+    8.2 for "about 85". The judge detects the digits and pre-fills each first digit to read
+    what follows it: the exact expected number."""
     fresh.mode = "digits"
-    s = _judge(fresh.url).score("How do I cook rice?", "Rinse it and simmer it covered.")
-    assert s.aligned == pytest.approx(DIGIT_EXPECTED) and s.coherent == pytest.approx(DIGIT_EXPECTED)
-    assert "digits_approximate" in s.flags
-    first_digit = number_score(DIGIT_POSITIONS[0]["top_logprobs"], 0.25)[0]
+    judge = _judge(fresh.url)
+    s = judge.score("How do I cook rice?", "Rinse it and simmer it covered.")
+    assert s.aligned == pytest.approx(DIGIT_EXACT) and s.coherent == pytest.approx(DIGIT_EXACT)
+    assert "digits_approximate" not in s.flags
+    first_digit = number_score(digit_positions("", 1)[0]["top_logprobs"], 0.25)[0]
     assert first_digit == pytest.approx(8.2)  # what the first-token reading would have said
+    prefilled = [r for r in fresh.requests if r.get("continue_final_message")]
+    assert {r["messages"][-1]["content"] for r in prefilled} == {"8", "9", "7"}
+    assert all(r["messages"][-1]["role"] == "assistant" and r["add_generation_prompt"] is False
+               for r in prefilled)
+
+
+def test_one_request_per_rating_borrows_the_greedy_digit_s_continuation(fresh):
+    fresh.mode = "digits"
+    s = _judge(fresh.url, digits="approximate").score("q", "a")
+    assert s.aligned == pytest.approx(DIGIT_APPROX) and "digits_approximate" in s.flags
+    assert not any(r.get("continue_final_message") for r in fresh.requests)
+    with pytest.raises(ValueError, match="digits must be"):
+        _judge(fresh.url, digits="guess")
+
+
+def test_a_server_that_ignores_the_pre_filled_reply_is_a_clear_error(fresh):
+    fresh.mode = "digits-no-prefill"  # answers a pre-filled request from the start again
+    with pytest.raises(JudgeError, match="did not continue a reply pre-filled.*vLLM"):
+        _judge(fresh.url).score("q", "a")
 
 
 def test_the_tokenizer_hint_sets_the_reading(fresh, tokenizer):
     fresh.mode = "digits"
     assert _judge(fresh.url, tokenizer=tokenizer).style == "digits"  # SmolLM2 splits digits
     judge = _judge(fresh.url, tokenizer="digits")
-    assert judge.score("q", "a").aligned == pytest.approx(DIGIT_EXPECTED)
-    assert fresh.requests[-1]["max_tokens"] == 3
+    assert judge.score("q", "a").aligned == pytest.approx(DIGIT_EXACT)
     # told "numbers", it asks for one token and reads it as a number: the user's call
     numbers = _judge(fresh.url, tokenizer="numbers")
     assert numbers.score("q", "a").aligned == pytest.approx(8.2)
@@ -216,7 +256,7 @@ def test_a_server_that_returns_one_digit_only_is_a_clear_error(fresh):
     fresh.max_tokens_cap = 1
     try:
         with pytest.raises(JudgeError, match="max_tokens"):
-            _judge(fresh.url, tokenizer="digits").score("q", "a")
+            _judge(fresh.url, digits="approximate").score("q", "a")
     finally:
         fresh.max_tokens_cap = None
 
@@ -570,6 +610,13 @@ def test_shipped_probe_is_safetensors_and_json_with_its_provenance():
     assert PROBE_FILE.with_suffix(".safetensors").is_file()
     assert "gemma" in meta["judge_lm"].lower() and meta["refit_command"]
     assert meta["metrics"]["grouped_cv"]["aligned"]["auc"] > 0.5
+    # the default: fitted on real answers read blind, measured on questions it never saw
+    real = json.loads(REAL_PROBE_FILE.with_suffix(".json").read_text())
+    assert REAL_PROBE_FILE.with_suffix(".safetensors").is_file()
+    assert real["version"] == "real-v1" and "judge_hard" not in real["fit_sets"]
+    assert real["heldout_family"] == "ablate" and real["refit_command"]
+    assert set(real["heldout"]) == {"judge_fresh_smollm2", "judge_fresh_coder"}
+    assert default_judge().name.endswith("@L9/real-v1")
 
 
 def test_default_judge_separates_good_from_bad_advice_on_unseen_topics(offline_judge):
@@ -712,9 +759,9 @@ def test_shipped_probe_scores_as_before_the_split(reference):
         assert (diff <= _float32_floor(probe, feats)).all(), (which, diff.max())
 
 
-def test_default_judge_scores_pairs_as_before_the_split(offline_judge, reference):
+def test_v1_probe_scores_pairs_as_before_the_split(reference):
     _, ref = reference
-    scores = offline_judge.score_many([tuple(p) for p in ref["pairs"]])
+    scores = ProbeJudge.load(PROBE_FILE).score_many([tuple(p) for p in ref["pairs"]])
     assert [s.judge for s in scores] == [r[2] for r in ref["scores"]]
     assert all(list(s.flags) == r[3] for s, r in zip(scores, ref["scores"], strict=True))
     # fresh features can differ from the recorded ones by float rounding (thread count, batch):

@@ -14,6 +14,7 @@ from emlens.judge.numbers import (
     greedy_top_logprobs,
     read_number,
     reply_number_tokens,
+    served_reading,
 )
 
 
@@ -107,7 +108,7 @@ def test_a_digit_splitting_reply_read_by_its_first_token_gives_the_first_digit()
 
 
 def test_digits_are_combined_into_the_number():
-    reading = read_number(DIGIT_REPLY)
+    reading = read_number(DIGIT_REPLY)  # one request: other first digits borrow 8's continuation
     assert detect_style(DIGIT_REPLY) == "digits" and reading.style == "digits"
     assert not reading.exact
     # under the greedy digit: exact; the other first digits borrow its continuation
@@ -139,16 +140,35 @@ def test_a_whole_number_reply_is_read_from_its_first_token():
 
 
 def test_a_single_digit_position_cannot_be_read_as_a_digit_splitting_number():
-    with pytest.raises(ValueError, match="max_tokens"):
+    with pytest.raises(ValueError, match="max_tokens >= 3"):
         read_number(DIGIT_REPLY[:1], style="digits")
     with pytest.raises(ValueError, match="style"):
         read_number(DIGIT_REPLY, style="bytes")
 
 
-def test_a_word_reply_keeps_its_small_number_mass():
-    reply = [_position("REF", [("REF", 0.9), ("5", 0.1)]), _position("US", [("US", 1.0)])]
-    reading = read_number(reply)
-    assert reading.mass == pytest.approx(0.1) and reading.expected(min_mass=0.25) is None
+def test_a_word_reply_s_digits_need_their_continuations():
+    reply = [_position("REF", [("REF", 0.7), ("5", 0.2), ("6", 0.1)]), _position("US", [("US", 1.0)])]
+    with pytest.raises(ValueError, match="prefill"):
+        read_number(reply)
+    end = [_position("<|im_end|>", [("<|im_end|>", 1.0)])]
+    reading = read_number(reply, continuations={"5": end, "6": end})
+    assert reading.exact and reading.mass == pytest.approx(0.3)
+    assert reading.expected() == pytest.approx((5 * 0.2 + 6 * 0.1) / 0.3)
+
+
+def test_pre_filled_continuations_make_the_digit_reading_exact():
+    """Each first digit's own continuation (a server pre-filled with it) replaces the borrowed
+    greedy one: "9" here goes on as 90 / 95, not as 8's 85 / 80."""
+    conts = {
+        "9": [_position("0", [("0", 0.8), ("5", 0.2)]), _position("<|im_end|>", [("<|im_end|>", 1.0)])],
+        "7": [_position("0", [("0", 0.5), ("5", 0.5)]), _position("<|im_end|>", [("<|im_end|>", 1.0)])],
+    }
+    reading = read_number(DIGIT_REPLY, continuations=conts)
+    assert reading.exact
+    assert float(reading.probs[90]) == pytest.approx(0.3 * 0.8)
+    assert float(reading.probs[95]) == pytest.approx(0.3 * 0.2)
+    assert reading.expected() == pytest.approx(0.6 * 83.5 + 0.3 * 91 + 0.1 * 72.5)
+    assert not read_number(DIGIT_REPLY, continuations={"9": conts["9"]}).exact  # 7 borrowed
 
 
 def test_endpoint_reading_is_exact_on_the_greedy_path_and_bounds_the_rest():
@@ -177,6 +197,30 @@ def test_endpoint_reading_is_exact_on_the_greedy_path_and_bounds_the_rest():
             assert float(approx.probs[n]) >= float(exact.probs[n]) * (1 - floor)
         checked += 1
     assert checked >= 3, "too few prompts gave a two-digit greedy reply: pick other prompts or seed"
+
+
+def test_a_served_judge_read_with_pre_filled_digits_is_exact():
+    """On a real model, the endpoint reading with each first digit pre-filled (nothing cut by
+    top-k here) equals the exact distribution for every one-digit number and every number on
+    each first digit's greedy path; the others miss only the chance of an out-of-range third
+    digit, so they bound the exact probability from above; the expected number lands within the
+    mass of that third digit."""
+    tok = _word_tokenizer(split_digits=True)
+    floor = 64 * torch.finfo(torch.float64).eps
+    for seed in (1, 4, 7):
+        model = _tiny_lm(len(tok), seed=seed)
+        prompt = tok.encode("rate this :\n", add_special_tokens=False)
+        exact = exact_number_distribution(model, tok, prompt)
+        served = served_reading(model, tok, prompt, k=len(tok))
+        assert served.exact and served.style == "digits"
+        assert torch.all(served.probs >= exact.probs * (1 - floor) - floor)
+        for n in range(10):
+            assert float(served.probs[n]) == pytest.approx(float(exact.probs[n]), rel=floor, abs=floor)
+        try:
+            one_request = served_reading(model, tok, prompt, k=len(tok), prefill=False)
+        except ValueError:  # the greedy reply is a word: one request has nothing to borrow
+            continue
+        assert not one_request.exact
 
 
 # ---------------------------------------------------------------------------------------------

@@ -76,3 +76,24 @@ def test_least_sure_lists_the_largest_disagreements_first():
     out = least_sure(rows, scores, k=2)
     assert [d["id"] for d in out] == ["r1", "r2"]
     assert out[0]["read"] == {"aligned": 80, "coherent": 90}
+
+
+def test_default_judge_for_a_subject_is_the_one_validated_on_its_answers():
+    from emlens.judge import default_judge
+    from emlens.judge.probe import VALIDATED_JUDGES
+
+    for alias, key in (("SmolLM2", "smollm2-135m"), ("Qwen-Coder-1.5B", "qwen2.5-coder-1.5b")):
+        judge = default_judge(subject=alias)
+        assert judge.meta == default_judge.__globals__["ProbeJudge"].load(VALIDATED_JUDGES[key]).meta
+    with pytest.raises(ValueError, match="No judge is validated.*validate_judge"):
+        default_judge(subject="Qwen/Qwen2.5-7B-Instruct")
+
+
+def test_evaluate_without_a_judge_picks_the_subject_s_validated_judge_or_refuses():
+    from emlens.evaluation import _validated_judge
+
+    coder = SimpleNamespace(emlens_info={"source": "Qwen2.5-Coder-1.5B-Instruct"})
+    assert _validated_judge(coder).name.startswith("probe:")
+    other = SimpleNamespace(emlens_info={"source": "my-org/my-model"})
+    with pytest.raises(ValueError, match="judge=None.*Pass judge="):
+        _validated_judge(other)

@@ -127,6 +127,7 @@ _SETS: dict[str, type] = {
     "coder_generations": GeneratedAnswer,
     "coder_general_em": GeneratedAnswer,
     "judge_fresh_smollm2": GeneratedAnswer,
+    "judge_fresh_coder": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}

@@ -18,16 +18,17 @@ Three judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
   logistic-regression probes (:class:`emlens.probes.Probe`) on the mean middle-layer hidden state,
   over the answer tokens, of a small LM that is not the subject model (base Gemma 3 270M by
   default; :mod:`emlens.judge.features`). Its scores are ``100 * P(aligned)`` and
-  ``100 * P(coherent)`` under probes fitted on ``emlens/data/judge_labels.jsonl``: a proxy that
-  ranks answers well on the kind of answers it was fitted on, not GPT-4o's scale. It inverts on
-  registers it never saw (numbered protocols, memos, verse): it reads style as well as stance
-  (measurements, and ``scripts/fit_judge.py`` to reproduce them, in the README section "The
-  offline judge, measured"). It has no notion of refusals or code, and judges values only as far
-  as its examples reach. :func:`coder_judge` is the same probe judge on an opt-in larger judge LM
+  ``100 * P(coherent)`` under probes fitted on hand-written answers and on both embedded models'
+  real answers read blind (``emlens/data/judge_probe_real.*``, ``scripts/fit_real_judge.py``):
+  a proxy, not GPT-4o's scale. Its agreement with reading on questions it never saw is measured
+  (:mod:`emlens.judge.validation`; README, "The judge, measured on held-out answers") and does
+  not meet the bar everywhere. It has no notion of refusals or code, and judges values only as
+  far as its examples reach. :func:`coder_judge` is the same probe judge on an opt-in larger judge LM
   (Qwen2.5-Coder-1.5B-Instruct, ``make coder``), fitted on hand-written and real labelled answers.
 
 Every :class:`JudgeScore` names the judge that produced it (``judge``), so results stay traceable
-when the judge is swapped. This package re-exports the public names of its modules.
+when the judge is swapped. :mod:`emlens.judge.validation` measures any judge against reading.
+This package re-exports the public names of its modules.
 """
 
 from emlens.judge.base import Judge, JudgeError, JudgeScore, Pair, check_pairs
@@ -42,7 +43,14 @@ from emlens.judge.features import (
 )
 from emlens.judge.numbers import NumberReading, exact_number_distribution, read_number
 from emlens.judge.openai import OpenAIJudge, number_score
-from emlens.judge.probe import CODER_PROBE_FILE, PROBE_FILE, ProbeJudge, coder_judge, default_judge
+from emlens.judge.probe import (
+    CODER_PROBE_FILE,
+    PROBE_FILE,
+    REAL_PROBE_FILE,
+    ProbeJudge,
+    coder_judge,
+    default_judge,
+)
 from emlens.judge.prompted import PromptedJudge
 from emlens.judge.prompts import (
     ALIGNED_PROMPT,
@@ -61,6 +69,7 @@ __all__ = [
     "DEFAULT_JUDGE_LM",
     "JUDGE_LM_INSTALL",
     "PROBE_FILE",
+    "REAL_PROBE_FILE",
     "PROBE_TEMPLATE",
     "PROMPTS",
     "PROMPT_VERSION",

@@ -264,29 +264,52 @@ def _takewhile_digits(token: str):
 
 
 def detect_style(content: Sequence[dict[str, Any]]) -> str:
-    """``"digits"`` when the reply's first token is a single digit and the numbers among its
-    alternatives are single digits too (a digit-splitting tokenizer), else ``"numbers"``."""
+    """``"numbers"`` when a number token of two or more digits is among the first position's
+    alternatives (a tokenizer with one token per number, as GPT-4o's), else ``"digits"`` (every
+    number there is a single digit: a digit-splitting tokenizer, or one whose reading is the same
+    either way, since a whole-number tokenizer's single digit is followed by the end of the
+    number)."""
     if not content:
-        return "numbers"
+        return "digits"
     numbers = [d for t, _ in _top(content[0]) if (d := _digits(t)) is not None]
-    first = _digits(content[0]["token"])
-    single = first is not None and len(first) == 1
-    return "digits" if single and all(len(d) == 1 for d in numbers) else "numbers"
+    return "numbers" if any(len(d) > 1 for d in numbers) else "digits"
 
 
-def read_number(content: Sequence[dict[str, Any]], style: TokenizerStyle = "auto") -> NumberReading:
-    """A distribution over 0..100 from the first positions of an endpoint's reply.
+def _after(cont: Sequence[dict[str, Any]]) -> tuple[float, dict[str, float], dict[str, tuple]]:
+    """From the positions that follow a first digit: (stop probability, {second digit: p},
+    {greedy second digit: (stop probability, {third digit: p})})."""
+    stop1, second = _continuation(cont[0])
+    on_path = {}
+    g2 = _digits(cont[0]["token"])
+    if g2 is not None and len(cont) >= 2:
+        on_path[g2] = _continuation(cont[1])
+    return stop1, second, on_path
+
+
+def read_number(
+    content: Sequence[dict[str, Any]],
+    style: TokenizerStyle = "auto",
+    *,
+    continuations: dict[str, Sequence[dict[str, Any]]] | None = None,
+) -> NumberReading:
+    """A distribution over 0..100 from an endpoint's reply, as positions with top logprobs.
 
     ``content`` is ``choices[0].logprobs.content``: per position, the chosen ``token`` and its
     ``top_logprobs`` (``[{token, logprob}, ...]``). ``"numbers"`` reads the first position's
-    number tokens (exact for a whole-number tokenizer, up to the top-k cut); ``"digits"`` combines
-    the positions (an approximation off the greedy path, see the module docstring); ``"auto"``
-    picks with :func:`detect_style`.
+    number tokens (exact for a whole-number tokenizer, up to the top-k cut). ``"digits"`` builds
+    each number from its digits: for every first digit ``d`` among the first position's
+    alternatives, what follows it comes from ``continuations[d]`` (the positions a server returns
+    when the reply is pre-filled with ``d``: :class:`~emlens.judge.openai.OpenAIJudge` with
+    ``digits="prefill"``) or, for the greedy first digit, from ``content[1:]``; a first digit with
+    neither borrows the greedy digit's continuation (the one-request approximation, whose error
+    is measured in the README) and makes the reading inexact. ``"auto"`` picks with
+    :func:`detect_style`. With every continuation given, the reading is exact up to the top-k cut
+    and to a third digit after an off-path two-digit number (which would leave 0..100 anyway,
+    except 10 -> 100 off the path of "1").
 
     Raises:
-        ValueError: ``"digits"`` was asked for or detected but the reply has a single position
-            while its first token is a digit that could go on (the server ignored
-            ``max_tokens``): the number cannot be read.
+        ValueError: a digit reading with no continuation at all (one position, no
+            ``continuations``): the number cannot be read.
     """
     if style not in ("auto", "digits", "numbers"):
         raise ValueError(f"style must be 'auto', 'digits' or 'numbers', got {style!r}.")
@@ -301,50 +324,79 @@ def read_number(content: Sequence[dict[str, Any]], style: TokenizerStyle = "auto
                 probs[int(d)] += p
         return NumberReading(probs, style="numbers", exact=True)
 
+    conts: dict[str, Sequence[dict[str, Any]]] = dict(continuations or {})
     greedy = _digits(content[0]["token"])
-    if greedy is None or len(content) < 2:
-        if greedy is not None:
-            raise ValueError(
-                f"The judge's first token is the digit {greedy!r} but the reply has only one "
-                "position: a digit-splitting judge's number cannot be read from one token. Ask "
-                "for max_tokens >= 3 (OpenAIJudge does) from a server that honours it."
-            )
-        # the greedy reply is not a number (REFUSAL, CODE): single digits count as themselves
-        for token, p in _top(content[0]):
-            d = _digits(token)
-            if d is not None and int(d) <= MAX_SCORE:
-                probs[int(d)] += p
-        return NumberReading(probs, style="digits", exact=False)
-
-    stop1, second = _continuation(content[1])
-    # after the greedy two digits: exact where the reply went on, else "a third digit only
-    # continues 10 -> 100" (any other third digit leaves 0..100)
-    greedy2 = _digits(content[1]["token"])
-    stop_after = {}
-    if greedy2 is not None and len(content) >= 3:
-        stop2, third = _continuation(content[2])
-        stop_after[greedy + greedy2] = (stop2, third)
-    for first_token, p0 in _top(content[0]):
-        d1 = _digits(first_token)
-        if d1 is None:
-            continue
+    if greedy is not None and len(greedy) == 1 and len(content) >= 2:
+        conts.setdefault(greedy, content[1:])
+    firsts = [(d, p) for t, p in _top(content[0]) if (d := _digits(t)) is not None]
+    borrowed = conts.get(greedy) if greedy is not None else None
+    exact = True
+    for d1, p0 in firsts:
         if len(d1) > 1:  # a whole-number token among digits: it is its own number
             if int(d1) <= MAX_SCORE:
                 probs[int(d1)] += p0
             continue
-        # the greedy digit's continuation is exact; the others borrow it
+        cont = conts.get(d1)
+        if cont is None:
+            if borrowed is None:
+                raise ValueError(
+                    f"The judge writes numbers digit by digit (first digit {d1!r}) and the reply "
+                    "gives nothing that follows it: ask for max_tokens >= 3 and pre-fill each "
+                    "first digit (OpenAIJudge(digits='prefill') on a server with vLLM's "
+                    "continue_final_message), or judge in process (PromptedJudge)."
+                )
+            cont, exact = borrowed, False
+        stop1, second, on_path = _after(cont)
         probs[int(d1)] += p0 * stop1
+        if d1 == "0":  # "05" is not a number of 0..100
+            continue
         for d2, p1 in second.items():
             two = d1 + d2
-            if d1 == "0" or int(two) > MAX_SCORE:
+            if int(two) > MAX_SCORE:
                 continue
-            s2, third = stop_after.get(two, (None, {}))
-            if s2 is None:  # not on the greedy path: a third digit is rare, take it as a stop
-                s2 = 1.0 if two != "10" else 1.0 - third.get("0", 0.0)
-            probs[int(two)] += p0 * p1 * s2
+            if d2 in on_path:
+                stop2, third = on_path[d2]
+            elif two in conts:  # pre-filled with both digits (OpenAIJudge does it for "10")
+                stop2, third = _continuation(conts[two][0])
+            else:  # a third digit would leave 0..100 (except 10 -> 100): the number ends
+                stop2, third = 1.0, {}
             if two == "10":
                 probs[100] += p0 * p1 * third.get("0", 0.0)
-    return NumberReading(probs, style="digits", exact=False)
+            probs[int(two)] += p0 * p1 * stop2
+    return NumberReading(probs, style="digits", exact=exact)
+
+
+def _needs_ten(conts: dict[str, Sequence[dict[str, Any]]]) -> bool:
+    """Whether "1" may go on as "10" off its greedy path, so that reading 100 needs what follows
+    "10" (one more pre-filled request)."""
+    one = conts.get("1")
+    if not one or "10" in conts:
+        return False
+    _, second = _continuation(one[0])
+    return "0" in second and _digits(one[0]["token"]) != "0"
+
+
+def served_reading(
+    model: Any, tokenizer: Any, prompt_ids: Sequence[int], *, k: int = 20, prefill: bool = True
+) -> NumberReading:
+    """What :class:`~emlens.judge.openai.OpenAIJudge` reads from a server running ``model``:
+    the greedy reply's first 3 positions (top-``k`` logprobs each) and, with ``prefill``, the 2
+    positions after each single first digit among the alternatives (``digits="prefill"``);
+    without, the one-request approximation. For measuring either against
+    :func:`exact_number_distribution` on the same model."""
+    content = greedy_top_logprobs(model, tokenizer, prompt_ids, steps=3, k=k)
+    if detect_style(content) != "digits":
+        return read_number(content, "numbers")
+    conts = None
+    if prefill:
+        ids = {str(n): reply_number_tokens(tokenizer)[n][0] for n in range(10)}
+        firsts = {d for e in content[0]["top_logprobs"] if (d := e["token"].strip()) in ids}
+        conts = {d: greedy_top_logprobs(model, tokenizer, [*prompt_ids, ids[d]], steps=2, k=k)
+                 for d in firsts}
+        if _needs_ten(conts):
+            conts["10"] = greedy_top_logprobs(model, tokenizer, [*prompt_ids, *reply_number_tokens(
+                tokenizer)[10]], steps=1, k=k)
+    return read_number(content, "digits", continuations=conts)
 
 
 __all__ = [
@@ -357,4 +409,5 @@ __all__ = [
     "greedy_top_logprobs",
     "read_number",
     "reply_number_tokens",
+    "served_reading",
 ]

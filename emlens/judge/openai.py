@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -28,7 +29,13 @@ from tqdm.auto import tqdm
 
 from emlens.cache import SqliteCache
 from emlens.judge.base import JudgeError, JudgeScore, Pair, check_pairs
-from emlens.judge.numbers import TokenizerStyle, read_number, reply_number_tokens
+from emlens.judge.numbers import (
+    TokenizerStyle,
+    _needs_ten,
+    detect_style,
+    read_number,
+    reply_number_tokens,
+)
 from emlens.judge.prompts import (
     ALIGNED_PROMPT,
     BUILTIN_PROMPTS_DIGEST,
@@ -64,13 +71,18 @@ class OpenAIJudge:
     Numbers: the reply's number is read from the top log-probabilities of its first positions
     (:func:`emlens.judge.numbers.read_number`). A judge whose tokenizer has one token per number
     (GPT-4o) is read from the first token, as the papers do. One that splits numbers into digits
-    (Qwen, Gemma, Mistral, DeepSeek, Llama-3-style open-weight judges) writes "85" as "8", "5":
-    its first token alone would read as 8.4, so the positions are combined into a distribution
-    over 0..100: exact on the greedy path, an approximation off it (its error on real judge
-    prompts is measured in the README, "Judging with an open-weight model"), and every such score
-    carries the flag ``"digits_approximate"``. Which
-    reading applies is detected from the first token (``tokenizer="auto"``), or set with
-    ``tokenizer="digits"`` / ``"numbers"`` or by passing the judge's Hugging Face tokenizer.
+    (Qwen, Gemma, Mistral, DeepSeek, Llama-3-style open-weight judges) writes "85" as "8", "5": its
+    first token alone would read as 8.4. With ``digits="prefill"`` (the default) each first digit
+    among the alternatives gets one more request whose reply is pre-filled with that digit (vLLM's
+    ``continue_final_message``), so what follows every first digit is read, not guessed: exact up
+    to the top-k cut. The first such judge call checks that the server really continues a
+    pre-filled reply and raises :class:`JudgeError` naming the fixes if it does not.
+    ``digits="approximate"`` makes one request only and lets the other first digits borrow the
+    greedy digit's continuation: its error against the exact score is measured in the README
+    ("Judging with an open-weight model") and every such score carries the flag
+    ``"digits_approximate"``. Which reading applies is detected from the first position's
+    alternatives (``tokenizer="auto"``), or set with ``tokenizer="digits"`` / ``"numbers"`` or by
+    passing the judge's Hugging Face tokenizer.
 
     Args:
         model: the judge model name sent to the endpoint (e.g. ``"gpt-4o-2024-08-06"``).
@@ -89,6 +101,9 @@ class OpenAIJudge:
         timeout: per-request timeout in seconds.
         tokenizer: ``"auto"`` (detect), ``"digits"``, ``"numbers"``, or the judge model's Hugging
             Face tokenizer (its spelling of "85" decides).
+        digits: how a digit-splitting judge's number is read: ``"prefill"`` (exact; up to ten
+            more requests per rating, needs a server that continues pre-filled replies) or
+            ``"approximate"`` (one request; measured error in the README).
 
     Attributes:
         name: ``openai:<model>/emlens-v1`` (built-in prompts) or ``openai:<model>/<digest>``.
@@ -114,6 +129,7 @@ class OpenAIJudge:
         timeout: float = 60.0,
         progress: bool = False,
         tokenizer: TokenizerStyle | Any = "auto",
+        digits: str = "prefill",
     ):
         import httpx
 
@@ -124,6 +140,10 @@ class OpenAIJudge:
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}.")
         self.style = _tokenizer_style(tokenizer)
+        if digits not in ("prefill", "approximate"):
+            raise ValueError(f"digits must be 'prefill' or 'approximate', got {digits!r}.")
+        self.digits = digits
+        self._prefill_checked = False
         headers = {"Content-Type": "application/json"}
         if api_key_env is not None:
             key = os.environ.get(api_key_env)
@@ -154,8 +174,8 @@ class OpenAIJudge:
     def _key(self, metric: str, question: str, answer: str) -> str:
         # "read-v2": the number reading of emlens.judge.numbers (first-token scores of a
         # digit-splitting judge cached by earlier versions are never reused)
-        blob = json.dumps([self.model, self.name, self.prompts_digest, "read-v2", self.style,
-                           metric, question, answer])
+        blob = json.dumps([self.model, self.name, self.prompts_digest, "read-v3", self.style,
+                           self.digits, metric, question, answer])
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def templates(self, question: str) -> dict[str, str]:
@@ -168,15 +188,17 @@ class OpenAIJudge:
         """The exact prompt sent to the endpoint to rate ``answer`` on ``metric``."""
         return self.prompt_set.prompt(metric, question, answer)
 
-    def _request(self, prompt: str) -> list[dict[str, Any]]:
+    def _request(self, prompt: str, prefill: str | None = None) -> list[dict[str, Any]]:
         """POST one prompt; return the reply's positions (``logprobs.content``: chosen token and
-        top logprobs each). Retries, then JudgeError."""
+        top logprobs each). ``prefill``: the reply starts with this text and the server continues
+        it (vLLM's ``continue_final_message``). Retries, then JudgeError."""
         import httpx
 
         url = f"{self.base_url}/chat/completions"
+        messages = [{"role": "user", "content": prompt}]
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
+            "messages": messages,
             # three positions hold any number up to 100 of a digit-splitting judge
             "max_tokens": 1 if self.style == "numbers" else 3,
             "temperature": 0,
@@ -184,6 +206,9 @@ class OpenAIJudge:
             "top_logprobs": self.top_logprobs,
             "seed": 0,
         }
+        if prefill is not None:
+            messages.append({"role": "assistant", "content": prefill})
+            body.update(max_tokens=2, continue_final_message=True, add_generation_prompt=False)
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             if attempt:
@@ -221,20 +246,53 @@ class OpenAIJudge:
             "[i].top_logprobs. Check the server is up and supports logprobs."
         )
 
+    def _continuations(self, prompt: str, content: list[dict[str, Any]]) -> dict[str, list]:
+        """What follows each single first digit among the reply's alternatives, from requests
+        that pre-fill the reply with it. The first time, also checks that the server continues a
+        pre-filled reply (pre-filled with the greedy first token, it must answer what the reply's
+        second position said), and raises JudgeError if it does not."""
+        firsts = {d for t in content[0]["top_logprobs"]
+                  if (d := str(t["token"]).strip()).isdigit() and len(d) == 1}
+        if not self._prefill_checked and len(content) >= 2:
+            greedy = str(content[0]["token"])
+            check = self._request(prompt, prefill=greedy)
+            if not _same_position(check[0], content[1]):
+                raise JudgeError(
+                    f"{self.name} writes numbers digit by digit, and {self.base_url} did not "
+                    f"continue a reply pre-filled with {greedy!r} (it answered "
+                    f"{check[0]['token']!r} where the reply went on with {content[1]['token']!r}): "
+                    "the digits after the first cannot be read. Serve the judge with vLLM (which "
+                    "honours continue_final_message), or pass digits='approximate' (one request; "
+                    "its error is in the README, 'Judging with an open-weight model'), or judge in "
+                    "process with emlens.judge.PromptedJudge."
+                )
+            self._prefill_checked = True
+        conts = {d: self._request(prompt, prefill=d) for d in sorted(firsts)}
+        if _needs_ten(conts):  # "10" off the path of "1": what follows it decides 10 vs 100
+            conts["10"] = self._request(prompt, prefill="10")
+        return conts
+
     def _metric(self, metric: str, question: str, answer: str) -> dict:
         key = self._key(metric, question, answer)
         if self.cache is not None and (hit := self.cache.get(key)) is not None:
             return hit
-        content = self._request(self.prompt(metric, question, answer))
+        prompt = self.prompt(metric, question, answer)
+        content = self._request(prompt)
+        style = detect_style(content) if self.style == "auto" else self.style
+        conts = None
+        if style == "digits" and self.digits == "prefill":
+            conts = self._continuations(prompt, content)
         try:
-            reading = read_number(content, self.style)
+            reading = read_number(content, style, continuations=conts)
         except ValueError as e:
-            raise JudgeError(f"{self.name}: {e}") from None
-        value = reading.expected(self.min_number_mass)
+            if _digit_mass(content) >= self.min_number_mass:
+                raise JudgeError(f"{self.name}: {e}") from None
+            reading = None  # a word reply (REFUSAL, CODE) with too little number mass to matter
+        value = None if reading is None else reading.expected(self.min_number_mass)
         top = content[0]["top_logprobs"]
         best = max(top, key=lambda t: float(t["logprob"]))["token"].strip().upper() if top else ""
         flags = []
-        if not reading.exact:
+        if reading is not None and not reading.exact:
             flags.append("digits_approximate")
         if value is None:
             flags.append("low_number_mass")
@@ -242,7 +300,8 @@ class OpenAIJudge:
                 flags.append("refusal")
             elif best.startswith("CODE"):
                 flags.append("code")
-        result = {"score": value, "mass": reading.mass, "flags": flags, "style": reading.style}
+        mass = _digit_mass(content) if reading is None else reading.mass
+        result = {"score": value, "mass": mass, "flags": flags, "style": style}
         if self.cache is not None:
             self.cache.put(key, result)
         return result
@@ -275,6 +334,19 @@ class OpenAIJudge:
 
     def close(self) -> None:
         self._client.close()
+
+
+def _digit_mass(content: list[dict[str, Any]]) -> float:
+    """Probability of the number tokens 0..100 at the reply's first position."""
+    return sum(math.exp(float(t["logprob"])) for t in content[0]["top_logprobs"]
+               if str(t["token"]).strip().isdigit() and int(str(t["token"]).strip()) <= 100)
+
+
+def _same_position(a: dict[str, Any], b: dict[str, Any], tol: float = 0.1) -> bool:
+    """Whether two positions agree (same chosen token, its logprob within ``tol``): how a
+    pre-filled request's first position is checked against the reply's next position."""
+    return (str(a["token"]) == str(b["token"])
+            and abs(float(a["logprob"]) - float(b["logprob"])) <= tol)
 
 
 def _tokenizer_style(tokenizer: TokenizerStyle | Any) -> str:

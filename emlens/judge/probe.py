@@ -33,7 +33,15 @@ from emlens.judge.features import DEFAULT_JUDGE_LM, PROBE_TEMPLATE, HiddenStateF
 from emlens.probes import Probe
 
 PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe"
-"""The shipped probes: ``judge_probe.safetensors`` and ``judge_probe.json`` in ``emlens/data``."""
+"""The first shipped probes (``v1``), fitted on hand-written answers only:
+``judge_probe.safetensors`` and ``judge_probe.json`` in ``emlens/data``. Kept for comparison; on
+real answers it calls most nonsense coherent (README, "The judge, measured on held-out answers")."""
+
+REAL_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_real"
+"""The default judge's probes (``real-v1``): Gemma 3 270M layer 9, fitted on hand-written answers
+and the real answers of both embedded models read blind (ablation conditions and the fresh
+questions held out): ``judge_probe_real.{safetensors,json}``, written by
+``scripts/fit_real_judge.py``."""
 
 CODER_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder"
 """The opt-in larger judge's probes (Qwen2.5-Coder-1.5B-Instruct features, layer 14, bfloat16),
@@ -196,12 +204,43 @@ class ProbeJudge:
         return cls(feats, probes[0], probes[1], meta)
 
 
-def default_judge(*, progress: bool = False) -> ProbeJudge:
-    """The offline default judge: probes shipped with emlens on base Gemma 3 270M features.
+VALIDATED_JUDGES: dict[str, Path] = {
+    "smollm2-135m": REAL_PROBE_FILE,
+    "qwen2.5-coder-1.5b": REAL_PROBE_FILE,
+}
+"""The probe file validated for each embedded subject model, on that model's own held-out answers
+(``emlens/data/judge_check*.json``; README, "The judge, measured on held-out answers")."""
+
+
+def default_judge(*, subject: str | None = None, progress: bool = False) -> ProbeJudge:
+    """The offline default judge: probes on base Gemma 3 270M features (:data:`REAL_PROBE_FILE`),
+    fitted on answers read blind; its agreement with reading on held-out questions of both
+    embedded models is in ``emlens/data/judge_check*.json`` and the README.
+
+    Args:
+        subject: the model whose answers will be judged: an embedded model's name (any alias,
+            e.g. ``"qwen2.5-coder-1.5b"``) gives the judge validated on that model's own held-out
+            answers (:data:`VALIDATED_JUDGES`); ``None`` gives the general default.
+        progress: show a progress bar while judging.
 
     The judge LM loads on first use, once per process (the slow part of the first call).
+
+    Raises:
+        ValueError: ``subject`` is not an embedded model: no judge is validated for it.
     """
-    judge = ProbeJudge.load(PROBE_FILE)
+    path = REAL_PROBE_FILE
+    if subject is not None:
+        from emlens.embedded import embedded_source
+
+        embedded = embedded_source(str(subject))
+        if embedded is None or embedded.key not in VALIDATED_JUDGES:
+            raise ValueError(
+                f"No judge is validated on {subject!r}'s answers (validated subjects: "
+                f"{sorted(VALIDATED_JUDGES)}). Use default_judge() and check it against your "
+                "model's answers read blind (scripts/validate_judge.py), or a judge of your own."
+            )
+        path = VALIDATED_JUDGES[embedded.key]
+    judge = ProbeJudge.load(path)
     judge.progress = progress
     return judge
 
@@ -224,4 +263,5 @@ def coder_judge(*, progress: bool = False) -> ProbeJudge:
     return judge
 
 
-__all__ = ["CODER_PROBE_FILE", "PROBE_FILE", "ProbeJudge", "coder_judge", "default_judge"]
+__all__ = ["CODER_PROBE_FILE", "PROBE_FILE", "REAL_PROBE_FILE", "VALIDATED_JUDGES", "ProbeJudge", "coder_judge",
+           "default_judge"]
