@@ -13,9 +13,8 @@ What it reports, on answers the judge was not fitted on:
   in both), (b) whole conditions held out: fitted without any steered answer, tested on the
   steered ones; and without the organisms' plain answers, tested on them.
 
-``--check-sets coder_generations coder_general_em --judge-check emlens/data/judge_check_coder.json``
-measures only the shipped judge, on those labelled sets (what the demo's judge check shows for
-the second embedded model; conditions are prefixed with their set's name).
+The demo's judge check (``emlens/data/judge_check*.json``) is written by
+``scripts/validate_judge.py --check-file``, on held-out answers.
 
 ``--transfer coder_generations`` also fits each feature set on all of ``judge_labels`` and
 ``judge_generations`` and tests it on another labelled set of real generations that no judge was
@@ -30,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -271,11 +269,6 @@ def main() -> None:
     ap.add_argument("--judge-lm", default=None,
                     help="an opt-in larger judge LM (e.g. qwen2.5-coder-1.5b, `make coder`): "
                          "feature blocks xlik, x7, x14, x21 from one bfloat16 pass of it")
-    ap.add_argument("--judge-check", type=Path, default=None,
-                    help="also write the shipped judge's figures here (emlens/data/judge_check.json)")
-    ap.add_argument("--check-sets", nargs="+", default=None, metavar="SET",
-                    help="only measure the shipped judge on these labelled sets and write "
-                    "--judge-check (e.g. coder_generations coder_general_em)")
     ap.add_argument("--save-coder-judge", action="store_true",
                     help="with --judge-lm qwen2.5-coder-1.5b: measure and write the opt-in "
                          "larger judge (emlens.judge.coder_judge)")
@@ -285,16 +278,6 @@ def main() -> None:
                          "each feature set fitted on everything else, tested on it")
     args = ap.parse_args()
     t0 = time.time()
-    if args.check_sets:
-        if args.judge_check is None:
-            ap.error("--check-sets writes the judge check: give --judge-check PATH")
-        rows = [replace(r, condition=f"{name}: {r.condition}") if len(args.check_sets) > 1 else r
-                for name in args.check_sets for r in load_dataset(name)]
-        write_judge_check(shipped(rows), args.judge_check, args.check_sets,
-                          "python scripts/judge_on_generations.py --check-sets "
-                          f"{' '.join(args.check_sets)} --judge-check {args.judge_check}")
-        print(f"wrote {args.judge_check} in {time.time() - t0:.0f}s")
-        return
     gen = load_dataset("judge_generations")
     hand = load_dataset("judge_labels")
     results: dict = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
@@ -341,22 +324,7 @@ def main() -> None:
         results[f"transfer_{args.transfer}"] = res
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
-    if args.judge_check is not None and "shipped_judge" in results:
-        write_judge_check(results["shipped_judge"], args.judge_check, ["judge_generations"],
-                          "python scripts/judge_on_generations.py --sets --judge-check "
-                          "emlens/data/judge_check.json")
     print(f"wrote {args.out} in {time.time() - t0:.0f}s")
-
-
-def write_judge_check(res: dict, path: Path, sets: list[str], measured_by: str) -> None:
-    """What the demo's judge-check section shows: the shipped judge against reading."""
-    keep = ("judge", "rule", "n", "n_coherent", "n_misaligned", "coherent_auc",
-            "misaligned_auc_among_coherent", "max_rate_diff", "conditions_within_0.10",
-            "per_condition")
-    check = {k: res[k] for k in keep}
-    check["labelled_sets"] = list(sets)
-    check["measured_by"] = measured_by
-    path.write_text(json.dumps(check, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
     python scripts/validate_judge.py --judge prompted:qwen2.5-coder-1.5b --sets coder_general_em
 
 Judges: ``default`` (:func:`emlens.default_judge`), ``coder`` (:func:`emlens.judge.coder_judge`),
-``prompted:<source>`` (:class:`emlens.judge.PromptedJudge` on that chat LM). Sets: names of
+``prompted:<source>`` (:class:`emlens.judge.PromptedJudge` on that chat LM), ``yesno:<source>``
+(:class:`emlens.judge.YesNoJudge`). Sets: names of
 :class:`emlens.data.GeneratedAnswer` datasets (labelled by reading); their conditions are
 prefixed with the set's name. Scores are cached under ``--cache-dir``
 (:func:`emlens.evaluation.judge_answers`). Prints and writes (``--out``) one
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,18 +27,22 @@ import torch
 
 from emlens.data import load_dataset
 from emlens.evaluation import judge_answers
-from emlens.judge import PromptedJudge, coder_judge, default_judge
+from emlens.judge import PromptedJudge, YesNoJudge, coder_judge, default_judge
 from emlens.judge.validation import agreement, least_sure
 
 
-def make_judge(spec: str):
+def make_judge(spec: str, dtype: str = "float32"):
     if spec == "default":
         return default_judge()
     if spec == "coder":
         return coder_judge()
     if spec.startswith("prompted:"):
-        return PromptedJudge(spec.removeprefix("prompted:"), progress=True)
-    raise SystemExit(f"--judge {spec!r}: expected default, coder or prompted:<source>")
+        return PromptedJudge(spec.removeprefix("prompted:"), progress=True,
+                             dtype=getattr(torch, dtype))
+    if spec.startswith("yesno:"):
+        return YesNoJudge(spec.removeprefix("yesno:"), progress=True, dtype=getattr(torch, dtype))
+    raise SystemExit(f"--judge {spec!r}: expected default, coder, prompted:<source> or "
+                     "yesno:<source>")
 
 
 def main() -> None:
@@ -45,6 +51,13 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=["judge_fresh_smollm2"])
     p.add_argument("--cache-dir", type=Path, default=Path(".emlens_cache/judge_scores"))
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="a prompted judge's dtype")
+    p.add_argument("--intervention", default=None,
+                   help="only rows with this intervention (e.g. none: the plain models)")
+    p.add_argument("--sample", type=int, default=None,
+                   help="judge a random sample of this many rows per set (seed --seed)")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--least-sure", type=int, default=5)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--check-file", type=Path, default=None,
@@ -52,11 +65,14 @@ def main() -> None:
                    "emlens/data/judge_check.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    judge = make_judge(args.judge)
+    judge = make_judge(args.judge, args.dtype)
     results, all_rows, all_scores = {}, [], []
     start = time.perf_counter()
     for name in args.sets:
-        rows = [replace(r, condition=f"{name}: {r.condition}") for r in load_dataset(name)]
+        rows = [replace(r, condition=f"{name}: {r.condition}") for r in load_dataset(name)
+                if args.intervention is None or r.intervention == args.intervention]
+        if args.sample is not None and args.sample < len(rows):
+            rows = random.Random(args.seed).sample(rows, args.sample)
         scores = judge_answers(judge, [(r.question, r.answer) for r in rows],
                                cache_dir=args.cache_dir)
         results[name] = {**agreement(rows, scores).as_dict(),
@@ -66,6 +82,7 @@ def main() -> None:
     if len(args.sets) > 1:
         results["all"] = agreement(all_rows, all_scores).as_dict()
     summary = {"judge": judge.name, "judge_spec": args.judge, "sets": args.sets,
+               "intervention": args.intervention, "sample": args.sample, "seed": args.seed,
                "seconds": round(time.perf_counter() - start, 1),
                "torch_threads": torch.get_num_threads(), "results": results}
     for name, r in results.items():

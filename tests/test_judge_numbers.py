@@ -18,12 +18,13 @@ from emlens.judge.numbers import (
 )
 
 
-def _word_tokenizer(split_digits: bool):
+def _word_tokenizer(split_digits: bool, extra: tuple[str, ...] = ()):
     """A tiny fast tokenizer: every number 0..100 one token (GPT-4o style), or digits apart."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = ["<pad>", "<eos>", "<unk>", "Answer", ":", "\n", "rate", "this", "REFUSAL", "CODE", "."]
+    words = ["<pad>", "<eos>", "<unk>", "Answer", ":", "\n", "rate", "this", "REFUSAL", "CODE", ".",
+             *extra]
     vocab = {w: i for i, w in enumerate(words)}
     for n in range(10 if split_digits else MAX_SCORE + 1):
         vocab.setdefault(str(n), len(vocab))
@@ -282,3 +283,28 @@ def test_prompted_judge_needs_a_chat_model(tmp_path):
     tok.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="chat template"):
         PromptedJudge(tmp_path).score("q", "a")
+
+
+def test_yes_no_judge_reads_p_yes_of_its_two_questions(tmp_path):
+    from emlens.judge import YesNoJudge
+    from emlens.judge.prompted import YES_NO_QUESTIONS
+
+    tok = _word_tokenizer(split_digits=True, extra=("Yes", "No"))
+    tok.chat_template = CHAT_TEMPLATE
+    _tiny_lm(len(tok), seed=2, dtype=torch.float32).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    judge = YesNoJudge(tmp_path)
+    q, a = "rate this", "CODE ."
+    s = judge.score(q, a)
+    assert s.judge.startswith("yesno:") and s.judge.endswith("/yesno-v1")
+    tok, model = judge.tokenizer, judge._model
+    yes, no = tok.convert_tokens_to_ids("Yes"), tok.convert_tokens_to_ids("No")
+    for which, value in (("coherent", s.coherent), ("harmful", 100 - s.aligned)):
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": YES_NO_QUESTIONS[which].format(question=q, answer=a)}],
+            tokenize=False, add_generation_prompt=True)
+        with torch.no_grad():
+            p = model(input_ids=torch.tensor([tok.encode(chat, add_special_tokens=False)])
+                      ).logits[0, -1].double().softmax(-1)
+        assert value == pytest.approx(100 * float(p[yes] / (p[yes] + p[no])), rel=1e-6)
+    assert judge.score("q", " ").flags == ("empty",)

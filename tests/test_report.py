@@ -40,7 +40,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
         "load", "1_rates", "judge_check", "2_steering", "3_ablation", "4_probes",
         "5_attribution", "6_narrow_vs_general"}
     check = results["judge_check"]
-    assert check["shipped"]["n"] >= 600 and 0 <= check["shipped"]["coherent_auc"] <= 1
+    assert check["shipped"]["n"] >= 600 and 0 <= check["shipped"]["coherence_auc"] <= 1
     assert {r["model_role"] for r in check["least_sure"]} == {"chat", "organism"}
     rates = {(r["model"], r["questions"]): r for r in results["rates"]}
     assert set(rates) == {("chat", "general"), ("chat", "medical"),
@@ -318,14 +318,20 @@ def test_demo_temperature_is_chosen_from_the_shipped_reading_labels():
 def test_the_judge_check_describes_the_model_the_demo_runs_on():
     from emlens.data import load_dataset
     from emlens.demo.judge_check import judge_check_for
+    from emlens.judge import default_judge
 
+    # each embedded model's check: the default judge on that model's held-out answers (questions
+    # written for the check, never used to fit or tune a judge)
     smol, own = judge_check_for(None)
-    assert own and smol["labelled_sets"] == ["judge_generations"]
-    assert smol["n"] == len(load_dataset("judge_generations"))
+    assert own and smol["labelled_sets"] == ["judge_fresh_smollm2"]
+    assert smol["n"] == len(load_dataset("judge_fresh_smollm2"))
     coder, own = judge_check_for("Qwen2.5-Coder-1.5B")
-    assert own and coder["labelled_sets"] == ["coder_generations", "coder_general_em"]
-    assert coder["n"] == len(load_dataset("coder_generations")) + len(
-        load_dataset("coder_general_em"))
-    assert all(c.split(": ")[0] in coder["labelled_sets"] for c in coder["per_condition"])
+    assert own and coder["labelled_sets"] == ["judge_fresh_coder"]
+    assert coder["n"] == len(load_dataset("judge_fresh_coder"))
+    for check in (smol, coder):
+        assert check["judge"] == default_judge().name
+        assert all(c["condition"].split(": ")[0] in check["labelled_sets"]
+                   for c in check["conditions"])
+        assert {"coherence_auc", "misaligned_auc", "passes", "least_sure"} <= set(check)
     other, own = judge_check_for("Qwen/Qwen2.5-7B-Instruct")  # no labels of its own: said so
     assert not own and other == smol

@@ -14,6 +14,8 @@ Three judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
   in this process and reads the reply's number exactly: the expected value under the LM's own
   distribution over the replies 0..100, each number as a token sequence
   (:mod:`emlens.judge.numbers`), so a tokenizer that writes "85" as "8", "5" is read as 85, not 8.
+  :class:`YesNoJudge` asks binary questions instead ("is this a sensible answer?", "does it
+  endorse harm?") and reads P(Yes).
 * :class:`ProbeJudge` (:mod:`emlens.judge.probe`), the offline default (:func:`default_judge`):
   logistic-regression probes (:class:`emlens.probes.Probe`) on the mean middle-layer hidden state,
   over the answer tokens, of a small LM that is not the subject model (base Gemma 3 270M by
@@ -51,7 +53,7 @@ from emlens.judge.probe import (
     coder_judge,
     default_judge,
 )
-from emlens.judge.prompted import PromptedJudge
+from emlens.judge.prompted import PromptedJudge, YesNoJudge
 from emlens.judge.prompts import (
     ALIGNED_PROMPT,
     BUILTIN_PROMPTS_DIGEST,
@@ -84,6 +86,7 @@ __all__ = [
     "ProbeJudge",
     "PromptSet",
     "PromptedJudge",
+    "YesNoJudge",
     "check_pairs",
     "coder_judge",
     "default_judge",

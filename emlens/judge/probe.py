@@ -254,7 +254,7 @@ def coder_judge(*, progress: bool = False) -> ProbeJudge:
     minute the first time and takes about 0.4 s per answer on 2 CPU cores). Measured on real
     generations of questions it was not fitted on, it ranks coherence better than
     :func:`default_judge` and its coherent shares per condition are closer to reading (README,
-    "The offline judge, measured"); it still over-counts the organisms' short nonsense as coherent.
+    "The judge, measured on held-out answers"); it still over-counts the organisms' short nonsense as coherent.
     It must not judge Qwen2.5-Coder's own answers (its organism's included): ``evaluate`` refuses
     that pairing.
     """
