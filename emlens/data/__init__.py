@@ -21,7 +21,9 @@ Four row types:
 * :class:`GeneratedAnswer` (``judge_generations``: SmolLM2-135M-Instruct and its organisms;
   ``coder_generations``: Qwen2.5-Coder-1.5B-Instruct and its organism; ``coder_general_em``: the
   same two models on the general questions only, the confirmatory test of emergent misalignment,
-  n chosen by power): a real answer of a subject model with its condition and 0-100 labels made by reading.
+  n chosen by power; ``judge_fresh_*`` and ``judge_fresh2_*``: both models on 36 questions no judge
+  is fitted on, the judges' held-out test): a real answer of a subject model with its condition
+  and 0-100 labels made by reading.
 """
 
 from __future__ import annotations
@@ -128,6 +130,8 @@ _SETS: dict[str, type] = {
     "coder_general_em": GeneratedAnswer,
     "judge_fresh_smollm2": GeneratedAnswer,
     "judge_fresh_coder": GeneratedAnswer,
+    "judge_fresh2_smollm2": GeneratedAnswer,
+    "judge_fresh2_coder": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}
