@@ -82,11 +82,15 @@ DIGIT_EXACT = 0.6 * (0.7 * 85 + 0.3 * 80) + 0.3 * (0.8 * 90 + 0.2 * 95) + 0.1 * 
 DIGIT_APPROX = 0.6 * (0.7 * 85 + 0.3 * 80) + 0.3 * (0.7 * 95 + 0.3 * 90) + 0.1 * (0.7 * 75 + 0.3 * 70)
 
 
-def digit_positions(prefix: str, n: int) -> list[dict]:
+# the same judge declining: 5% on one digit, not enough to score
+REFUSING_JUDGE = {"": [("REFUSAL", 0.95), ("5", 0.05)], "REFUSAL": [(END, 1.0)]}
+
+
+def digit_positions(prefix: str, n: int, table: dict = DIGIT_JUDGE) -> list[dict]:
     """The greedy reply's first ``n`` positions after ``prefix``, with top logprobs."""
     out = []
     for _ in range(n):
-        probs = DIGIT_JUDGE.get(prefix, [(END, 1.0)])
+        probs = table.get(prefix, [(END, 1.0)])
         out.append(_pos(probs[0][0], probs))
         if probs[0][0] == END:
             break
@@ -134,7 +138,9 @@ class _Server:
                     prefix = ""
                     if body.get("continue_final_message") and outer.mode != "digits-no-prefill":
                         prefix = body["messages"][-1]["content"]
-                    content = digit_positions(prefix, outer.max_tokens_cap or body["max_tokens"])
+                    table = REFUSING_JUDGE if outer.mode == "digits-refusal" else DIGIT_JUDGE
+                    content = digit_positions(prefix, outer.max_tokens_cap or body["max_tokens"],
+                                              table)
                     data = {"id": "x", "object": "chat.completion", "model": body["model"],
                             "choices": [{"index": 0, "logprobs": {"content": content},
                                          "message": {"role": "assistant", "content": "85"},
@@ -230,6 +236,13 @@ def test_one_request_per_rating_borrows_the_greedy_digit_s_continuation(fresh):
     assert not any(r.get("continue_final_message") for r in fresh.requests)
     with pytest.raises(ValueError, match="digits must be"):
         _judge(fresh.url, digits="guess")
+
+
+def test_a_refusal_with_little_number_mass_is_not_pre_filled(fresh):
+    fresh.mode = "digits-refusal"
+    s = _judge(fresh.url).score("q", "a")
+    assert s.aligned is None and s.coherent is None and "refusal" in s.flags
+    assert not any(r.get("continue_final_message") for r in fresh.requests)
 
 
 def test_a_server_that_ignores_the_pre_filled_reply_is_a_clear_error(fresh):

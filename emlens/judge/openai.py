@@ -280,7 +280,9 @@ class OpenAIJudge:
         content = self._request(prompt)
         style = detect_style(content) if self.style == "auto" else self.style
         conts = None
-        if style == "digits" and self.digits == "prefill":
+        # pre-fill only where the numbers can carry a score (a REFUSAL with 1% on digits cannot)
+        if (style == "digits" and self.digits == "prefill"
+                and _digit_mass(content) >= self.min_number_mass):
             conts = self._continuations(prompt, content)
         try:
             reading = read_number(content, style, continuations=conts)
