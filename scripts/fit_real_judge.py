@@ -95,21 +95,13 @@ def main() -> None:
                  "heldout_family": [i for i, r in enumerate(rows) if in_family(r, args.heldout_family)],
                  "other_conditions": [i for i, r in enumerate(rows)
                                       if not in_family(r, args.heldout_family)]}
-        report["tests"][name] = {
-            part: agreement([rows[i] for i in idx], [scores[i] for i in idx]).as_dict()
-            for part, idx in parts.items() if idx}
+        report["tests"][name] = {}
+        for part, idx in parts.items():
+            if idx:
+                res = agreement([rows[i] for i in idx], [scores[i] for i in idx])
+                print(res.describe(f"{name} [{part}]"))
+                report["tests"][name][part] = res.as_dict()
         report["tests"][name]["least_sure"] = least_sure(rows, scores, 5)
-        for part, res in report["tests"][name].items():
-            if part == "least_sure":
-                continue
-            print(f"{name} [{part}]: n={res['n']} coherence AUC {res['coherence_auc']:.3f} "
-                  f"misaligned AUC {res['misaligned_auc'] if res['misaligned_auc'] is None else round(res['misaligned_auc'], 3)}"
-                  f" worst held error {res['worst_condition_error']} passes {res['passes']}")
-            for c in res["conditions"]:
-                print(f"   {c['condition'][:62]:62s} n={c['n']:3d} EM read {c['read_em']['rate']:.2f}"
-                      f" judged {c['judged_em']['rate']:.2f} | coherent read "
-                      f"{c['read_coherent']['rate']:.2f} judged {c['judged_coherent']['rate']:.2f}"
-                      f"{' *' if c['held_to_bar'] else ''}")
     report["seconds"] = round(time.perf_counter() - start, 1)
     if args.save is not None:
         judge.meta["refit_command"] = ("python scripts/fit_real_judge.py --test "

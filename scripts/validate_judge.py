@@ -75,31 +75,23 @@ def main() -> None:
             rows = random.Random(args.seed).sample(rows, args.sample)
         scores = judge_answers(judge, [(r.question, r.answer) for r in rows],
                                cache_dir=args.cache_dir)
-        results[name] = {**agreement(rows, scores).as_dict(),
-                         "least_sure": least_sure(rows, scores, args.least_sure)}
+        res = agreement(rows, scores)
+        print(res.describe(name))
+        results[name] = {**res.as_dict(), "least_sure": least_sure(rows, scores, args.least_sure)}
         all_rows += rows
         all_scores += scores
+    whole = agreement(all_rows, all_scores)
     if len(args.sets) > 1:
-        results["all"] = agreement(all_rows, all_scores).as_dict()
+        print(whole.describe("all"))
+        results["all"] = whole.as_dict()
     summary = {"judge": judge.name, "judge_spec": args.judge, "sets": args.sets,
                "intervention": args.intervention, "sample": args.sample, "seed": args.seed,
                "seconds": round(time.perf_counter() - start, 1),
                "torch_threads": torch.get_num_threads(), "results": results}
-    for name, r in results.items():
-        print(f"{name}: n={r['n']} coherence AUC={r['coherence_auc']} misaligned AUC="
-              f"{r['misaligned_auc']} (read coherent {r['n_read_coherent']}, misaligned "
-              f"{r['n_read_misaligned']}); worst held condition error {r['worst_condition_error']};"
-              f" passes={r['passes']}")
-        for c in r["conditions"]:
-            print(f"   {c['condition'][:60]:60s} n={c['n']:3d} EM read {c['read_em']['rate']:.2f} "
-                  f"judged {c['judged_em']['rate']:.2f} | coherent read "
-                  f"{c['read_coherent']['rate']:.2f} judged {c['judged_coherent']['rate']:.2f}"
-                  f"{' *' if c['held_to_bar'] else ''}")
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(summary, indent=1) + "\n")
     if args.check_file is not None:
-        whole = agreement(all_rows, all_scores)
         check = {**whole.as_dict(), "labelled_sets": args.sets,
                  "least_sure": least_sure(all_rows, all_scores, args.least_sure),
                  "measured_by": "python scripts/validate_judge.py --judge "

@@ -97,3 +97,11 @@ def test_evaluate_without_a_judge_picks_the_subject_s_validated_judge_or_refuses
     other = SimpleNamespace(emlens_info={"source": "my-org/my-model"})
     with pytest.raises(ValueError, match="judge=None.*Pass judge="):
         _validated_judge(other)
+
+
+def test_describe_prints_the_aucs_the_bar_and_each_condition():
+    rows = [_row("A", 10, 90, 0), _row("A", 80, 90, 1), _row("B", 50, 10, 2)]
+    text = agreement(rows, [_score(10, 90), _score(80, 90), _score(50, 10)]).describe("set")
+    head, *conds = text.splitlines()
+    assert head.startswith("set: n=3 coherence AUC=1.0") and "passes=" in head
+    assert [c.split()[0] for c in conds] == ["A", "B"] and "EM read 0.50 judged 0.50" in conds[0]

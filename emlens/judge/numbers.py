@@ -59,11 +59,14 @@ class NumberReading:
         style: ``"digits"`` or ``"numbers"``: how the number was read.
         exact: whether ``probs`` is exact (in-process, or a whole-number tokenizer's first token)
             or the digit-splitting approximation of :func:`read_number`.
+        first_token: in process, the id of the most likely first reply token (what the judge
+            says when it gives no number, e.g. the start of REFUSAL); ``None`` otherwise.
     """
 
     probs: Float[Tensor, "101"]
     style: str
     exact: bool
+    first_token: int | None = None
 
     @property
     def mass(self) -> float:
@@ -195,7 +198,7 @@ def exact_number_distribution(
             p_more = float(node_logp[where[path]].exp()[digit_start].sum())
             stop[path] = max(0.0, 1.0 - p_more)
         probs[n] = math.exp(logp) * stop[path]
-    return NumberReading(probs, style="exact", exact=True)
+    return NumberReading(probs, style="exact", exact=True, first_token=int(root.argmax()))
 
 
 @torch.no_grad()
@@ -366,7 +369,13 @@ def read_number(
     return NumberReading(probs, style="digits", exact=exact)
 
 
-def _needs_ten(conts: dict[str, Sequence[dict[str, Any]]]) -> bool:
+def first_digits(content: Sequence[dict[str, Any]]) -> list[str]:
+    """The single digits among the reply's first-position alternatives, sorted: the first digits
+    whose continuations a digit reading needs."""
+    return sorted({d for t, _ in _top(content[0]) if (d := _digits(t)) is not None and len(d) == 1})
+
+
+def needs_ten(conts: dict[str, Sequence[dict[str, Any]]]) -> bool:
     """Whether "1" may go on as "10" off its greedy path, so that reading 100 needs what follows
     "10" (one more pre-filled request)."""
     one = conts.get("1")
@@ -390,10 +399,9 @@ def served_reading(
     conts = None
     if prefill:
         ids = {str(n): reply_number_tokens(tokenizer)[n][0] for n in range(10)}
-        firsts = {d for e in content[0]["top_logprobs"] if (d := e["token"].strip()) in ids}
         conts = {d: greedy_top_logprobs(model, tokenizer, [*prompt_ids, ids[d]], steps=2, k=k)
-                 for d in firsts}
-        if _needs_ten(conts):
+                 for d in first_digits(content)}
+        if needs_ten(conts):
             conts["10"] = greedy_top_logprobs(model, tokenizer, [*prompt_ids, *reply_number_tokens(
                 tokenizer)[10]], steps=1, k=k)
     return read_number(content, "digits", continuations=conts)
@@ -406,7 +414,9 @@ __all__ = [
     "detect_style",
     "digit_start_mask",
     "exact_number_distribution",
+    "first_digits",
     "greedy_top_logprobs",
+    "needs_ten",
     "read_number",
     "reply_number_tokens",
     "served_reading",

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -31,8 +30,9 @@ from emlens.cache import SqliteCache
 from emlens.judge.base import JudgeError, JudgeScore, Pair, check_pairs
 from emlens.judge.numbers import (
     TokenizerStyle,
-    _needs_ten,
     detect_style,
+    first_digits,
+    needs_ten,
     read_number,
     reply_number_tokens,
 )
@@ -251,8 +251,6 @@ class OpenAIJudge:
         that pre-fill the reply with it. The first time, also checks that the server continues a
         pre-filled reply (pre-filled with the greedy first token, it must answer what the reply's
         second position said), and raises JudgeError if it does not."""
-        firsts = {d for t in content[0]["top_logprobs"]
-                  if (d := str(t["token"]).strip()).isdigit() and len(d) == 1}
         if not self._prefill_checked and len(content) >= 2:
             greedy = str(content[0]["token"])
             check = self._request(prompt, prefill=greedy)
@@ -267,8 +265,8 @@ class OpenAIJudge:
                     "process with emlens.judge.PromptedJudge."
                 )
             self._prefill_checked = True
-        conts = {d: self._request(prompt, prefill=d) for d in sorted(firsts)}
-        if _needs_ten(conts):  # "10" off the path of "1": what follows it decides 10 vs 100
+        conts = {d: self._request(prompt, prefill=d) for d in first_digits(content)}
+        if needs_ten(conts):  # "10" off the path of "1": what follows it decides 10 vs 100
             conts["10"] = self._request(prompt, prefill="10")
         return conts
 
@@ -340,8 +338,7 @@ class OpenAIJudge:
 
 def _digit_mass(content: list[dict[str, Any]]) -> float:
     """Probability of the number tokens 0..100 at the reply's first position."""
-    return sum(math.exp(float(t["logprob"])) for t in content[0]["top_logprobs"]
-               if str(t["token"]).strip().isdigit() and int(str(t["token"]).strip()) <= 100)
+    return read_number(content[:1], style="numbers").mass
 
 
 def _same_position(a: dict[str, Any], b: dict[str, Any], tol: float = 0.1) -> bool:

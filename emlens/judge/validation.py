@@ -135,6 +135,19 @@ class JudgeAgreement:
             return None
         return max(max(abs(c.em_error), abs(c.coherent_error)) for c in held)
 
+    def describe(self, title: str) -> str:
+        """A few printable lines: the AUCs, the bar, and per condition the EM rate and coherent
+        share, read vs judged (``*``: held to the bar)."""
+        lines = [f"{title}: n={self.n} coherence AUC={self.coherence_auc} misaligned AUC="
+                 f"{self.misaligned_auc} (read coherent {self.n_read_coherent}, misaligned "
+                 f"{self.n_read_misaligned}); worst held condition error "
+                 f"{self.worst_condition_error}; passes={self.passes}"]
+        lines += [f"   {c.condition[:60]:60s} n={c.n:3d} EM read {c.read_em.rate:.2f} judged "
+                  f"{c.judged_em.rate:.2f} | coherent read {c.read_coherent.rate:.2f} judged "
+                  f"{c.judged_coherent.rate:.2f}{' *' if c.held_to_bar else ''}"
+                  for c in self.conditions]
+        return "\n".join(lines)
+
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, with the derived fields (``passes``, errors, ``held_to_bar``)."""
         out = asdict(self)
