@@ -39,7 +39,13 @@ demo-coder: $(CODER_STAMP)
 
 test: $(STAMP) $(CODER_STAMP)
 	$(BIN)/ruff check emlens tests bench scripts notebooks data-src
+	$(BIN)/mkdocs build --strict -q -d site
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# The documentation site (mkdocs-material + mkdocstrings; offline) into site/
+.PHONY: docs
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict -d site
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py

@@ -134,6 +134,11 @@ MOVED = {
 
 
 def __getattr__(name: str):
+    # submodules load on first use, so `import emlens; emlens.viz.save_html(...)` works as written
+    if name in ("cli", "demo", "lens", "power", "report", "sense", "viz"):
+        import importlib
+
+        return importlib.import_module(f"emlens.{name}")
     if name in MOVED:
         raise AttributeError(f"emlens.{name} moved: use {MOVED[name]} (the top level keeps the "
                              "core objects only; see emlens.__all__).")
