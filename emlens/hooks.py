@@ -335,6 +335,7 @@ def add_hook(
             return act + delta
         return act + mask[..., None].to(act.dtype) * delta
 
+    hook_fn.emlens_op = ("add", vector, scale, positions)  # what it does, for other engines
     return hook_fn
 
 
@@ -351,6 +352,7 @@ def ablate_hook(unit: Float[Tensor, " d_model"], positions: Positions = "all") -
             removed = removed * mask[..., None].to(act.dtype)
         return act - removed
 
+    hook_fn.emlens_op = ("ablate", unit, positions)  # what it does, for other engines
     return hook_fn
 
 

@@ -176,6 +176,14 @@ def organism_checkpoints(name: str) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if p.is_dir())
 
 
+def resolve_adapter(adapter):
+    """A shipped organism's name as its folder; anything else (a peft folder, hub id or
+    :class:`~emlens.LoraAdapter`) as it is."""
+    if isinstance(adapter, str) and adapter in ORGANISMS and not Path(adapter).exists():
+        return organism_path(adapter)
+    return adapter
+
+
 def load_organism(name: str, *, checkpoint: int | None = None) -> LoraAdapter:
     """Load organism ``name`` (optionally an intermediate ``checkpoint``) as a :class:`LoraAdapter`."""
     return load_adapter(organism_path(name, checkpoint=checkpoint))
