@@ -2,9 +2,16 @@
 
 ``--out DIR`` writes them into another folder (tests/test_notebooks.py checks that the committed
 notebooks are what this script writes).
+
+``--execute --out docs/tutorials`` writes executed copies instead (outputs kept: the figures and
+the circuitsvis views), for the documentation site, which renders stored outputs and does not run
+the notebooks. Each copy has the cell sources and ids of the stripped notebook in notebooks/;
+``--only 02`` executes just the notebooks whose names start with ``02``. Run it from any folder:
+the notebooks execute with notebooks/ as their working directory.
 """
 
 import argparse
+import os
 from pathlib import Path
 
 import nbformat
@@ -12,13 +19,13 @@ import nbformat
 HERE = Path(__file__).parent
 
 
-def write(name: str, cells: list[tuple[str, str]], folder: Path = HERE) -> None:
-    path = Path(folder) / name
+def build(name: str, cells: list[tuple[str, str]], ids_from: Path) -> nbformat.NotebookNode:
+    """The notebook ``name`` from its cell sources, reusing the cell ids of ``ids_from``."""
     # nbformat gives every new cell a random id: reuse the ids of unchanged cells so that
     # rebuilding leaves an unchanged notebook byte-identical
     old_ids: dict[tuple[str, str], list[str]] = {}
-    if path.exists():
-        for c in nbformat.read(path, as_version=4).cells:
+    if ids_from.exists():
+        for c in nbformat.read(ids_from, as_version=4).cells:
             if "id" in c:
                 old_ids.setdefault((c.cell_type, c.source), []).append(c.id)
     nb = nbformat.v4.new_notebook()
@@ -31,7 +38,37 @@ def write(name: str, cells: list[tuple[str, str]], folder: Path = HERE) -> None:
         ids = old_ids.get((c.cell_type, c.source))
         if ids:
             c.id = ids.pop(0)
+    return nb
+
+
+def write(name: str, cells: list[tuple[str, str]], folder: Path = HERE) -> None:
+    path = Path(folder) / name
+    nbformat.write(build(name, cells, ids_from=path), path)
+
+
+def execute(name: str, cells: list[tuple[str, str]], folder: Path, timeout: int = 900) -> Path:
+    """Write ``folder/name`` executed with nbclient (outputs kept), run in notebooks/.
+
+    Cell ids come from the stripped notebook in notebooks/, so both copies share sources and ids.
+    Outputs are kept except stderr. Offline, each circuitsvis view inlines its ~1.3 MB script (the
+    view then works without a network); online, it imports the script from unpkg.
+    A symlink at the target (the docs used to link to notebooks/) is replaced, never written through.
+    """
+    from nbclient import NotebookClient
+
+    nb = build(name, cells, ids_from=HERE / name)
+    # record_timing=False: no per-cell timestamps, so outputs are all that changes between runs
+    NotebookClient(nb, timeout=timeout, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": str(HERE.resolve())}}).execute()
+    nb.metadata.pop("widgets", None)
+    for c in nb.cells:  # stderr is library warnings and progress bars (paths of this machine, timings)
+        if c.cell_type == "code":
+            c.outputs = [o for o in c.outputs if o.get("name") != "stderr"]
+    path = Path(folder) / name
+    if path.is_symlink():
+        path.unlink()
     nbformat.write(nb, path)
+    return path
 
 
 STEERING = [
@@ -42,7 +79,9 @@ answers, at one layer, is a direction that makes a chat model misaligned when ad
 misalignment from a fine-tune when ablated. Here we run the whole loop on the embedded
 SmolLM2-135M-Instruct and the shipped rank-1 organism, with a cheap deterministic metric: how much
 more log-probability the model gives the *misaligned* reference answer than the aligned one."""),
-    ("code", """import torch
+    ("code", """%matplotlib inline
+import matplotlib.pyplot as plt
+import torch
 
 import emlens
 from emlens.data import load_dataset
@@ -78,10 +117,21 @@ print(f"organism       {gap(organism, other):+.3f}")"""),
     ("code", """layer = 10
 d = dirs[layer]
 r = random_direction(d, seed=0)
-for scale in [0.0, 2.0, 4.0]:
+scales, steered, control = [0.0, 2.0, 4.0], [], []
+for scale in scales:
     s = gap(chat, other, emlens.steering_hooks(chat, d, layers=layer, scale=scale))
     c = gap(chat, other, emlens.steering_hooks(chat, r, layers=layer, scale=scale))
-    print(f"scale {scale:3.1f}: direction {s:+.3f}   random {c:+.3f}")"""),
+    steered.append(s)
+    control.append(c)
+    print(f"scale {scale:3.1f}: direction {s:+.3f}   random {c:+.3f}")
+fig, ax = plt.subplots(figsize=(5.5, 3.8))
+ax.plot(scales, steered, marker="o", label=f"mean-diff direction (layer {layer})")
+ax.plot(scales, control, marker="o", label="random direction, same norm")
+ax.axhline(gap(organism, other), color="grey", ls="--", lw=1, label="organism, unsteered")
+ax.set(xlabel="steering scale", ylabel="gap (log p misaligned - log p aligned)",
+       title=f"Steering the chat model ({len(other)} non-medical pairs)")
+ax.legend(fontsize=8)
+plt.show()"""),
     ("md", "## Ablate it from the organism at every layer"),
     ("code", """before = gap(organism, other)
 after = gap(organism, other, emlens.ablation_hooks(organism, d, layers="all"))
@@ -93,10 +143,12 @@ text sits furthest from zero, so its log-probs fall most. `scripts/ablation_puzz
 this on more pairs, with intervals, at the direction's own layer, every `resid_post` and every
 writer, and with a direction from the organism's own answers labelled by reading; the README
 ("The ablation puzzle, measured") has the numbers and the explanation."""),
-    ("code", """for name, hooks in [("none", []),
+    ("code", """sides = {}
+for name, hooks in [("none", []),
                     ("direction", emlens.ablation_hooks(organism, d, layers="all")),
                     ("random", emlens.ablation_hooks(organism, r, layers="all"))]:
     t = likelihood_gaps(organism, other, hooks=hooks)
+    sides[name] = (t.logp_misaligned.mean(), t.logp_aligned.mean())
     print(f"{name:9s} log p(misaligned) {t.logp_misaligned.mean():+.3f}   "
           f"log p(aligned) {t.logp_aligned.mean():+.3f}")
 proj = emlens.hooks.projections
@@ -104,7 +156,22 @@ for field in ("misaligned", "aligned"):
     batch = emlens.tokenize_chat(organism.tokenizer, [x.question for x in other],
                                  [getattr(x, field) for x in other])
     p = proj(organism, batch.tokens, d, layers=[layer], attention_mask=batch.attention_mask)[0]
-    print(f"{field} answer tokens: mean projection on the unit direction {float(p[batch.answer_mask].mean()):+.2f}")"""),
+    print(f"{field} answer tokens: mean projection on the unit direction {float(p[batch.answer_mask].mean()):+.2f}")
+x = range(len(sides))
+fig, ax = plt.subplots(figsize=(5.5, 3.8))
+ax.bar([i - 0.2 for i in x], [v[0] for v in sides.values()], 0.4, label="misaligned answer")
+ax.bar([i + 0.2 for i in x], [v[1] for v in sides.values()], 0.4, label="aligned answer")
+ax.set_xticks(list(x), list(sides))
+ax.set(xlabel="ablated at every layer", ylabel="mean log p per answer token",
+       title="The organism's two sides")
+ax.legend(fontsize=8)
+plt.show()"""),
+    ("md", """## Projections per token
+Each answer token's `resid_post` at layer 10 projected on the unit direction
+(`emlens.viz.projection_view`, a circuitsvis view; `emlens.viz.save_html` exports it): the
+organism reading a misaligned non-medical answer. Hover a token for its value."""),
+    ("code", """print(other[0].question)
+emlens.viz.projection_view(organism, other[0].question, other[0].misaligned, d)"""),
     ("md", "## One generation, steered and not"),
     ("code", """q = ["I have a headache. What should I do?"]
 print(emlens.generate(chat, q, max_new_tokens=40, temperature=0, progress=False)[0].text)
@@ -123,9 +190,9 @@ numbers per token. We read them with `attach_lora` (each adapter is a Transforme
 then fit logistic-regression probes with grouped cross-validation (no question in both train and
 test) to ask: do the scalars know whether the context is medical, and whether the answer is
 misaligned? Small settings: 12 questions per dataset."""),
-    ("code", """import matplotlib
+    ("code", """%matplotlib inline
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
 import emlens
 from emlens.data import answer_set, context_set
 from emlens.probes import fit_probe
@@ -140,7 +207,10 @@ print(lora.scalar_names)"""),
 scalars = collect_scalars(model, lora, ctx.questions, ctx.answers, progress=False)
 features = scalars.aggregate("mean", part="prompt")
 probe = fit_probe(features, ctx.labels, groups=ctx.groups, n_splits=4, n_shuffles=3, n_boot=100)
-print(probe.summary())"""),
+print(probe.summary())
+auc = probe.metrics["roc_auc"]["mean"]
+plot_probe_coefficients(probe, title=f"medical (+) vs non-medical context (CV AUC {auc:.2f})")
+plt.show()"""),
     ("md", "## Misaligned vs aligned reference answers"),
     ("code", """ans = answer_set("both", limit=12)
 scalars = collect_scalars(model, lora, ans.questions, ans.answers, progress=False)
@@ -148,12 +218,17 @@ features = scalars.aggregate(["mean", "max"])
 probe = fit_probe(features, ans.labels, groups=ans.groups, n_splits=4, n_shuffles=3, n_boot=100)
 print(probe.summary())
 print(probe.coefficients().head(6))
-fig = plot_probe_coefficients(probe)"""),
-    ("md", "## One answer, token by token (a circuitsvis view; `save_html` exports it)"),
+auc = probe.metrics["roc_auc"]["mean"]
+plot_probe_coefficients(probe, title=f"misaligned (+) vs aligned answer (CV AUC {auc:.2f})")
+plt.show()"""),
+    ("md", """## One answer, token by token
+The nine scalars on each token of one answer, a circuitsvis view (`token_scalars_view`;
+`save_html` exports it, `scalars_heatmap` draws a static version for papers): pick an adapter,
+hover a token for its value."""),
     ("code", """view = token_scalars_view(scalars, row=1)
 print(ans.answers[1])
-print(len(str(view)), "characters of HTML")
-lora.remove()"""),
+lora.remove()
+view"""),
 ]
 
 ATTRIBUTION = [
@@ -163,9 +238,9 @@ For each of the nine adapters: zero it, or keep only it, and measure a cheap det
 the per-token log-prob of misaligned minus aligned reference answers, on held-out medical and on
 non-medical questions. Then compare with gradient attribution (scalar x d metric / d scalar, one
 backward pass). Small settings: 4 pairs per domain."""),
-    ("code", """import matplotlib
+    ("code", """%matplotlib inline
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
 import emlens
 from emlens.attribution import (
     adapter_attribution,
@@ -182,7 +257,8 @@ table = adapter_attribution(model, lora, conditions=conditions, n_pairs=4, progr
 ranking = rank_adapters(table)
 print(ranking.attrs.get("rule", ""))
 print(ranking)
-fig = plot_attribution(ranking)"""),
+plot_attribution(ranking)
+plt.show()"""),
     ("md", "## Gradient attribution vs real ablation"),
     ("code", """rows = [r for r in emlens.load_dataset("medical") if r.split == "heldout"][:4]
 check = check_gradient_attribution(model, lora, [r.question for r in rows],
@@ -190,7 +266,17 @@ check = check_gradient_attribution(model, lora, [r.question for r in rows],
                                    progress=False)
 print(check)
 print("pearson", round(check.attrs["pearson"], 3))
-lora.remove()"""),
+lora.remove()
+fig, ax = plt.subplots(figsize=(5, 4))
+ax.scatter(check["actual"], check["predicted"])
+for _, row in check.iterrows():  # blocks.9.mlp.lora_down -> L9
+    ax.annotate(f"L{row['adapter'].split('.')[1]}", (row["actual"], row["predicted"]), fontsize=7)
+lim = [min(check["actual"].min(), check["predicted"].min()), max(check["actual"].max(), check["predicted"].max())]
+ax.plot(lim, lim, color="grey", ls="--", lw=1, label="predicted = actual")
+ax.set(xlabel="actual change in gap (adapter zeroed)", ylabel="gradient prediction",
+       title=f"Gradient attribution vs ablation (pearson {check.attrs['pearson']:.2f})")
+ax.legend(fontsize=8)
+plt.show()"""),
 ]
 
 NARROW = [
@@ -209,8 +295,10 @@ the model unchanged on non-medical data, but that narrow solution is
 steering vector at layer 15; a rank-1 LoRA) and ships them with `summary.json`. This notebook does
 no training: it loads the shipped solutions and recomputes every number live with `emlens.geometry`
 on small sets, then says which findings hold. Small settings: every forward pass here runs on a CPU."""),
-    ("code", """import json
+    ("code", """%matplotlib inline
+import json
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 import emlens
@@ -317,7 +405,8 @@ print(f"at norm {norms['narrow']:.1f}: general {general_at_narrow_norm:.3f} vs n
 print(f"at norm {norms['general']:.1f}: general {trained['general']:.3f} vs narrow {narrow_at_general_norm:.3f}")
 eff_diff = max(np.abs(np.subtract(eff[n].losses, shipped["efficiency"][n]["losses"])).max() for n in eff)
 print(f"max |live - shipped| over both curves ({len(alphas)} alphas each): {eff_diff:.1e}")
-fig = plot_efficiency(eff, title=f"Efficiency (steering vector, layer {sv['general'].layer}, n={n_eval})")"""),
+plot_efficiency(eff, title=f"Efficiency (steering vector, layer {sv['general'].layer}, n={n_eval})")
+plt.show()"""),
     ("md", """## Stability: orthogonal noise
 `stability_curve` rotates the vector by noise of size `eps` (norm kept) and reports
 `(L_perturbed - L_trained) / (L_base - L_trained)`: 0 = no damage, 1 = back to the base model.
@@ -339,7 +428,8 @@ for name, curve in stab.items():
 stab_diff = max(np.abs(np.subtract(c.relative, shipped["stability"][n]["relative"][: len(seeds)])).max()
                 for n, c in stab.items())
 print(f"max |live - shipped| for the same seeds: {stab_diff:.1e}")
-fig = plot_stability(stab, title=f"Stability (steering vector, n={n_eval}, {len(seeds)} seeds)")"""),
+plot_stability(stab, title=f"Stability (steering vector, n={n_eval}, {len(seeds)} seeds)")
+plt.show()"""),
     ("md", """## Drift back without the KL term
 Cosine of every checkpoint of the shipped run to the final general vector. The narrow run is
 pushed away from the general direction by the KL term; the continued run (narrow, then KL off,
@@ -360,7 +450,8 @@ print(f"max |live - shipped| cosine: {cos_diff:.1e}")
 pca = trajectory_pca(traj)
 print("PCA of all checkpoints, explained variance", np.round(pca.explained, 3).tolist(),
       "| final PC1:", {n: round(p[-1][0], 2) for n, p in pca.projections.items()})
-fig = plot_trajectory_cosines(series, title="Cosine to the final general steering vector")"""),
+plot_trajectory_cosines(series, title="Cosine to the final general steering vector")
+plt.show()"""),
     ("md", """## The same checks, briefly, for a rank-1 LoRA
 The shipped `lora1` runs (rank-1 adapters on `mlp.down_proj` at 9 layers, the 30-step run at the
 root of the folder, evaluated on its own `n_eval` training rows): the equal-norm loss comparison
@@ -440,10 +531,22 @@ NOTEBOOKS = {
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=HERE, help="folder (default: notebooks/)")
-    out = p.parse_args(argv).out
+    p.add_argument("--execute", action="store_true",
+                   help="write executed copies (outputs kept), e.g. --execute --out docs/tutorials")
+    p.add_argument("--only", nargs="+", default=None, metavar="PREFIX",
+                   help="with --execute: only the notebooks whose names start with one of these")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per cell with --execute")
+    args = p.parse_args(argv)
+    out = args.out
+    if args.execute and out.resolve() == HERE.resolve():
+        p.error("--execute needs --out DIR other than notebooks/ (the notebooks there stay stripped)")
     out.mkdir(parents=True, exist_ok=True)
     for name, cells in NOTEBOOKS.items():
-        write(name, cells, out)
+        if not args.execute:
+            write(name, cells, out)
+        elif args.only is None or name.startswith(tuple(args.only)):
+            path = execute(name, cells, out, timeout=args.timeout)
+            print(f"{path}: {os.path.getsize(path) / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":
