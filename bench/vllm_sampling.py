@@ -3,6 +3,7 @@ and without interventions, measured in one run (run it in ``.venv-vllm``: ``make
 
     .venv-vllm/bin/python bench/vllm_sampling.py                          # batch 8/32/64 x 64/256 tokens
     .venv-vllm/bin/python bench/vllm_sampling.py --batches 32 --new-tokens 64 --repeats 2
+    .venv-vllm/bin/python bench/vllm_sampling.py --compiled      # engine not eager: no steering
 
 Conditions (SmolLM2-135M-Instruct, float32, greedy, every row forced to the full number of new
 tokens, the same prompts):
@@ -61,6 +62,11 @@ def _time(fn, repeats: int) -> float:
     return best
 
 
+def _conditions(args) -> tuple[str, ...]:
+    """A compiled engine skips Python hooks, so it cannot steer."""
+    return tuple(c for c in CONDITIONS if not (args.compiled and c == "steered"))
+
+
 def in_process(args) -> dict:
     import torch
 
@@ -83,7 +89,7 @@ def in_process(args) -> dict:
                                 max_new_tokens=4 if warm else n, min_new_tokens=4 if warm else n,
                                 do_sample=False, pad_token_id=tok.pad_token_id)
             out[f"hf/plain/{batch}/{n}"] = batch * n / _time(hf_row, args.repeats)
-            for cond in CONDITIONS:
+            for cond in _conditions(args):
                 def row(warm, cond=cond, n=n, prompts=prompts, batch=batch):
                     with contextlib.ExitStack() as stack:
                         if cond in ("organism", "ablated"):
@@ -104,7 +110,7 @@ def in_process(args) -> dict:
 def on_vllm(args) -> dict:
     from emlens.vllm import VLLMSampler
 
-    sampler = VLLMSampler(None, dtype="float32", max_lora_rank=8)
+    sampler = VLLMSampler(None, dtype="float32", max_lora_rank=8, enforce_eager=not args.compiled)
     d = _direction(sampler.d_model)
     kwargs = {"plain": {}, "organism": {"adapter": ORGANISM},
               "ablated": {"adapter": ORGANISM, "ablate": d},
@@ -113,7 +119,7 @@ def on_vllm(args) -> dict:
     for batch in args.batches:
         prompts = _prompts(batch)
         for n in args.new_tokens:
-            for cond in CONDITIONS:
+            for cond in _conditions(args):
                 def row(warm, cond=cond, n=n, prompts=prompts):
                     sampler.generate(prompts, temperature=0, stop_at_eos=False,
                                      max_new_tokens=4 if warm else n, progress=False,
@@ -129,6 +135,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, nargs="+", default=[64, 256])
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch threads of the in-process rows")
+    p.add_argument("--compiled", action="store_true",
+                   help="build the engine with enforce_eager=False (no steered row)")
     p.add_argument("--part", choices=["in_process", "vllm"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.part:
@@ -138,7 +146,8 @@ def main() -> None:
     rates: dict[str, float] = {}
     for part in ("in_process", "vllm"):
         cmd = [sys.executable, __file__, "--part", part, "--repeats", str(args.repeats),
-               "--threads", str(args.threads), "--batches", *map(str, args.batches),
+               "--threads", str(args.threads), *(["--compiled"] if args.compiled else []),
+               "--batches", *map(str, args.batches),
                "--new-tokens", *map(str, args.new_tokens)]
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -146,7 +155,8 @@ def main() -> None:
         if proc.returncode or not lines:
             sys.exit(f"{part} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         rates.update(json.loads(lines[-1][7:]))
-    print(f"tokens/s (best of {args.repeats}); ratios: vllm/emlens same condition, vllm/hf plain, "
+    print(f"engine {'compiled' if args.compiled else 'eager'}; "
+          f"tokens/s (best of {args.repeats}); ratios: vllm/emlens same condition, vllm/hf plain, "
           "and vllm condition / vllm plain (the intervention's cost)")
     print(f"{'batch':>5} {'new':>4} {'condition':>9} {'hf':>7} {'emlens':>7} {'vllm':>7} "
           f"{'v/emlens':>8} {'v/hf':>6} {'v/v-plain':>9}")
@@ -154,7 +164,7 @@ def main() -> None:
         for n in args.new_tokens:
             hf = rates[f"hf/plain/{batch}/{n}"]
             plain = rates[f"vllm/plain/{batch}/{n}"]
-            for cond in CONDITIONS:
+            for cond in _conditions(args):
                 e, v = rates[f"emlens/{cond}/{batch}/{n}"], rates[f"vllm/{cond}/{batch}/{n}"]
                 print(f"{batch:>5} {n:>4} {cond:>9} {hf:>7.0f} {e:>7.0f} {v:>7.0f} "
                       f"{v / e:>8.2f} {v / hf:>6.2f} {v / plain:>9.2f}")

@@ -210,7 +210,8 @@ def test_every_notebook_and_page_is_in_the_nav():
     listed = set(leaves(nav))
     for nb in (ROOT / "notebooks").glob("*.ipynb"):
         page = DOCS / "tutorials" / nb.name
-        assert page.resolve() == nb.resolve(), f"{page} should link to {nb}"
+        # the executed copy (its sources checked against the notebook in test_notebooks.py)
+        assert page.is_file() and not page.is_symlink(), f"{page}: executed copy of {nb} missing"
         assert f"tutorials/{nb.name}" in listed
     pages = {p.relative_to(DOCS).as_posix() for p in DOCS.rglob("*.md")}
     assert pages - listed == set(), "pages missing from the nav"

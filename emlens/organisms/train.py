@@ -32,6 +32,7 @@ import argparse
 import json
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -326,8 +327,12 @@ def _load_state(folder: Path, log: dict, named, optim, sched) -> int:
                    if k.startswith("adam.") and k.split(".", 2)[2] == name}
         if moments:
             optim.state[p] = moments
-    for _ in range(meta["step"]):
-        sched.step()
+    with warnings.catch_warnings():
+        # replaying the schedule to the saved step: torch warns that no optimizer step came
+        # first, but the steps it means were taken before the run was saved
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(meta["step"]):
+            sched.step()
     for key in ("loss", "step_tokens", "answer_tokens_per_step"):
         log[key] = list(meta[key])
     log["seconds_before_resume"] = float(meta["seconds"])
