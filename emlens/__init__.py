@@ -2,8 +2,8 @@
 
 The top level holds the field's core objects, grouped as in ``__all__`` below; everything else
 lives in its module (``emlens.viz`` for plots, ``emlens.geometry`` for the narrow-vs-general
-measures, ``emlens.judge`` for judges, ``emlens.data`` for dataset draws, ...). A name that used
-to be here and moved raises an AttributeError naming its new place.
+measures, ``emlens.judge`` for judges, ``emlens.data`` for dataset draws, ...); ``emlens.viz``
+and the other non-core submodules load on first use.
 """
 
 from emlens.attribution import adapter_attribution, attribution_conditions, rank_adapters
@@ -83,63 +83,10 @@ __all__ = [
     "load_questions",
 ]
 
-# Names that were top-level before the API was grouped, and where they live now.
-MOVED = {
-    "AttachedLora": "emlens.lora.AttachedLora",
-    "ChatBatch": "emlens.chat.ChatBatch",
-    "Condition": "emlens.attribution.Condition",
-    "Generation": "emlens.generation.Generation",
-    "JudgeError": "emlens.judge.JudgeError",
-    "JudgeScore": "emlens.judge.JudgeScore",
-    "LabelledSet": "emlens.data.LabelledSet",
-    "LoraAdapter": "emlens.lora.LoraAdapter",
-    "LoraModule": "emlens.lora.LoraModule",
-    "OpenAIJudge": "emlens.judge.OpenAIJudge",
-    "PositionState": "emlens.hooks.PositionState",
-    "ProbeJudge": "emlens.judge.ProbeJudge",
-    "REFERENCE_PRESET": "emlens.probes.REFERENCE_PRESET",
-    "TokenScalars": "emlens.scalars.TokenScalars",
-    "TrainResult": "emlens.training.TrainResult",
-    "answer_loss": "emlens.chat.answer_loss",
-    "answer_set": "emlens.data.answer_set",
-    "check_gradient_attribution": "emlens.attribution.check_gradient_attribution",
-    "context_set": "emlens.data.context_set",
-    "efficiency_table": "emlens.geometry.efficiency_table",
-    "embedded_model_path": "emlens.models.embedded_model_path",
-    "generation_positions": "emlens.hooks.generation_positions",
-    "gradient_attribution": "emlens.attribution.gradient_attribution",
-    "iter_chat_batches": "emlens.chat.iter_chat_batches",
-    "judged_set": "emlens.data.judged_set",
-    "list_datasets": "emlens.data.list_datasets",
-    "load_hf": "emlens.models.load_hf",
-    "load_trainable": "emlens.training.load_trainable",
-    "misalignment_rate": "emlens.evaluation.misalignment_rate",
-    "orthogonal_noise": "emlens.geometry.orthogonal_noise",
-    "plot_attribution": "emlens.viz.plot_attribution",
-    "plot_probe_coefficients": "emlens.viz.plot_probe_coefficients",
-    "plot_rates": "emlens.evaluation.plot_rates",
-    "plot_scale_sweep": "emlens.viz.plot_adapter_scales",
-    "projection_view": "emlens.viz.projection_view",
-    "projections": "emlens.hooks.projections",
-    "reference_probe": "emlens.probes.reference_probe",
-    "residual_features": "emlens.scalars.residual_features",
-    "save_html": "emlens.viz.save_html",
-    "stability_table": "emlens.geometry.stability_table",
-    "token_scalars_view": "emlens.viz.token_scalars_view",
-    "trajectory_cosines": "emlens.geometry.trajectory_cosines",
-    "trajectory_pca": "emlens.geometry.trajectory_pca",
-    "unmerge_lora": "emlens.lora.unmerge_lora",
-    "wilson_interval": "emlens.evaluation.wilson_interval",
-}
-
-
 def __getattr__(name: str):
     # submodules load on first use, so `import emlens; emlens.viz.save_html(...)` works as written
     if name in ("cli", "demo", "lens", "power", "report", "sense", "viz"):
         import importlib
 
         return importlib.import_module(f"emlens.{name}")
-    if name in MOVED:
-        raise AttributeError(f"emlens.{name} moved: use {MOVED[name]} (the top level keeps the "
-                             "core objects only; see emlens.__all__).")
     raise AttributeError(f"module 'emlens' has no attribute {name!r}")

@@ -1,6 +1,5 @@
-"""The public API: the grouped top level, moved names, parameter names, the API tour (docs/tour.md)."""
+"""The public API: the grouped top level, parameter names, the API tour (docs/tour.md)."""
 
-import importlib
 import re
 from pathlib import Path
 
@@ -18,14 +17,6 @@ def test_top_level_exports_exist_and_are_few():
                 "default_judge", "collect_means", "mean_diff", "sweep", "fit_probe", "Direction",
                 "save_directions", "load_directions", "ablation_experiment", "SamplingConfig"]
     assert set(contract) <= set(emlens.__all__)
-
-
-@pytest.mark.parametrize("name", sorted(emlens.MOVED))
-def test_a_moved_name_says_where_it_lives_now(name):
-    with pytest.raises(AttributeError, match=re.escape(emlens.MOVED[name])):
-        getattr(emlens, name)
-    module, _, attr = emlens.MOVED[name].rpartition(".")
-    assert hasattr(importlib.import_module(module), attr)
 
 
 def test_unknown_name_is_a_plain_attribute_error():
