@@ -206,11 +206,8 @@ def evaluate(
             check_no_hooks(model)
             from_hooks(interventions, sampler.n_layers)  # refuse what the engine cannot carry
             key_tag = _engine_tag(sampler, adapter, cache_tag)
-        elif adapter is not None:
-            from emlens.lora import attach_lora, load_adapter
-            from emlens.organisms import resolve_adapter
-
-            stack.enter_context(attach_lora(model, load_adapter(resolve_adapter(adapter))))
+        else:
+            stack.enter_context(attached(model, adapter))
         done = _answers(model, qs, rows, cfg, settings, interventions, cache_dir, key_tag,
                         progress, sampler, adapter)
     answers = [done[r] for r in rows]
@@ -230,6 +227,17 @@ def evaluate(
     df.attrs.update(settings, model=name, judge=judge.name, cache_tag=cache_tag,
                     engine="emlens" if engine is None else "vllm")
     return df
+
+
+def attached(model: HookedTransformer, adapter):
+    """A block with ``adapter`` (a peft folder, organism name or LoraAdapter) attached to
+    ``model``; nothing when it is None."""
+    if adapter is None:
+        return contextlib.nullcontext()
+    from emlens.lora import attach_lora, load_adapter
+    from emlens.organisms import resolve_adapter
+
+    return attach_lora(model, load_adapter(resolve_adapter(adapter)))
 
 
 def _answers(model, qs, rows, cfg, settings, interventions, cache_dir, cache_tag, progress,

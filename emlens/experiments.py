@@ -20,7 +20,6 @@ multiplier on the unnormalised direction (``raw_scale``), the papers' convention
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ import pandas as pd
 from transformer_lens import HookedTransformer
 
 from emlens.directions import Direction, random_direction, residual_norms
-from emlens.evaluation import ALIGNED_BELOW, COHERENT_ABOVE, evaluate, rates
+from emlens.evaluation import ALIGNED_BELOW, COHERENT_ABOVE, attached, evaluate, rates
 from emlens.hooks import Hooks, ablation_hooks, steering_hooks
 from emlens.sampling import SamplingConfig
 
@@ -145,7 +144,7 @@ def sweep(
         baseline_row = rates(baseline, by=None).iloc[0].to_dict()
     if resid_norms is None:
         pairs = list(zip(base_answers["question"], base_answers["answer"], strict=True))
-        with _attached(model, adapter):
+        with attached(model, adapter):
             norms = residual_norms(model, pairs, list(layers), hook=by_layer[layers[0]].hook)
     else:
         if missing := [L for L in layers if L not in resid_norms]:
@@ -183,16 +182,6 @@ def _by_layer(directions: Mapping[int, Direction] | Direction,
     if missing:
         raise ValueError(f"No direction for layers {missing}; have {sorted(by_layer)}.")
     return by_layer
-
-
-def _attached(model: HookedTransformer, adapter):
-    """A block with ``adapter`` attached to ``model`` (nothing when it is None)."""
-    if adapter is None:
-        return contextlib.nullcontext()
-    from emlens.lora import attach_lora, load_adapter
-    from emlens.organisms import resolve_adapter
-
-    return attach_lora(model, load_adapter(resolve_adapter(adapter)))
 
 
 def _rate_cols(row) -> dict:

@@ -51,7 +51,7 @@ from emlens.fingerprint import tensor_digest
 from emlens.generation import Generation, _check_rows, _row_seed, stop_token_ids
 from emlens.hooks import as_vector
 from emlens.lora.adapter import AdapterLike, LoraAdapter, load_adapter, save_peft
-from emlens.lora.export import WriterWeights, ablation_peft
+from emlens.lora.export import WriterWeights, ablation_peft, unit_direction
 from emlens.sampling import SamplingConfig
 
 _RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's allowed max_lora_rank values
@@ -228,9 +228,7 @@ class VLLMSampler:
                                  "belongs to another model.")
 
     def _ablation(self, direction, adapter: LoraAdapter | None, adapter_folder: str | None) -> str:
-        vec = _finite(direction, self.d_model).double()
-        if vec.norm() == 0:
-            raise ValueError("ablate direction has zero norm; there is nothing to ablate.")
+        vec = unit_direction(direction, self.d_model)
         where = "" if adapter_folder is None else _folder_key(adapter_folder)
         digest = hashlib.sha256(vec.numpy().tobytes() + where.encode()).hexdigest()
         folder = Path(self._tmp.name) / f"ablate-{digest[:16]}"
@@ -257,10 +255,7 @@ class VLLMSampler:
                                float(st.scale) * _finite(st.vector, self.d_model)))
         if ablate_resid is not None:
             direction, layers = ablate_resid
-            vec = _finite(direction, self.d_model).double()
-            if vec.norm() == 0:
-                raise ValueError("ablate_resid direction has zero norm; nothing to ablate.")
-            unit = (vec / vec.norm()).float()
+            unit = unit_direction(direction, self.d_model).float()
             n = self.n_layers
             for layer in (range(n) if layers == "all" else [layers] if isinstance(layers, int)
                           else layers):

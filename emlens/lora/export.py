@@ -124,7 +124,9 @@ def _parse(path: str) -> tuple[int, str]:
     return int(parts[2]), parts[-1]
 
 
-def _unit(direction, d_model: int) -> Float[Tensor, " d_model"]:
+def unit_direction(direction, d_model: int) -> Float[Tensor, " d_model"]:
+    """``direction`` (a Direction or tensor) as a float64 unit vector, refusing a wrong width,
+    a non-float dtype, a NaN/inf or zero norm."""
     vec = as_vector(direction).detach()
     if vec.shape != (d_model,):
         raise ValueError(f"direction has shape {tuple(vec.shape)}, but the model's residual "
@@ -161,7 +163,7 @@ def ablation_adapter_state(
     """
     if isinstance(weights, HookedTransformer):
         weights = WriterWeights.from_model(weights)
-    u = _unit(direction, weights.d_model)
+    u = unit_direction(direction, weights.d_model)
     organism: LoraAdapter | None = None if adapter is None else load_adapter(adapter)
     by_path: dict[str, tuple[Tensor, Tensor]] = {}  # path -> (A [r, d_in], B [d_out, r]), scaled
     for m in () if organism is None else organism.modules:
