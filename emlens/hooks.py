@@ -371,38 +371,22 @@ def projection_hook(
 # Hook lists and context managers
 
 
-def _layers_argument(layers, layer, where: str):
-    """``layers``, or the deprecated ``layer=`` spelling of it (with a DeprecationWarning)."""
-    if layer is not None:
-        if layers is not None:
-            raise TypeError(f"{where}: pass layers= only (layer= is its old name).")
-        warnings.warn(f"{where}(layer=...) is deprecated; use layers= (an int, a list of ints or "
-                      "'all'), as in ablate.", DeprecationWarning, stacklevel=3)
-        return layer
-    if layers is None:
-        raise TypeError(f"{where}: missing the layers= argument (an int, a list of ints or 'all').")
-    return layers
-
-
 def steering_hooks(
     model: HookedTransformer,
     direction,
     *,
-    layers: Layers | None = None,
+    layers: Layers,
     scale: float,
     positions: Positions = "all",
     hook: str = "resid_post",
     normalize: bool = False,
-    layer: int | Sequence[int] | None = None,
 ) -> Hooks:
     """``(name, fn)`` pairs adding ``scale * direction`` at ``hook`` of each of ``layers`` (an int,
     a list of ints, or ``"all"``).
 
     The raw (unnormalised) vector is added, as in the papers, unless ``normalize=True``, in which
     case ``scale`` is in units of the residual stream (``scale * direction / |direction|``).
-    ``layer=`` is the old name of ``layers=``, kept for one release with a DeprecationWarning.
     """
-    layers = _layers_argument(layers, layer, "steering_hooks")
     scale = check_scale(scale)
     vec = check_direction(model, direction, unit=normalize)
     _check_positions(positions)
@@ -433,12 +417,11 @@ def steer(
     model: HookedTransformer,
     direction,
     *,
-    layers: Layers | None = None,
+    layers: Layers,
     scale: float,
     positions: Positions = "all",
     hook: str = "resid_post",
     normalize: bool = False,
-    layer: int | Sequence[int] | None = None,
 ) -> Iterator[Hooks]:
     """Add ``scale * direction`` to the residual stream inside the block.
 
@@ -451,8 +434,8 @@ def steer(
             answers = emlens.generate(model, questions, max_new_tokens=64)
     """
     hooks = steering_hooks(
-        model, direction, layers=_layers_argument(layers, layer, "steer"), scale=scale,
-        positions=positions, hook=hook, normalize=normalize,
+        model, direction, layers=layers, scale=scale, positions=positions, hook=hook,
+        normalize=normalize,
     )
     with model.hooks(fwd_hooks=hooks):
         yield hooks

@@ -30,20 +30,16 @@ def test_api_tour_names_every_export():
     assert not missing, f"the API tour (docs/tour.md) does not mention {missing}"
 
 
-def test_steer_takes_layers_and_the_old_layer_spelling_warns(tiny_model):
+def test_steer_takes_layers_only(tiny_model):
     d = torch.randn(tiny_model.cfg.d_model)
-    tokens = torch.tensor([[1, 2, 3]])
-    with emlens.steer(tiny_model, d, layers=1, scale=2.0):
-        new = tiny_model(tokens)
-    with pytest.warns(DeprecationWarning, match="use layers="):
-        with emlens.steer(tiny_model, d, layer=1, scale=2.0):
-            old = tiny_model(tokens)
-    torch.testing.assert_close(new, old, rtol=0, atol=0)
-    with pytest.warns(DeprecationWarning):
-        assert len(emlens.steering_hooks(tiny_model, d, layer=[0, 1], scale=1.0)) == 2
-    with pytest.raises(TypeError, match="pass layers= only"):
-        emlens.steering_hooks(tiny_model, d, layers=1, layer=1, scale=1.0)
-    with pytest.raises(TypeError, match="missing the layers= argument"):
+    with emlens.steer(tiny_model, d, layers=1, scale=2.0) as hooks:
+        assert [name for name, _ in hooks] == ["blocks.1.hook_resid_post"]
+    with pytest.raises(TypeError):
+        with emlens.steer(tiny_model, d, layer=3, scale=1.0):
+            pass
+    with pytest.raises(TypeError, match="layer"):
+        emlens.steering_hooks(tiny_model, d, layer=[0, 1], scale=1.0)
+    with pytest.raises(TypeError, match="layers"):
         emlens.steering_hooks(tiny_model, d, scale=1.0)
 
 

@@ -196,7 +196,7 @@ def test_steered_greedy_generation_same_with_and_without_kv_cache(model, positio
     with emlens.steer(model, d, layers=1, scale=1.0, positions=positions):
         cached = emlens.generate(model, prompts, use_cache=True, **kwargs)
         uncached = emlens.generate(model, prompts, use_cache=False, **kwargs)
-    floor = _float64_floor(model, uncached, d, prompts, dict(layer=1, positions=positions),
+    floor = _float64_floor(model, uncached, d, prompts, dict(layers=1, positions=positions),
                            dict(kwargs, use_cache=False))
     for a, b in zip(cached, uncached, strict=True):
         assert torch.equal(a.tokens, b.tokens)
@@ -211,7 +211,7 @@ def test_left_padded_batch_gives_same_answers_as_one_at_a_time(model):
     with emlens.steer(model, d, layers=2, scale=1.0, positions="generated"):
         batched = emlens.generate(model, prompts, batch_size=3, **kwargs)
         single = [emlens.generate(model, [p], batch_size=1, **kwargs)[0] for p in prompts]
-    floor = _float64_floor(model, single, d, prompts, dict(layer=2, positions="generated"),
+    floor = _float64_floor(model, single, d, prompts, dict(layers=2, positions="generated"),
                            dict(kwargs, batch_size=1))
     for a, b in zip(batched, single, strict=True):
         assert torch.equal(a.tokens, b.tokens)
@@ -252,15 +252,15 @@ def test_hook_functions_work_in_run_with_hooks(model):
         (torch.full((64,), float("nan")), {}, "NaN"),
         (torch.ones(64, dtype=torch.float64), {}, "float64.*float32"),
         (torch.ones(64, device="meta"), {}, "meta.*cpu"),
-        (torch.ones(64), {"layer": 3}, "out of range.*3 layers"),
-        (torch.ones(64), {"layer": -4}, "out of range"),
+        (torch.ones(64), {"layers": 3}, "out of range.*3 layers"),
+        (torch.ones(64), {"layers": -4}, "out of range"),
         (torch.ones(64), {"hook": "resid_middle"}, "Unknown hook 'resid_middle'"),
         (torch.ones(64), {"positions": "answer"}, "positions='answer'"),
         ("not a tensor", {}, "torch.Tensor"),
     ],
 )
 def test_bad_input_raises_value_error_naming_it(model, direction, kwargs, message):
-    args = {"layer": 1, "scale": 1.0} | kwargs
+    args = {"layers": 1, "scale": 1.0} | kwargs
     with pytest.raises(ValueError, match=message):
         with emlens.steer(model, direction, **args):
             pass
