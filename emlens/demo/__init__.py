@@ -2,7 +2,10 @@
 
 One module per section (:mod:`emlens.demo.rates`, ``judge_check``, ``steering``, ``ablation``,
 ``probes``, ``attribution``, ``narrow_general``); :func:`run_demo` runs them in order on a shared
-:class:`~emlens.demo.common.Story` and writes an :class:`emlens.report.Report`.
+:class:`~emlens.demo.common.Story` and writes an :class:`emlens.report.Report`. The model is
+resolved once to its card (:func:`emlens.cards.model_card`: organisms, labelled answers, judge
+check, validated judge), which every section reads as ``s.card``; any name of an embedded model
+gives exactly the same demo.
 
 Sections (each states its sample sizes and intervals):
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pandas as pd
 
+from emlens.cards import DEFAULT_CARD, PAPERS_TEMPERATURE, ModelCard, model_card
 from emlens.report import Report
 from emlens.sampling import SamplingConfig
 
@@ -39,31 +40,12 @@ QUICK = dict(n_samples=1, max_new_tokens=6, n_general=3, n_medical=3,
              train_steps=3, organism_steps=2, batch_size=32, quick=True)
 
 
-PAPERS_TEMPERATURE = 1.0  # the papers' sampling temperature, always one flag away
-
-# Real generations labelled by reading, per embedded model (emlens.data): the evidence the
-# demo's sampling temperature is chosen from.
-LABELLED_GENERATIONS = {None: "judge_generations", "qwen2.5-coder-1.5b": "coder_generations"}
-
-
-def model_key(model_name: str | None) -> str | None:
-    """The canonical name of a demo's model, and its key in the per-model tables: ``None`` for
-    the default embedded model under any of its names (``None``, ``"smollm2-135m"``,
-    ``"SmolLM2"``, ...), the registry key for another embedded model under any alias
-    (``"qwen-coder-1.5b"`` -> ``"qwen2.5-coder-1.5b"``), else the name as given (a local path or a
-    hub id)."""
-    from emlens.embedded import DEFAULT_EMBEDDED, embedded_source
-
-    embedded = embedded_source(model_name)
-    if embedded is None:
-        return model_name if model_name is None else str(model_name)
-    return None if embedded.key == DEFAULT_EMBEDDED else embedded.key
-
-
-NARROW_VS_GENERAL = "narrow_vs_general"  # shipped runs, under emlens/organisms/
-
-
-TRANSFER_ORGANISM = "narrow_vs_general/lora1/general/peft"  # a second rank-1 fine-tune
+# Every per-model fact (default and transfer organisms, narrow-vs-general runs, labelled answers,
+# judge check, validated judge) is on the model's card (emlens.cards), resolved once by run_demo
+# and carried on the Story as ``s.card``. The two names below are the default model's, kept for
+# the command line's default and the sections that read the shipped runs.
+TRANSFER_ORGANISM = DEFAULT_CARD.transfer_organism  # a second rank-1 fine-tune of SmolLM2
+NARROW_VS_GENERAL = DEFAULT_CARD.narrow_vs_general  # shipped runs, under emlens/organisms/
 
 
 @dataclass
@@ -85,7 +67,7 @@ class Story:
     dirs: dict | None = None
     chat_dirs: dict | None = None
     layer: int | None = None
-    embedded: bool = True  # the embedded SmolLM2 (the shipped narrow/general runs fit only it)
+    card: ModelCard = DEFAULT_CARD  # the model's card: every per-model fact, resolved once
     bad: list | None = None  # (question, answer) pairs the direction was extracted from
     good: list | None = None
     # likelihood gaps per (model key, question set), shared by the sections' lenses
@@ -93,6 +75,12 @@ class Story:
     steer_cell: dict | None = None  # the judged steering cell (direction and random rows)
     ref_dirs: dict | None = None  # directions from paired reference answers (no judge)
     temperature_why: str = ""  # how the sampling temperature was chosen
+
+    @property
+    def embedded(self) -> bool:
+        """Whether narrow-vs-general runs trained on this model ship (only SmolLM2's do); read
+        ``s.card.narrow_vs_general`` instead."""
+        return self.card.narrow_vs_general is not None
 
 
 def fmt_rate(row) -> str:
@@ -117,9 +105,10 @@ def all_rank1(adapter) -> bool:
     return all(r == 1 for r in adapter.ranks.values())
 
 
-def measured_coherence(model_name: str | None) -> pd.DataFrame | None:
+def measured_coherence(card: ModelCard | str | None) -> pd.DataFrame | None:
     """Coherent share by reading of a model's unsteered real answers, per model role and sampling
-    temperature, from its labelled generations (``None`` when none are shipped for the model).
+    temperature, from the labelled generations on its card (``None`` when none ship for the
+    model; a name is resolved with :func:`emlens.cards.model_card`).
 
     Columns: ``model, temperature, n, coherent, share, low, high`` (Wilson 95%); coherent =
     coherence > 50 on the papers' 0-100 scale, pass-1 labels made by reading.
@@ -127,7 +116,7 @@ def measured_coherence(model_name: str | None) -> pd.DataFrame | None:
     from emlens.data import load_dataset
     from emlens.evaluation import wilson_interval
 
-    name = LABELLED_GENERATIONS.get(model_key(model_name))
+    name = model_card(card).labelled_generations
     if name is None:
         return None
     rows = [r for r in load_dataset(name) if r.intervention == "none"]
@@ -142,16 +131,19 @@ def measured_coherence(model_name: str | None) -> pd.DataFrame | None:
     return out
 
 
-def choose_temperature(model_name: str | None,
+def choose_temperature(card: ModelCard | str | None,
                        table: pd.DataFrame | None = None) -> tuple[float, str]:
     """The sampling temperature with the highest coherent share by reading, pooled over the chat
     model and its organism (``table``, default :func:`measured_coherence` of the model), and a
-    sentence saying why; the papers' 1.0 where no labelled answers exist."""
+    sentence saying why; the card's fallback (the papers' 1.0) where no labelled answers exist."""
+    card = model_card(card)
     if table is None:
-        table = measured_coherence(model_name)
+        table = measured_coherence(card)
     if table is None or table.empty:
-        return PAPERS_TEMPERATURE, ("the papers' temperature 1.0 (no answers of this model "
-                                    "labelled by reading ship with emlens)")
+        value = card.fallback_temperature
+        whose = "the papers' temperature" if value == PAPERS_TEMPERATURE else "temperature"
+        return value, (f"{whose} {value} (no answers of this model labelled by reading ship "
+                       "with emlens)")
     chat_org = table[table["model"].isin(["chat", "organism"])]
     pooled = chat_org.groupby("temperature")[["coherent", "n"]].sum()
     share = pooled["coherent"] / pooled["n"]

@@ -4,25 +4,21 @@ this run's answers nearest the thresholds."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from emlens.demo.common import Story, model_key
-
-DATA = Path(__file__).parents[1] / "data"
-JUDGE_CHECK = DATA / "judge_check.json"  # the embedded SmolLM2's labelled answers
-# the judge against reading on each embedded model's own labelled answers
-JUDGE_CHECKS = {None: JUDGE_CHECK, "qwen2.5-coder-1.5b": DATA / "judge_check_coder.json"}
+from emlens.cards import DEFAULT_CARD, ModelCard, model_card
+from emlens.demo.common import Story
 
 
-def judge_check_for(model_name: str | None) -> tuple[dict | None, bool]:
-    """The shipped judge check for a model's answers and whether it is that model's own
-    (``False``: only the embedded SmolLM2's check exists for this model)."""
-    path = JUDGE_CHECKS.get(model_key(model_name))
-    own = path is not None
-    path = path or JUDGE_CHECK
+def judge_check_for(card: ModelCard | str | None) -> tuple[dict | None, bool]:
+    """The shipped judge check on a model's answers (its card's ``judge_check``; a name is
+    resolved with :func:`emlens.cards.model_card`) and whether it is that model's own
+    (``False``: none ships for this model, and the default SmolLM2's check is returned)."""
+    card = model_card(card)
+    own = card.judge_check is not None
+    path = card.judge_check if own else DEFAULT_CARD.judge_check
     return (json.loads(path.read_text()) if path.is_file() else None), own
 
 
@@ -52,10 +48,10 @@ def _pct(share: dict) -> str:
 
 def section(s: Story) -> None:
     rep = s.rep
-    check, own = judge_check_for(s.rep.results.get("settings", {}).get("model"))
+    check, own = judge_check_for(s.card)
     sets = ", ".join((check or {}).get("labelled_sets", []))
     whose = ("this model's own real answers" if own else
-             "another model's real answers (the embedded SmolLM2-135M-Instruct's; none of this "
+             f"another model's real answers (the embedded {DEFAULT_CARD.name}'s; none of this "
              "model's answers labelled by reading ship with emlens, so they do not describe the "
              "judge on this model)")
     rep.section(

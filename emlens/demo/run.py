@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from emlens.cards import model_card
 from emlens.demo import ablation, attribution, judge_check, narrow_general, probes, rates, steering
 from emlens.demo.common import (
     DEFAULTS,
@@ -16,7 +17,6 @@ from emlens.demo.common import (
     Story,
     choose_temperature,
     measured_coherence,
-    model_key,
     resolve_adapter,
 )
 from emlens.demo.lenses import check_pair_budget
@@ -42,22 +42,25 @@ def run_demo(
 
     Args:
         out: report folder.
-        model_name: chat model (``None``: the embedded SmolLM2-135M-Instruct; or a local HF
-            folder, ``.gguf`` file or TransformerLens name such as ``Qwen/Qwen2.5-7B-Instruct``).
+        model_name: chat model (``None``: the embedded SmolLM2-135M-Instruct; any name of an
+            embedded model, e.g. ``"qwen2.5-coder-1.5b"``; or a local HF folder, ``.gguf`` file
+            or TransformerLens name such as ``Qwen/Qwen2.5-7B-Instruct``). Resolved once to the
+            model's card (:func:`emlens.cards.model_card`), which the sections read as
+            ``s.card``: any name of an embedded model gives exactly the same demo.
         organism: a shipped organism name (``emlens.list_organisms()``) or a peft adapter folder;
-            ``None``: the shipped rank-1 organism of an embedded model
-            (``emlens.organisms.default_organism``).
+            ``None``: the card's organism (the shipped rank-1 organism of an embedded model).
         transfer_organism: a second fine-tune for the transfer test (a shipped organism name, a
             path relative to ``emlens/organisms/``, a peft folder or hub id); ``None`` skips it.
-            The default (shipped, SmolLM2) is dropped when ``model_name`` is given.
+            The default stands for the card's own second fine-tune (SmolLM2's shipped one; none
+            for any other model).
         quick: tiny settings (a smoke run); otherwise :data:`DEFAULTS`.
         train: retrain the organism (into ``<out>/organisms/``) and the narrow / general
             steering vectors of section 6 (into ``<out>/narrow_vs_general/``) instead of using
-            the shipped ones. Only for the embedded model.
+            the shipped ones. Only for a model whose card ships the recipes (SmolLM2).
         temperature: sampling temperature of every judged answer; ``None``: the one with the
             highest coherent share by reading of the model's labelled answers shipped with emlens
-            (:func:`emlens.demo.common.choose_temperature`; 0.7 for SmolLM2), or the papers'
-            1.0 for a model without any.
+            (:func:`emlens.demo.common.choose_temperature`; 0.7 for SmolLM2), or the card's
+            fallback, the papers' 1.0, for a model without any.
     """
     import emlens
     from emlens.data import load_dataset
@@ -67,29 +70,28 @@ def run_demo(
 
     cfg = QUICK if quick else DEFAULTS
     check_pair_budget(cfg)
-    # any name of an embedded model gives exactly that model's demo (the default under any alias)
-    model_name = model_key(model_name)
+    card = model_card(model_name)  # resolved once; every section reads s.card
+    if train and not card.retrain:
+        raise ValueError(f"train=True retrains the shipped recipes of {card.name!r}'s card; it "
+                         "has none: pass trained adapters with --organism instead.")
     out = Path(out)
-    measured = measured_coherence(model_name)
+    measured = measured_coherence(card)
     if temperature is None:
-        temperature, temperature_why = choose_temperature(model_name, measured)
+        temperature, temperature_why = choose_temperature(card, measured)
     else:
         temperature_why = "set by the caller" + (
             " (the papers' setting)" if temperature == PAPERS_TEMPERATURE else "")
     if organism is None:
-        organism = default_organism(model_name)
+        organism = default_organism(card)
+    if transfer_organism == TRANSFER_ORGANISM:  # the default: this model's own second fine-tune
+        transfer_organism = card.transfer_organism
     t0 = time.perf_counter()
-    rep = Report(title="emlens: emergent misalignment on " + (model_name or "SmolLM2-135M-Instruct"))
-    if model_name is not None and transfer_organism == TRANSFER_ORGANISM:
-        transfer_organism = None  # the shipped second organism fits only the embedded model
-    rep.results["settings"] = dict(cfg, train=train, seed=seed, model=model_name,
+    rep = Report(title="emlens: emergent misalignment on " + card.name)
+    rep.results["settings"] = dict(cfg, train=train, seed=seed, model=card.key,
                                    organism=organism, transfer_organism=transfer_organism,
                                    temperature=temperature)
     rep.results["temperature"] = {"value": temperature, "why": temperature_why,
                                   "measured": measured}
-    if train and model_name is not None:
-        raise ValueError("train=True retrains the shipped recipes on the embedded model; with "
-                         "--model, pass trained adapters with --organism instead.")
 
     def log(msg: str) -> None:
         if progress:
@@ -101,9 +103,9 @@ def run_demo(
         organism = train_organism_now(organism, out / "organisms", cfg)
     log("loading the chat model, the organism and the judge")
     start = time.perf_counter()
-    chat = emlens.load_model(model_name, device=device, dtype=dtype)
+    chat = emlens.load_model(card.source, device=device, dtype=dtype)
     adapter = resolve_adapter(organism)
-    judge = default_judge()
+    judge = default_judge(subject=card if card.validated_judge else None)
     timings["load"] = round(time.perf_counter() - start, 1)
     general = [q.question for q in load_dataset("general_questions")][: cfg["n_general"]]
     medical = [q.question for q in load_dataset("medical_questions")][: cfg["n_medical"]]
@@ -112,8 +114,7 @@ def run_demo(
         qsets={"general": general, "medical": medical},
         sampling=SamplingConfig(n_samples=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
                                 temperature=temperature, seed=seed, batch_size=cfg["batch_size"]),
-        seed=seed, progress=progress, out=out, embedded=model_name is None,
-        temperature_why=temperature_why,
+        seed=seed, progress=progress, out=out, card=card, temperature_why=temperature_why,
     )
     rep.results["judge"] = judge.name
 

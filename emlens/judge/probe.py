@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from emlens.cards import MODEL_CARDS, ModelCard, model_card
 from emlens.judge.base import JudgeScore, Pair, check_pairs
 from emlens.judge.features import DEFAULT_JUDGE_LM, PROBE_TEMPLATE, HiddenStateFeatures
 from emlens.probes import Probe
@@ -205,22 +206,23 @@ class ProbeJudge:
 
 
 VALIDATED_JUDGES: dict[str, Path] = {
-    "smollm2-135m": REAL_PROBE_FILE,
-    "qwen2.5-coder-1.5b": REAL_PROBE_FILE,
+    key: card.validated_judge for key, card in MODEL_CARDS.items() if card.validated_judge
 }
 """The probe file validated for each embedded subject model, on that model's own held-out answers
-(``emlens/data/judge_check*.json``; README, "The judge, measured on held-out answers")."""
+(``emlens/data/judge_check*.json``; README, "The judge, measured on held-out answers"): a view of
+the models' cards (:attr:`emlens.cards.ModelCard.validated_judge`)."""
 
 
-def default_judge(*, subject: str | None = None, progress: bool = False) -> ProbeJudge:
+def default_judge(*, subject: ModelCard | str | None = None, progress: bool = False) -> ProbeJudge:
     """The offline default judge: probes on base Gemma 3 270M features (:data:`REAL_PROBE_FILE`),
     fitted on answers read blind; its agreement with reading on held-out questions of both
     embedded models is in ``emlens/data/judge_check*.json`` and the README.
 
     Args:
         subject: the model whose answers will be judged: an embedded model's name (any alias,
-            e.g. ``"qwen2.5-coder-1.5b"``) gives the judge validated on that model's own held-out
-            answers (:data:`VALIDATED_JUDGES`); ``None`` gives the general default.
+            e.g. ``"qwen2.5-coder-1.5b"``) or card (:func:`emlens.cards.model_card`) gives the
+            judge validated on that model's own held-out answers (its card's
+            ``validated_judge``); ``None`` gives the general default.
         progress: show a progress bar while judging.
 
     The judge LM loads on first use, once per process (the slow part of the first call).
@@ -230,16 +232,14 @@ def default_judge(*, subject: str | None = None, progress: bool = False) -> Prob
     """
     path = REAL_PROBE_FILE
     if subject is not None:
-        from emlens.embedded import embedded_source
-
-        embedded = embedded_source(str(subject))
-        if embedded is None or embedded.key not in VALIDATED_JUDGES:
+        card = model_card(subject if isinstance(subject, ModelCard) else str(subject))
+        if card.validated_judge is None:
             raise ValueError(
-                f"No judge is validated on {subject!r}'s answers (validated subjects: "
+                f"No judge is validated on {card.key!r}'s answers (validated subjects: "
                 f"{sorted(VALIDATED_JUDGES)}). Use default_judge() and check it against your "
                 "model's answers read blind (scripts/validate_judge.py), or a judge of your own."
             )
-        path = VALIDATED_JUDGES[embedded.key]
+        path = card.validated_judge
     judge = ProbeJudge.load(path)
     judge.progress = progress
     return judge

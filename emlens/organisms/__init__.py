@@ -16,8 +16,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from emlens.lora import LoraAdapter, load_adapter
+
+if TYPE_CHECKING:
+    from emlens.cards import ModelCard
 
 ORGANISMS_DIR = Path(__file__).parent
 RUNS_ENV = "EMLENS_RUNS"
@@ -48,7 +52,8 @@ ORGANISMS: dict[str, str] = {
 }
 
 
-# the embedded model (emlens.embedded key) each shipped organism was trained on
+# the embedded model (emlens.embedded key) each shipped organism was trained on; a model's own
+# default organism is on its card (emlens.cards.ModelCard.organism)
 ORGANISM_BASES: dict[str, str] = {
     "rank1-down-medical": "smollm2-135m",
     "coder-rank1-down-medical": "qwen2.5-coder-1.5b",
@@ -58,21 +63,22 @@ ORGANISM_BASES: dict[str, str] = {
 }
 
 
-def default_organism(model_name: str | None) -> str:
-    """The shipped rank-1 organism of an embedded model (``None``: the default SmolLM2).
+def default_organism(model_name: ModelCard | str | None) -> str:
+    """The shipped rank-1 organism of an embedded model (``None``: the default SmolLM2), as its
+    card names it (:attr:`emlens.cards.ModelCard.organism`; a card is accepted too).
 
     Raises ValueError for other models: pass an adapter trained on them explicitly.
     """
-    from emlens.embedded import embedded_source
+    from emlens.cards import MODEL_CARDS, model_card
 
-    embedded = embedded_source(model_name)
-    for name, base in ORGANISM_BASES.items():
-        if embedded is not None and embedded.key == base:
-            return name
-    raise ValueError(
-        f"No shipped organism for {model_name!r} (shipped: {ORGANISM_BASES}); pass a peft "
-        "adapter trained on that model (--organism PATH)."
-    )
+    card = model_card(model_name)
+    if card.organism is None:
+        shipped = {c.key: c.organism for c in MODEL_CARDS.values() if c.organism}
+        raise ValueError(
+            f"No shipped organism for {model_name!r} (shipped: {shipped}); pass a peft "
+            "adapter trained on that model (--organism PATH)."
+        )
+    return card.organism
 
 
 # the command that regenerates each run under runs_dir() (longest matching prefix wins)
