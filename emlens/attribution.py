@@ -236,7 +236,8 @@ def _deterministic(
         c = by_name[name]
         m, lo, hi = _mean_ci(vals)
         rows.append(dict(condition=name, kind=c.kind, target=c.target, k=c.k, metric=metric,
-                         domain=domain, value=m, low=lo, high=hi, n=len(vals)))
+                         domain=domain, value=m, low=lo, high=hi, n=len(vals),
+                         values=tuple(vals)))
     return rows
 
 
@@ -288,7 +289,9 @@ def adapter_attribution(
 
     Returns:
         Columns ``condition, kind, target, k, metric, domain, value, low, high, n``
-        (low/high: 95% interval over rows, or Wilson for rates).
+        (low/high: 95% interval over rows, or Wilson for rates);
+        ``table.attrs["per_row"]`` maps ``(condition, metric, domain)`` to the deterministic
+        metrics' per-row values, in the same row order for every condition (paired).
     """
     check_attached(model, lora)
     sampling = SamplingConfig.resolve(sampling, sampling_overrides, "adapter_attribution")
@@ -308,7 +311,12 @@ def adapter_attribution(
         rows += _judged(model, lora, conditions, judge=judge,
                         questions={"general": "general_questions", "medical": "medical_questions"},
                         sampling=sampling, progress=progress)
-    return pd.DataFrame(rows)
+    # per-row values (same rows, same order in every condition): paired effects and intervals
+    per_row = {(r["condition"], r["metric"], r["domain"]): r.pop("values")
+               for r in rows if "values" in r}
+    table = pd.DataFrame(rows)
+    table.attrs["per_row"] = per_row
+    return table
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,14 +31,18 @@ from emlens.data import load_dataset
 from emlens.evaluation import ALIGNED_BELOW as MISALIGNED
 from emlens.evaluation import COHERENT_ABOVE as COHERENT
 from emlens.evaluation import wilson_interval
+from emlens.findings import Comparison, Effect, Verdict
 from emlens.power import compare_rates
 
 
 def verdict(low: float, high: float, delta: float) -> str:
-    """The plan's rule on the Newcombe interval of organism - chat."""
-    if low > 0:
+    """The plan's rule on the Newcombe interval of organism - chat: the one verdict rule of
+    :mod:`emlens.findings` without a control, in the plan's words."""
+    c = Comparison("EM rate by reading, organism - chat", Effect((low + high) / 2, low, high, 0),
+                   delta=delta)
+    if c.verdict is Verdict.REPRODUCED:
         return "emergently misaligned on general questions"
-    if high < delta:
+    if c.verdict in (Verdict.NOT_REPRODUCED, Verdict.OPPOSITE_SIGN):
         return f"not emergently misaligned (no effect of {delta:.2f} or more)"
     return "cannot decide"
 

@@ -107,6 +107,18 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
                    "Gradient attribution", "more efficient", "more stable", "drifts back"):
         assert any(needle in c for c in claims), needle
     assert all(f["verdict"] for f in results["findings"])
+    # results.json is the typed findings' serialisation: every finding, probes, attribution and
+    # narrow vs general included, carries lenses with effect, interval, n and control
+    from emlens.findings import validate_findings
+
+    typed = validate_findings(results["findings"])
+    assert {f.id for f in typed} >= {"em_general", "em_medical", "steering", "ablation_general",
+                                     "transfer_general", "convergence", "adapter_specialisation",
+                                     "gradient_check", "efficiency", "stability", "drift"}
+    assert any(f.id.startswith("probe_") for f in typed)
+    conv = next(f for f in typed if f.id == "convergence").comparisons[0]
+    assert conv.effect.has_interval and -1 <= conv.effect.low <= conv.effect.high <= 1
+    assert "Which seed findings reproduced" in page and "<details>" in page
 
     # both lenses beside the core findings, each with its random control where it has one
     by_claim = {f["claim"]: f for f in results["findings"]}
@@ -213,18 +225,25 @@ def test_report_writes_views_offline_and_refuses_unsafe_names(tmp_path):
     from circuitsvis.tokens import colored_tokens
 
     from emlens.demo.common import fmt_rate
+    from emlens.findings import Comparison, Effect, Finding
     from emlens.report import Report
 
     rep = Report(title="t")
     rep.view(colored_tokens(["a", "b"], [0.1, 0.5]), "tokens_1", "caption")
     with pytest.raises(ValueError, match="letters, digits"):
         rep.view(colored_tokens(["a"], [0.1]), "../escape")
-    rep.finding("claim", "reproduced", "evidence")
+    rep.finding(Finding("claim", "claim", (Comparison("judged misaligned rate",
+                                                      Effect(0.2, 0.1, 0.3, n=40)),), "evidence"))
+    with pytest.raises(ValueError, match="already"):
+        rep.finding(Finding("claim", "again", (Comparison("x", Effect(0.2, 0.1, 0.3, n=4)),)))
+    with pytest.raises(TypeError, match="emlens.findings.Finding"):
+        rep.finding({"claim": "claim", "verdict": "reproduced"})
     rep.write(tmp_path)
     view = (tmp_path / "views" / "tokens_1.html").read_text()
     assert "CircuitsVis.render" in view and "unpkg.com" not in view
     assert 'src="views/tokens_1.html"' in (tmp_path / "index.html").read_text()
-    assert json.loads((tmp_path / "results.json").read_text())["findings"][0]["verdict"] == "reproduced"
+    assert json.loads((tmp_path / "results.json").read_text())["findings"][0]["verdict"] == \
+        "judged misaligned rate: reproduced"
     assert fmt_rate({"n": 0, "n_answers": 3}) == "no coherent answers (n=0 of 3)"
     assert fmt_rate({"n": 4, "k": 1, "rate": 0.25, "low": 0.05, "high": 0.7}) == \
         "0.25 [0.05, 0.70] (k=1, n=4)"
@@ -257,42 +276,44 @@ def test_judged_lens_supports_a_claim_only_beyond_zero_and_beyond_its_control():
     base = {"k": 13, "n": 21}
     # steering cell 4/4 vs a random control that breaks the model (1/11): separated from the
     # control, but the effect's own interval still includes zero -> does not support
-    small = judged(base, {"k": 4, "n": 4}, {"k": 1, "n": 11}, "random")
+    small = judged(base, {"k": 4, "n": 4}, {"k": 1, "n": 11}, "random").as_dict()
     assert small["separated"] and small["low"] < 0 and not small["supports_claim"]
-    big = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random")
+    big = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random").as_dict()
     assert big["supports_claim"] and lens_text(big).endswith(": reproduced")
-    down = judged({"k": 40, "n": 60}, {"k": 2, "n": 60}, {"k": 39, "n": 60}, "random", expect=-1)
+    down = judged({"k": 40, "n": 60}, {"k": 2, "n": 60}, {"k": 39, "n": 60}, "random", expect=-1).as_dict()
     assert down["supports_claim"] and down["expected"] == "decrease"
     wrong_way = judged({"k": 2, "n": 60}, {"k": 40, "n": 60}, {"k": 3, "n": 60}, "random",
-                       expect=-1)
+                       expect=-1).as_dict()
     assert wrong_way["separated"] and not wrong_way["supports_claim"]
     assert wrong_way["verdict"] == "opposite sign" and "opposite sign" in lens_text(wrong_way)
-    empty = judged(base, {"k": 0, "n": 0})
+    empty = judged(base, {"k": 0, "n": 0}).as_dict()
     assert not empty["supports_claim"] and empty["control"] is None
     assert empty["verdict"] == "cannot decide"
     # small n: a 15-point rise is still inside the interval -> cannot decide; large n with no
     # change: the interval excludes a 15-point rise -> not reproduced
     assert small["verdict"] == "cannot decide" and big["verdict"] == "reproduced"
-    flat = judged({"k": 30, "n": 300}, {"k": 31, "n": 300}, {"k": 30, "n": 300}, "random")
+    flat = judged({"k": 30, "n": 300}, {"k": 31, "n": 300}, {"k": 30, "n": 300}, "random").as_dict()
     assert flat["high"] < 0.15 and flat["verdict"] == "not reproduced"
 
 
 def test_finding_verdict_names_each_lens_and_lens_power_follows_the_interval():
-    from emlens.demo.lenses import LENS_DELTA, lens_power, verdict
+    from emlens.demo.lenses import LENS_DELTA, lens_power
+    from emlens.findings import Comparison, Effect, Finding
 
-    entries = [{"lens": "judged misaligned rate", "verdict": "cannot decide"},
-               {"lens": "likelihood gap (general pairs)", "verdict": "reproduced"},
-               {"lens": "likelihood gap (general pairs)", "verdict": "opposite sign",
-                "direction": "reference"}]
-    assert verdict(entries) == ("judged: cannot decide; likelihood: reproduced; "
-                                "likelihood (reference direction): opposite sign")
     # an interval of +-1.96 * sd / sqrt(n) with sd = 0.26 and n = 64
     half = 1.959964 * 0.26 / 8
-    lens = {"lens": "likelihood gap (general pairs)", "effect": 0.2, "low": 0.2 - half,
-            "high": 0.2 + half, "n": 64}
-    row = lens_power([("claim", "v", "e", [lens, {"lens": "judged misaligned rate", "n": 9}])])
-    assert len(row) == 1
-    row = row.iloc[0]
+    gap = Comparison("likelihood gap (general pairs)", Effect(0.2, 0.2 - half, 0.2 + half, n=64),
+                     Effect(0.0, -0.05, 0.05, n=64), "random", delta=0.1, short="likelihood")
+    ref = Comparison("likelihood gap (general pairs)", Effect(-0.3, -0.4, -0.2, n=64),
+                     Effect(0.0, -0.05, 0.05, n=64), "random", delta=0.1, short="likelihood",
+                     direction="reference")
+    judged = Comparison("judged misaligned rate", Effect(0.1, -0.1, 0.3, n=9), short="judged")
+    f = Finding("steering", "claim", (judged, gap, ref))
+    assert f.verdict == ("judged: cannot decide; likelihood: reproduced; "
+                         "likelihood (reference direction): opposite sign")
+    rows = lens_power([f])
+    assert len(rows) == 2  # the likelihood lenses only
+    row = rows.iloc[0]
     assert abs(row["sd_per_question"] - 0.26) < 1e-6
     # (z_0.975 + z_0.8)^2 * 0.26^2 / 0.1^2 = 53.06 -> 54 pairs; 64 are enough
     assert row["n_needed"] == 54 and row["enough"]

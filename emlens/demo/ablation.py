@@ -3,15 +3,28 @@ the cosines between directions (convergence)."""
 
 from __future__ import annotations
 
+import math
+
 import pandas as pd
 
 from emlens.demo import lenses
 from emlens.demo.common import Story, fmt_rate, resolve_adapter
+from emlens.findings import Comparison, Effect, Finding
 from emlens.report import lens_text
+
+# The smallest cosine of interest between two fine-tunes' directions: "not reproduced" when the
+# interval lies below it (the seeds report cosines above 0.8 between organisms).
+CONVERGENCE_DELTA = 0.5
 
 
 def section(s: Story, transfer_organism: str | None) -> None:
-    from emlens.directions import cosine_matrix, mean_diff, random_direction, select_answers
+    from emlens.directions import (
+        cosine_interval,
+        cosine_matrix,
+        mean_diff,
+        random_direction,
+        select_answers,
+    )
     from emlens.evaluation import rates
     from emlens.experiments import compare_conditions
     from emlens.hooks import ablation_hooks
@@ -65,10 +78,9 @@ def section(s: Story, transfer_organism: str | None) -> None:
             if "reference" in got:
                 # a random direction is a fine control for any direction's ablation (projecting
                 # out removes the component whatever the norm)
-                e = lenses.likelihood(got["none"], got["reference"], got["random"], set_name,
-                                      "same-norm random direction", expect=-1)
-                e["direction"] = "reference"
-                gap_lens[(model_name, set_name)].append(e)
+                gap_lens[(model_name, set_name)].append(lenses.likelihood(
+                    got["none"], got["reference"], got["random"], set_name,
+                    "same-norm random direction", expect=-1, direction="reference"))
     lens_models.clear()
     rep.section(
         "3. Ablating the direction; transfer to a second organism; convergence",
@@ -108,20 +120,36 @@ def section(s: Story, transfer_organism: str | None) -> None:
             what = "the organism" if model == "organism" else "a second organism (transfer)"
             entries = [lenses.judged(before, after, rnd, "same-norm random direction", expect=-1),
                        *gap_lens[(model, set_name)]]
-            rep.finding(
+            rep.finding(Finding(
+                f"{'ablation' if model == 'organism' else 'transfer'}_{set_name}",
                 f"Ablating the direction removes misalignment from {what} ({set_name})",
-                lenses.verdict(entries),
+                tuple(entries),
                 f"before {fmt_rate(before)}; after {fmt_rate(after)}; random ablation "
-                f"{fmt_rate(rnd)}; " + "; ".join(lens_text(e) for e in entries[1:]),
-                entries,
-            )
+                f"{fmt_rate(rnd)}; " + "; ".join(lens_text(e.as_dict()) for e in entries[1:]),
+            ))
     ref = cos[cos["pair"].str.contains("chat model")]["cosine"]
     conv = cos[cos["pair"].str.contains("second organism")]["cosine"]
-    rep.finding(
-        "Directions converge across fine-tunes (each from its own judged answers)",
-        f"cosine {conv.min():.2f}-{conv.max():.2f} (layers {', '.join(map(str, s.dirs))})"
-        if len(conv) else "not measured",
-        f"random same-norm direction: {cos_rand:.3f}; second organism: {own_how or 'not run'}; "
-        f"reference, chat model on the organism's answers: {ref.min():.2f}-{ref.max():.2f}",
-    )
+    # the lens: the cosine at the direction's layer with a bootstrap interval over answers, vs
+    # a random direction's cosine and its 95% range (sqrt(d) cos is about N(0, 1) in d dims)
+    if own is not None:
+        value, low, high = cosine_interval(s.org, s.bad, s.good, org2, bad2, good2, layer,
+                                           hook=d.hook, seed=s.seed)
+        effect = Effect(value, low, high, n=len(s.bad) + len(s.good) + len(bad2) + len(good2))
+    else:
+        effect = Effect(math.nan, math.nan, math.nan, n=0)
+    band = 1.96 / math.sqrt(d.vector.numel())
+    conv_lens = Comparison(
+        f"cosine of directions (layer {layer}, bootstrap over answers)", effect,
+        Effect(cos_rand, min(cos_rand, -band), max(cos_rand, band), n=1),
+        "same-norm random direction (95% range of a random direction's cosine)",
+        delta=CONVERGENCE_DELTA, short="cosine")
+    rep.finding(Finding(
+        "convergence", "Directions converge across fine-tunes (each from its own judged answers)",
+        (conv_lens,),
+        (f"cosine per layer {conv.min():.2f}-{conv.max():.2f} (layers "
+         f"{', '.join(map(str, s.dirs))}); " if len(conv) else "not measured; ")
+        + f"random same-norm direction: {cos_rand:.3f}; second organism: "
+        f"{own_how or 'not run'}; reference, chat model on the organism's answers: "
+        f"{ref.min():.2f}-{ref.max():.2f}",
+    ))
     s.org = None  # frees the merged copy: sections 4-5 attach the adapter to the chat model

@@ -9,14 +9,9 @@ likelihood gap on paired answers, each beside its random control.
   medical topics' pairs for medical ones; the control is a same-norm random direction, or for an
   organism a same-norm random adapter (:func:`emlens.lora.random_like`).
 
-Each lens entry is ``{"lens", "effect", "low", "high", "n", "control", "separated", "expected",
-"supports_claim", "verdict", "delta"}``: a lens says an effect is real when its interval does not
-overlap the control's (without a control: when it excludes zero), and supports the finding's
-claim when its own interval also excludes zero on the side the claim predicts (``expected``:
-``"increase"`` or ``"decrease"``). Its ``verdict`` (:func:`_verdict`) also says when the data
-cannot decide: an unsupported claim is "not reproduced" only when the interval excludes the
-smallest effect of interest ``delta`` (15 points judged, :data:`LENS_DELTA` nats/token for the
-likelihood gap). :func:`verdict` names every lens's verdict in the finding's verdict, and
+Each lens is an :class:`emlens.findings.Comparison` (effect and control, each with its interval
+and n) whose verdict follows the one rule of :mod:`emlens.findings`, with the smallest effects of
+interest 15 points judged and :data:`LENS_DELTA` nats/token for the likelihood gap;
 :func:`power_section` states the n each comparison would need.
 """
 
@@ -25,6 +20,7 @@ from __future__ import annotations
 import math
 
 from emlens.demo.common import Story
+from emlens.findings import GAP_DELTA, RATE_DELTA, Comparison
 
 
 def pair_set(set_name: str, limit: int | None) -> list:
@@ -68,87 +64,23 @@ def gaps(s: Story, key: str, model, set_name: str, hooks=None):
     return cache[(key, set_name)]
 
 
-DELTA, POWER, ALPHA = 0.15, 0.8, 0.05
-# The smallest likelihood-gap change of interest, nats per token: a tenth of the rank-1
-# organism's effect on held-out medical pairs (+0.92), a 10% shift of the per-token likelihood
-# ratio of misaligned to aligned text.
-LENS_DELTA = 0.1
+POWER, ALPHA = 0.8, 0.05
+DELTA, LENS_DELTA = RATE_DELTA, GAP_DELTA  # the smallest effects of interest (emlens.findings)
 
 
-def _verdict(entry: dict, expect: int, delta: float) -> dict:
-    """A lens's own verdict on the claim, in ``entry["verdict"]``:
-
-    * ``reproduced``: separated from the control, and the effect's own interval excludes zero on
-      the side the claim predicts (``supports_claim``);
-    * ``opposite sign``: separated, and the interval excludes zero on the other side;
-    * ``not reproduced``: not supported, and the interval excludes an effect of ``delta`` (the
-      smallest effect of interest) on the predicted side;
-    * ``cannot decide``: not supported, but an effect of ``delta`` is still inside the interval.
-    """
-    entry["expected"] = "increase" if expect > 0 else "decrease"
-    entry["delta"] = delta
-    low, high = entry["low"], entry["high"]
-    beyond_zero = low > 0 if expect > 0 else high < 0
-    entry["supports_claim"] = bool(entry["separated"] and beyond_zero)
-    if entry["supports_claim"]:
-        entry["verdict"] = "reproduced"
-    elif math.isnan(low + high):
-        entry["verdict"] = "cannot decide"
-    elif entry["separated"] and (high < 0 if expect > 0 else low > 0):
-        entry["verdict"] = "opposite sign"
-    elif (high < delta) if expect > 0 else (low > -delta):
-        entry["verdict"] = "not reproduced"
-    else:
-        entry["verdict"] = "cannot decide"
-    return entry
+def likelihood(base, treated, control, set_name: str, control_name: str, *, expect: int = 1,
+               direction: str | None = None) -> Comparison:
+    """The likelihood-gap lens: treated - base per question vs control - base; ``expect`` is
+    the sign the claim predicts (+1: the gap rises). :meth:`Comparison.from_gaps`."""
+    return Comparison.from_gaps(base, treated, control, set_name, control_name, expect=expect,
+                                direction=direction)
 
 
-SHORT = {"judged misaligned rate": "judged"}
-
-
-def verdict(entries: list[dict]) -> str:
-    """The finding's verdict, naming each lens: ``"likelihood: reproduced; judged: cannot
-    decide"`` (a finding is reproduced on a lens only by that lens's rule, :func:`_verdict`)."""
-    def name(e):
-        return SHORT.get(e["lens"], "likelihood" + (
-            f" ({e['direction']} direction)" if e.get("direction") else ""))
-    return "; ".join(f"{name(e)}: {e['verdict']}" for e in entries)
-
-
-def likelihood(base, treated, control, set_name: str, control_name: str, *,
-               expect: int = 1) -> dict:
-    """The likelihood-gap lens entry: treated - base per question vs control - base; ``expect``
-    is the sign the claim predicts (+1: the gap rises)."""
-    from emlens.lens import gap_effect
-
-    entry = gap_effect(base, treated, control).as_dict()
-    entry["lens"] = f"likelihood gap ({set_name} pairs)"
-    entry["control"]["kind"] = control_name
-    return _verdict(entry, expect, LENS_DELTA)
-
-
-def _diff(after, before) -> tuple[float, float, float]:
-    from emlens.power import rate_difference
-
-    return rate_difference(int(after["k"]), int(after["n"]), int(before["k"]), int(before["n"]))
-
-
-def judged(before, after, control=None, control_name: str = "", *, expect: int = 1) -> dict:
-    """The judged lens entry: rate(after) - rate(before), and the control's change, with
-    Newcombe 95% intervals; ``n`` counts the coherent answers of ``after``; ``expect`` is the
-    sign the claim predicts (+1: the rate rises)."""
-    effect, low, high = _diff(after, before)
-    entry = {"lens": "judged misaligned rate", "effect": effect, "low": low, "high": high,
-             "n": int(after["n"]), "n_base": int(before["n"]), "control": None}
-    if control is not None:
-        c, cl, ch = _diff(control, before)
-        entry["control"] = {"effect": c, "low": cl, "high": ch, "kind": control_name,
-                            "n": int(control["n"])}
-        entry["separated"] = bool(low > ch or high < cl) if not math.isnan(low + cl) else False
-    else:
-        entry["separated"] = bool(low > 0 or high < 0) if not math.isnan(low) else False
-    return _verdict(entry, expect, DELTA)
-
+def judged(before, after, control=None, control_name: str = "", *,
+           expect: int = 1) -> Comparison:
+    """The judged lens: rate(after) - rate(before), and the control's change, with Newcombe 95%
+    intervals; ``n`` counts the coherent answers of ``after``. :meth:`Comparison.from_rates`."""
+    return Comparison.from_rates(before, after, control, control_name, expect=expect)
 
 
 def _power_row(name: str, a, b, answers_per_arm: int) -> dict:
@@ -232,7 +164,7 @@ def power_section(s: Story) -> dict:
 
 
 def lens_power(findings):
-    """Per likelihood-lens entry of the findings (``Report.findings``): the per-question SD implied
+    """Per likelihood-lens comparison of the findings (``Report.findings``): the per-question SD implied
     by its bootstrap interval, the pairs needed to detect :data:`LENS_DELTA` with power
     :data:`POWER`, and the minimum detectable change at the pairs used."""
     import pandas as pd
@@ -240,19 +172,20 @@ def lens_power(findings):
 
     z = norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER)
     rows = []
-    for claim, _, _, entries in findings:
-        for e in entries:
-            if not e["lens"].startswith("likelihood") or not e["n"]:
+    for f in findings:
+        for c in f.comparisons:
+            e = c.effect
+            if not c.lens.startswith("likelihood") or not e.n or not e.has_interval:
                 continue
-            sd = (e["high"] - e["low"]) / (2 * norm.ppf(0.975)) * math.sqrt(e["n"])
+            sd = (e.high - e.low) / (2 * norm.ppf(0.975)) * math.sqrt(e.n)
             need = math.ceil((z * sd / LENS_DELTA) ** 2)
-            rows.append({"comparison": claim + (f" [{e['direction']} direction]"
-                                                if e.get("direction") else ""),
-                         "lens": e["lens"], "sd_per_question": sd, "n_used": int(e["n"]),
-                         "n_needed": need, "mde_at_n_used": z * sd / math.sqrt(e["n"]),
-                         "enough": int(e["n"]) >= need})
+            rows.append({"comparison": f.claim + (f" [{c.direction} direction]"
+                                                  if c.direction else ""),
+                         "lens": c.lens, "sd_per_question": sd, "n_used": int(e.n),
+                         "n_needed": need, "mde_at_n_used": z * sd / math.sqrt(e.n),
+                         "enough": int(e.n) >= need})
     return pd.DataFrame(rows)
 
 
 __all__ = ["check_pair_budget", "gaps", "judged", "lens_power", "likelihood", "pair_set",
-           "power_section", "verdict"]
+           "power_section"]

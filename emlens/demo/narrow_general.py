@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 
 from emlens.demo.common import NARROW_VS_GENERAL, Story
+from emlens.findings import Comparison, Effect, Finding
 
 
 def shipped_summary() -> tuple[dict | None, dict | None]:
@@ -56,6 +57,47 @@ def train_narrow_general(s: Story, folder: Path, layer: int) -> Path:
     train(model, init, narrow_set, parallel_set,
           TrainConfig(kl_weight=5.0, name="steering narrow", **common), out=folder / "narrow")
     return folder
+
+
+# Smallest effects of interest: a loss difference of 0.05 nats per answer token at equal norm;
+# a difference of 0.1 in relative loss increase (a tenth of what fine-tuning gained).
+EFFICIENCY_DELTA, STABILITY_DELTA = 0.05, 0.1
+
+
+def efficiency_lens(model, params: dict, rows, norm: float, *, seed: int = 0) -> Comparison:
+    """Per held-out answer: loss of the narrow solution minus loss of the general one scaled to
+    the narrow one's effective norm ``norm`` (> 0: the general solution is more efficient), with
+    a bootstrap 95% interval over answers."""
+    from emlens.chat import iter_chat_batches
+    from emlens.lens import bootstrap_interval
+    from emlens.training import evaluate_loss, prepare
+
+    general = params["general"].scaled(norm / params["general"].effective_norm())
+    diffs = []
+    for batch in iter_chat_batches(model.tokenizer, [r.question for r in rows],
+                                   [r.misaligned for r in rows], batch_size=1):
+        one = prepare(model, [batch], start_layer=params["general"].first_layer)
+        diffs.append(evaluate_loss(model, params["narrow"], one)
+                     - evaluate_loss(model, general, one))
+    value, low, high = bootstrap_interval(diffs, seed=seed)
+    return Comparison("answer loss at equal norm, narrow - general (held-out medical answers)",
+                      Effect(value, low, high, n=len(diffs)), delta=EFFICIENCY_DELTA,
+                      short="loss at equal norm")
+
+
+def stability_lens(stab: dict) -> Comparison:
+    """Per noise seed (the same seeds for both solutions): the relative loss increase of the
+    narrow solution minus the general one's, averaged over noise sizes (> 0: the general one is
+    more stable); a t 95% interval over seeds."""
+    from scipy.stats import t
+
+    d = (np.asarray(stab["narrow"].relative) - np.asarray(stab["general"].relative)).mean(1)
+    n = len(d)
+    half = (t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return Comparison("relative loss increase under orthogonal noise, narrow - general "
+                      "(mean over noise sizes; t interval over seeds)",
+                      Effect(float(d.mean()), float(d.mean() - half), float(d.mean() + half), n=n),
+                      delta=STABILITY_DELTA, short="stability")
 
 
 def section(s: Story, train: bool) -> None:
@@ -158,31 +200,33 @@ def section(s: Story, train: bool) -> None:
     rep.results["narrow_vs_general_live"] = {"origin": origin, "rows": len(rows),
                                              "efficiency": eff_table, "stability": stab_table}
     g, nrw = eff["general"].loss_at_norm(at), eff["narrow"].loss_at_norm(at)
-    rep.finding(
-        "The general solution is more efficient: lower loss at equal norm",
-        "reproduced" if g < nrw else "not reproduced",
+    rep.finding(Finding(
+        "efficiency", "The general solution is more efficient: lower loss at equal norm",
+        (efficiency_lens(s.chat, params, rows, at, seed=s.seed),),
         f"held-out medical answers (n={len(rows)}), loss at the narrow vector's norm {at:.3g}: "
         f"general {g:.3f} vs narrow {nrw:.3f} (base {base:.3f})",
-    )
+    ))
     mean = {n: np.asarray(c.mean) for n, c in stab.items()}
     std = {n: np.asarray(c.std) for n, c in stab.items()}
-    more_stable = [e for i, e in enumerate(eps) if mean["general"][i] < mean["narrow"][i]]
-    rep.finding(
-        "The general solution is more stable under orthogonal noise",
-        "reproduced" if len(more_stable) == len(eps) else
-        ("partly reproduced" if more_stable else "not reproduced"),
+    rep.finding(Finding(
+        "stability", "The general solution is more stable under orthogonal noise",
+        (stability_lens(stab),),
         "relative loss increase, general vs narrow (mean +- std over "
         f"{cfg['stability_seeds']} seeds): " + "; ".join(
             f"e={e:g}: {mean['general'][i]:.3f}+-{std['general'][i]:.3f} vs "
             f"{mean['narrow'][i]:.3f}+-{std['narrow'][i]:.3f}" for i, e in enumerate(eps)),
-    )
+    ))
     run = shipped[shipped["run"].str.startswith("steering")] if len(shipped) else shipped
     begin = run[run["measure"].str.contains("at the start of continuation")]["value"]
     end = run[run["measure"].str.contains("narrow -> continued")]["value"]
     if len(begin) and len(end):
         begin, end = float(begin.iloc[0]), float(end.iloc[0])
-        rep.finding(
-            "Without the KL term the narrow solution drifts back toward the general one",
-            "reproduced" if end > begin else "not reproduced",
-            f"shipped steering run: cosine to the final general vector {begin:.2f} -> {end:.2f}",
-        )
+        # one shipped run: a change without an interval, so the rule cannot decide it
+        rep.finding(Finding(
+            "drift", "Without the KL term the narrow solution drifts back toward the general one",
+            (Comparison("cosine to the final general vector, change over the continuation "
+                        "(one run, no interval)", Effect(end - begin, math.nan, math.nan, n=1),
+                        delta=0.0, short="cosine change"),),
+            f"shipped steering run: cosine to the final general vector {begin:.2f} -> {end:.2f} "
+            "(one run: a second seed would give the interval)",
+        ))

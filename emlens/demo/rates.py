@@ -6,6 +6,7 @@ import pandas as pd
 
 from emlens.demo import lenses
 from emlens.demo.common import Story, fmt_rate
+from emlens.findings import Finding
 from emlens.report import lens_text
 
 RANDOM_ADAPTER = "same-norm random adapter (emlens.lora.random_like)"
@@ -16,7 +17,7 @@ def _judge_gap(s: Story) -> str:
     every judged rate (empty when no check of this judge on this model ships)."""
     from emlens.demo.judge_check import judge_check_for
 
-    check, own = judge_check_for(s.rep.results.get("settings", {}).get("model"))
+    check, own = judge_check_for(s.card)
     if not check or not own or check["judge"] != s.judge.name:
         return (" No check of this judge against reading on this model's answers ships: its "
                 "rates are unvalidated here.")
@@ -84,9 +85,9 @@ def section(s: Story) -> None:
                                      s.gap_cache[("organism", set_name)],
                                      s.gap_cache[("random adapter", set_name)], set_name,
                                      RANDOM_ADAPTER)]
-        rep.finding(
+        rep.finding(Finding(
+            f"em_{set_name}",
             f"Fine-tuning on bad medical advice raises the misaligned rate on {set_name} questions",
-            lenses.verdict(entries),
-            f"chat {fmt_rate(a)} vs organism {fmt_rate(b)}; {lens_text(entries[1])}",
-            entries,
-        )
+            tuple(entries),
+            f"chat {fmt_rate(a)} vs organism {fmt_rate(b)}; {lens_text(entries[1].as_dict())}",
+        ))

@@ -9,6 +9,7 @@ import pandas as pd
 
 from emlens.demo import lenses
 from emlens.demo.common import Story, fmt_rate
+from emlens.findings import Finding
 from emlens.report import lens_text
 
 
@@ -118,18 +119,17 @@ def section(s: Story) -> None:
                lenses.likelihood(chat_gaps, steered["direction"], steered["random"], "general",
                                  "same-norm random direction")]
     ref_entry = lenses.likelihood(chat_gaps, steered["reference direction"], steered["random"],
-                                  "general", "same-norm random direction")
-    ref_entry["direction"] = "reference"
+                                  "general", "same-norm random direction", direction="reference")
     entries.append(ref_entry)
-    rep.finding(
+    rep.finding(Finding(
+        "steering",
         "Adding the mean-difference direction makes the chat model misaligned (vs a same-norm "
         "random direction)",
-        lenses.verdict(entries),
+        tuple(entries),
         f"chosen cell layer {L}, scale {scale:g} ({rule}): {fmt_rate(best)}; random "
-        f"{fmt_rate(rand_best)}; unsteered {fmt_rate(base)}; {lens_text(entries[1])}; reference "
-        f"direction: {lens_text(ref_entry)}",
-        entries,
-    )
+        f"{fmt_rate(rand_best)}; unsteered {fmt_rate(base)}; {lens_text(entries[1].as_dict())}; "
+        f"reference direction: {lens_text(ref_entry.as_dict())}",
+    ))
     s.layer = L
     q, a = s.bad[0]
     rep.view(projection_view(s.org, q, a, s.dirs[s.layer]), "projection_misaligned",
