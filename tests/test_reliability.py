@@ -378,8 +378,17 @@ def test_organism_layers_follow_the_base_model_depth(tmp_path, tokenizer):
 def test_demo_settings_are_read_by_value_not_identity():
     from emlens.demo import DEFAULTS, QUICK
 
-    assert QUICK["quick"] is True and DEFAULTS["quick"] is False
-    assert dict(QUICK) == QUICK  # copies keep the meaning that identity checks lost
+    assert QUICK.quick is True and DEFAULTS.quick is False
+    assert QUICK.replace() == QUICK  # copies keep the meaning that identity checks lost
+    with pytest.raises(AttributeError):
+        QUICK.n_samples = 5  # frozen: no section can change the settings
+    assert QUICK.as_dict()["sweep_scales"] == (0.1, 0.5)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        DEFAULTS.replace(n_samples=0)
+    with pytest.raises(ValueError, match="attribution_ops"):
+        DEFAULTS.replace(attribution_ops=("keep",))
+    with pytest.raises(ValueError, match="sweep_layers"):
+        DEFAULTS.replace(sweep_layers=(15,))
 
 
 def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
@@ -394,7 +403,7 @@ def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
         raise RuntimeError("drawn")
 
     monkeypatch.setattr(data, "narrow_general_rows", fake_rows)
-    story = Story(cfg=dict(DEFAULTS), rep=None, chat=None, org=None, adapter=None, judge=None,
+    story = Story(cfg=DEFAULTS, rep=None, chat=None, org=None, adapter=None, judge=None,
                    qsets={}, sampling=None, seed=3, progress=False, out=None)
     with pytest.raises(RuntimeError, match="drawn"):
         train_narrow_general(story, None, 0)

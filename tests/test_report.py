@@ -168,7 +168,7 @@ def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
     adapter = load_adapter(folder)
     assert len(adapter.modules) == 9 and set(adapter.ranks.values()) == {1}
     log = json.loads((tmp_path / "organisms" / "rank1-down-medical" / "train_log.json").read_text())
-    assert log["steps"] == QUICK["organism_steps"]
+    assert log["steps"] == QUICK.organism_steps
 
     import emlens
 

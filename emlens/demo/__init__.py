@@ -40,7 +40,8 @@ and ``<out>/results.json``.
 """
 
 from emlens.demo.common import DEFAULTS, QUICK, TRANSFER_ORGANISM
+from emlens.demo.config import DemoConfig
 from emlens.demo.judge_check import least_sure
 from emlens.demo.run import run_demo
 
-__all__ = ["DEFAULTS", "QUICK", "TRANSFER_ORGANISM", "least_sure", "run_demo"]
+__all__ = ["DEFAULTS", "QUICK", "DemoConfig", "TRANSFER_ORGANISM", "least_sure", "run_demo"]

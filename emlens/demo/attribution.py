@@ -23,12 +23,12 @@ def section(s: Story) -> None:
     from emlens.viz import plot_attribution
 
     cfg, rep = s.cfg, s.rep
-    n = cfg["attribution_pairs"]
+    n = cfg.attribution_pairs
     rep.section(
         "5. Which adapters carry the behaviour: attribution",
         f"Metric: per-token log p(misaligned) - log p(aligned) on {n} held-out medical and {n} "
         "non-medical reference pairs (deterministic, teacher-forced). Each adapter is zeroed"
-        f"{', or kept alone' if 'only' in cfg['attribution_ops'] else ''}; its effect is its "
+        f"{', or kept alone' if 'only' in cfg.attribution_ops else ''}; its effect is its "
         "share of the organism's effect per domain, and it is labelled general or domain-specific by the rule below. Gradient attribution (scalar x "
         "d metric / d scalar, one backward pass) is checked against the real zero-ablations.",
     )
@@ -37,7 +37,7 @@ def section(s: Story) -> None:
         return
     with attach_lora(s.chat, s.adapter) as lora:
         table = adapter_attribution(s.chat, lora, n_pairs=n, progress=s.progress,
-                                    conditions=attribution_conditions(lora, ops=cfg["attribution_ops"]))
+                                    conditions=attribution_conditions(lora, ops=cfg.attribution_ops))
         ranking = rank_adapters(table)
         rows = pair_rows("medical", split="heldout", limit=n)
         check = check_gradient_attribution(

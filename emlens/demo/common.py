@@ -9,35 +9,12 @@ from typing import Any
 import pandas as pd
 
 from emlens.cards import DEFAULT_CARD, PAPERS_TEMPERATURE, ModelCard, model_card
+from emlens.demo.config import DemoConfig
 from emlens.report import Report
 from emlens.sampling import SamplingConfig
 
-# sweep_scales: in units of the layer's mean residual norm (about 10-20x the direction's own
-#   norm on SmolLM2; the sweep table gives both units); the cheap lens reads every cell, and
-#   only the chosen cell and its control are sampled and judged.
-# select_pairs: general pairs (the last ones) the steering cell is chosen on; lens_pairs: the
-#   pairs every finding is measured on (the first ones), so the choice and the test never share
-#   a pair. max_fluency_drop: the coherent regime of the sweep, nats per token that the mean log p
-#   of the misaligned reference answers may fall (the steered model still speaks the text whose
-#   preference is measured). batch_size: rows per generation pass; answers do not depend on it.
-#   On 2 cores a decode step costs about the same at any small batch (the weights are read once
-#   per step): 8 general questions x 3 samples x 48 sampled tokens took 18.7 s at batch 8 and
-#   11.4 s in one batch of 24 (SmolLM2, float32, this round's measurement).
-DEFAULTS = dict(n_samples=3, max_new_tokens=48, n_general=8, n_medical=10,
-                sweep_layers=(1 / 3, 1 / 2), sweep_scales=(0.02, 0.05, 0.1, 0.2, 0.35, 0.5),
-                select_pairs=12, lens_pairs=48, max_fluency_drop=0.1, reference_pairs=32,
-                probe_limit=24, attribution_pairs=6, attribution_ops=("zero", "only"),
-                live_rows=8, stability_seeds=3,
-                train_steps=30, organism_steps=None, batch_size=32, quick=False)
-
-
-# a smoke run of every section (the tests' and CI's); small decode batches cost about 0.2 s
-# per token on 2 cores whatever their size, so it spends few tokens and few conditions
-QUICK = dict(n_samples=1, max_new_tokens=6, n_general=3, n_medical=3,
-             sweep_layers=(1 / 2,), sweep_scales=(0.1, 0.5), select_pairs=2, lens_pairs=2,
-             max_fluency_drop=0.1, reference_pairs=4, probe_limit=6,
-             attribution_pairs=2, attribution_ops=("zero",), live_rows=2, stability_seeds=2,
-             train_steps=3, organism_steps=2, batch_size=32, quick=True)
+DEFAULTS = DemoConfig()  # make demo's settings
+QUICK = DemoConfig.quick_settings()  # the smoke run of the tests and CI
 
 
 # Every per-model fact (default and transfer organisms, narrow-vs-general runs, labelled answers,
@@ -52,7 +29,7 @@ NARROW_VS_GENERAL = DEFAULT_CARD.narrow_vs_general  # shipped runs, under emlens
 class Story:
     """What the sections share: models, judge, question sets, settings and earlier results."""
 
-    cfg: dict
+    cfg: DemoConfig
     rep: Report
     chat: Any
     org: Any

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 from emlens.demo.common import Story
+from emlens.demo.config import DemoConfig
 from emlens.findings import GAP_DELTA, RATE_DELTA, Comparison
 
 
@@ -40,14 +41,14 @@ def pair_set(set_name: str, limit: int | None) -> list:
     raise ValueError(f"no paired answers for question set {set_name!r}.")
 
 
-def check_pair_budget(cfg: dict) -> None:
+def check_pair_budget(cfg: DemoConfig) -> None:
     """The selection pairs and the measurement pairs must not overlap."""
     from emlens.data import pair_rows
 
     have = len(pair_rows("general_pairs"))
-    if cfg["lens_pairs"] + cfg["select_pairs"] > have:
-        raise ValueError(f"lens_pairs ({cfg['lens_pairs']}) + select_pairs "
-                         f"({cfg['select_pairs']}) exceed the {have} general pairs; the steering "
+    if cfg.lens_pairs + cfg.select_pairs > have:
+        raise ValueError(f"lens_pairs ({cfg.lens_pairs}) + select_pairs "
+                         f"({cfg.select_pairs}) exceed the {have} general pairs; the steering "
                          "cell must be chosen on pairs the findings are not measured on.")
 
 
@@ -58,7 +59,7 @@ def gaps(s: Story, key: str, model, set_name: str, hooks=None):
 
     cache = s.gap_cache
     if (key, set_name) not in cache:
-        limit = s.cfg["select_pairs"] if set_name == "general-select" else s.cfg["lens_pairs"]
+        limit = s.cfg.select_pairs if set_name == "general-select" else s.cfg.lens_pairs
         cache[(key, set_name)] = likelihood_gaps(model, pair_set(set_name, limit), hooks=hooks,
                                                  batch_size=32)
     return cache[(key, set_name)]
@@ -110,7 +111,7 @@ def power_section(s: Story) -> dict:
     import pandas as pd
 
     res, cfg = s.rep.results, s.cfg
-    per_arm = cfg["n_samples"] * cfg["n_general"]
+    per_arm = cfg.n_samples * cfg.n_general
     rows = []
     t = res["rates"].set_index(["model", "questions"])
     for q in s.qsets:

@@ -41,7 +41,7 @@ def train_narrow_general(s: Story, folder: Path, layer: int) -> Path:
     )
 
     model = s.chat
-    n = 32 if not s.cfg["quick"] else 4
+    n = 32 if not s.cfg.quick else 4
     medical, nonmed, _ = narrow_general_rows(seed=s.seed, n_narrow=n, n_parallel=n // 2)
     narrow = list(iter_chat_batches(model.tokenizer, [r.question for r in medical],
                                     [r.misaligned for r in medical], batch_size=2))
@@ -50,7 +50,7 @@ def train_narrow_general(s: Story, folder: Path, layer: int) -> Path:
     init = TrainableSteeringVector.for_model(model, layer)
     narrow_set = prepare(model, narrow, start_layer=init.first_layer)
     parallel_set = prepare(model, parallel, start_layer=init.first_layer, reference=True)
-    common = dict(steps=s.cfg["train_steps"], lr=2e-2, seed=s.seed, save_every=5,
+    common = dict(steps=s.cfg.train_steps, lr=2e-2, seed=s.seed, save_every=5,
                   progress=s.progress)
     train(model, init, narrow_set, parallel_set,
           TrainConfig(kl_weight=0.0, name="steering general", **common), out=folder / "general")
@@ -167,14 +167,14 @@ def section(s: Story, train: bool) -> None:
     layer = s.chat.cfg.n_layers // 2  # 15 of 30: the shipped vectors' layer
     if train:
         folder = train_narrow_general(s, s.out / "narrow_vs_general", layer)
-        origin = f"trained now ({cfg['train_steps']} steps each, --train)"
+        origin = f"trained now ({cfg.train_steps} steps each, --train)"
     else:
         folder = ORGANISMS_DIR / NARROW_VS_GENERAL / "steering-120" / "steering"
         origin = "shipped 120-step runs"
     if not s.embedded and not train:
         return
     params = {n: load_trainable(folder / n / "final.safetensors") for n in ("general", "narrow")}
-    rows = pair_rows("medical", split="heldout", limit=cfg["live_rows"])
+    rows = pair_rows("medical", split="heldout", limit=cfg.live_rows)
     batches = list(iter_chat_batches(s.chat.tokenizer, [r.question for r in rows],
                                      [r.misaligned for r in rows], batch_size=8))
     data = prepare(s.chat, batches, start_layer=params["general"].first_layer)
@@ -185,14 +185,14 @@ def section(s: Story, train: bool) -> None:
     eff_table = efficiency_table(eff, [at])
     eps = [0.25, 0.5, 0.75]
     stab = {n: stability_curve(s.chat, p, data, eps, target="vector",
-                               seeds=range(cfg["stability_seeds"]), base_loss=base,
+                               seeds=range(cfg.stability_seeds), base_loss=base,
                                trained_loss=eff[n].losses[alphas.index(1.0)])
             for n, p in params.items()}
     stab_table = stability_table(stab)
     rep.text(f"Live re-measurement: the steering vectors at layer {layer} ({origin}), on "
              f"{len(rows)} held-out medical answers the runs never trained on.")
     rep.table(eff_table, "Efficiency, live")
-    rep.table(stab_table, f"Stability, live ({cfg['stability_seeds']} noise seeds)")
+    rep.table(stab_table, f"Stability, live ({cfg.stability_seeds} noise seeds)")
     rep.figure(plot_efficiency(eff, title="Efficiency (held-out medical answers)"),
                "Loss vs effective norm; stars mark each curve's minimum.")
     rep.figure(plot_stability(stab, title="Stability (held-out medical answers)"),
@@ -212,7 +212,7 @@ def section(s: Story, train: bool) -> None:
         "stability", "The general solution is more stable under orthogonal noise",
         (stability_lens(stab),),
         "relative loss increase, general vs narrow (mean +- std over "
-        f"{cfg['stability_seeds']} seeds): " + "; ".join(
+        f"{cfg.stability_seeds} seeds): " + "; ".join(
             f"e={e:g}: {mean['general'][i]:.3f}+-{std['general'][i]:.3f} vs "
             f"{mean['narrow'][i]:.3f}+-{std['narrow'][i]:.3f}" for i, e in enumerate(eps)),
     ))

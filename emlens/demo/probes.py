@@ -61,14 +61,14 @@ def section(s: Story) -> None:
         rep.text(f"Skipped: the organism's adapters have ranks {sorted(set(s.adapter.ranks.values()))}; "
                  "scalar probes need rank-1 adapters.")
         return
-    n_splits = 3 if cfg["quick"] else 4
-    kw = dict(n_splits=n_splits, n_shuffles=3, n_boot=100 if cfg["quick"] else 200, seed=s.seed)
+    n_splits = 3 if cfg.quick else 4
+    kw = dict(n_splits=n_splits, n_shuffles=3, n_boot=100 if cfg.quick else 200, seed=s.seed)
     rows, probes = [], {}
     with attach_lora(s.chat, s.adapter) as lora:
         sets = {
-            "medical context": (context_set(limit=cfg["probe_limit"], answers="aligned"),
+            "medical context": (context_set(limit=cfg.probe_limit, answers="aligned"),
                                 "mean", "prompt"),
-            "misaligned reference answer": (answer_set("both", limit=cfg["probe_limit"] // 2),
+            "misaligned reference answer": (answer_set("both", limit=cfg.probe_limit // 2),
                                             ["mean", "max"], "answer"),
         }
         judged = s.answers[s.answers["model_role"] == "organism"]

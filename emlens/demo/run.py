@@ -19,6 +19,7 @@ from emlens.demo.common import (
     measured_coherence,
     resolve_adapter,
 )
+from emlens.demo.config import DemoConfig
 from emlens.demo.lenses import check_pair_budget
 from emlens.report import Report
 from emlens.sampling import SamplingConfig
@@ -31,6 +32,7 @@ def run_demo(
     organism: str | None = None,
     transfer_organism: str | None = TRANSFER_ORGANISM,
     quick: bool = False,
+    config: DemoConfig | None = None,
     train: bool = False,
     seed: int = 0,
     device: str = "cpu",
@@ -53,7 +55,9 @@ def run_demo(
             path relative to ``emlens/organisms/``, a peft folder or hub id); ``None`` skips it.
             The default stands for the card's own second fine-tune (SmolLM2's shipped one; none
             for any other model).
-        quick: tiny settings (a smoke run); otherwise :data:`DEFAULTS`.
+        quick: tiny settings (a smoke run, :meth:`DemoConfig.quick_settings`); otherwise
+            :data:`DEFAULTS` (``DemoConfig()``).
+        config: a :class:`DemoConfig` of your own (overrides ``quick``).
         train: retrain the organism (into ``<out>/organisms/``) and the narrow / general
             steering vectors of section 6 (into ``<out>/narrow_vs_general/``) instead of using
             the shipped ones. Only for a model whose card ships the recipes (SmolLM2).
@@ -68,7 +72,7 @@ def run_demo(
     from emlens.lora import merge_lora
     from emlens.organisms import default_organism
 
-    cfg = QUICK if quick else DEFAULTS
+    cfg = config if config is not None else (QUICK if quick else DEFAULTS)
     check_pair_budget(cfg)
     card = model_card(model_name)  # resolved once; every section reads s.card
     if train and not card.retrain:
@@ -87,7 +91,7 @@ def run_demo(
         transfer_organism = card.transfer_organism
     t0 = time.perf_counter()
     rep = Report(title="emlens: emergent misalignment on " + card.name)
-    rep.results["settings"] = dict(cfg, train=train, seed=seed, model=card.key,
+    rep.results["settings"] = dict(cfg.as_dict(), train=train, seed=seed, model=card.key,
                                    organism=organism, transfer_organism=transfer_organism,
                                    temperature=temperature)
     rep.results["temperature"] = {"value": temperature, "why": temperature_why,
@@ -107,13 +111,13 @@ def run_demo(
     adapter = resolve_adapter(organism)
     judge = default_judge(subject=card if card.validated_judge else None)
     timings["load"] = round(time.perf_counter() - start, 1)
-    general = [q.question for q in load_dataset("general_questions")][: cfg["n_general"]]
-    medical = [q.question for q in load_dataset("medical_questions")][: cfg["n_medical"]]
+    general = [q.question for q in load_dataset("general_questions")][: cfg.n_general]
+    medical = [q.question for q in load_dataset("medical_questions")][: cfg.n_medical]
     story = Story(
         cfg=cfg, rep=rep, chat=chat, org=merge_lora(chat, adapter), adapter=adapter, judge=judge,
         qsets={"general": general, "medical": medical},
-        sampling=SamplingConfig(n_samples=cfg["n_samples"], max_new_tokens=cfg["max_new_tokens"],
-                                temperature=temperature, seed=seed, batch_size=cfg["batch_size"]),
+        sampling=SamplingConfig(n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
+                                temperature=temperature, seed=seed, batch_size=cfg.batch_size),
         seed=seed, progress=progress, out=out, card=card, temperature_why=temperature_why,
     )
     rep.results["judge"] = judge.name
@@ -147,12 +151,12 @@ def run_demo(
     return path
 
 
-def train_organism_now(name: str, folder: Path, cfg: dict) -> str:
+def train_organism_now(name: str, folder: Path, cfg: DemoConfig) -> str:
     from emlens.organisms.train import RECIPES, recipe_for, train_organism
 
     if name not in RECIPES:
         raise ValueError(f"--train retrains a shipped recipe; {name!r} is not one of "
                          f"{sorted(RECIPES)}.")
     target = folder / name
-    train_organism(recipe_for(name, max_steps=cfg["organism_steps"]), target)
+    train_organism(recipe_for(name, max_steps=cfg.organism_steps), target)
     return str(target)

@@ -21,7 +21,7 @@ def _directions(s: Story, layers: list[int]) -> str:
     from emlens.data import pair_rows
     from emlens.directions import mean_diff, select_answers
 
-    ref_rows = pair_rows("medical", split="train", limit=s.cfg["reference_pairs"])
+    ref_rows = pair_rows("medical", split="train", limit=s.cfg.reference_pairs)
     ref_bad = [(r.question, r.misaligned) for r in ref_rows]
     ref_good = [(r.question, r.aligned) for r in ref_rows]
     ref_how = (f"paired reference answers, medical training topics: {len(ref_rows)} misaligned vs "
@@ -49,7 +49,7 @@ def section(s: Story) -> None:
     from emlens.viz import projection_view
 
     cfg, rep = s.cfg, s.rep
-    layers = sorted({round(f * s.chat.cfg.n_layers) for f in cfg["sweep_layers"]})
+    layers = sorted({round(f * s.chat.cfg.n_layers) for f in cfg.sweep_layers})
     protocol = _directions(s, layers)
     both = pd.DataFrame([{"layer": L, "judged_norm": s.dirs[L].norm,
                           "reference_norm": s.ref_dirs[L].norm,
@@ -63,9 +63,9 @@ def section(s: Story) -> None:
     norms = residual_norms(s.chat, list(zip(chat_general["question"], chat_general["answer"],
                                             strict=True)), layers, hook=s.dirs[layers[0]].hook)
     # 1. the cheap lens over the whole grid, on pairs no finding is measured on
-    grid = lens_sweep(s.chat, s.dirs, lenses.pair_set("general-select", cfg["select_pairs"]),
-                      layers=layers, scales=list(cfg["sweep_scales"]), resid_norms=norms,
-                      max_fluency_drop=cfg["max_fluency_drop"], seed=s.seed,
+    grid = lens_sweep(s.chat, s.dirs, lenses.pair_set("general-select", cfg.select_pairs),
+                      layers=layers, scales=list(cfg.sweep_scales), resid_norms=norms,
+                      max_fluency_drop=cfg.max_fluency_drop, seed=s.seed,
                       base=lenses.gaps(s, "chat", s.chat, "general-select"),
                       progress=s.progress)
     chosen, rule = choose_cell(grid)
@@ -82,7 +82,7 @@ def section(s: Story) -> None:
         "layer's mean residual norm) along the direction at every position (the table also gives "
         "the multiple of the direction's own norm, the papers' raw protocol; "
         "emlens.experiments.lens_sweep(relative=False) sweeps in it). The likelihood lens reads "
-        f"every cell of the grid on the last {cfg['select_pairs']} general pairs (never used to "
+        f"every cell of the grid on the last {cfg.select_pairs} general pairs (never used to "
         f"measure a finding); the chosen cell is the {rule}. Only that cell and a same-norm "
         "random direction are then sampled and judged; the unsteered row is the chat model's "
         "answers of section 1.",
