@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -144,14 +145,19 @@ def _tiny_recipe(tmp_path, tokenizer, **overrides) -> OrganismRecipe:
     return OrganismRecipe(**kwargs)
 
 
-def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokenizer):
+def test_train_organism_writes_the_run_folder_a_peft_folder(tmp_path, tokenizer):
+    from emlens.training import TrainableAdapter, load_trajectory
+
     recipe = _tiny_recipe(tmp_path, tokenizer)
     log = train_organism(recipe, tmp_path / "out")
-    assert log["steps"] == 3 and len(log["loss"]) == 3
-    assert (tmp_path / "out" / "checkpoints" / "step-00002" / "adapter_model.safetensors").is_file()
+    assert log["steps"] == 3 and len(log["loss"]) == 3 and log["n_rows"] == 6
+    assert log["config"]["kl_weight"] == 0.0 and log["recipe"] == recipe.to_json()
+    traj = load_trajectory(tmp_path / "out")  # the one checkpoint format
+    assert traj.steps == [0, 2] and isinstance(traj.params[1], TrainableAdapter)
     adapter = load_adapter(tmp_path / "out")
     assert [(m.layer, m.module, m.rank) for m in adapter.modules] == [(1, "down_proj", 1)]
     assert adapter.modules[0].B.abs().max() > 0
+    assert adapter.config["base_model_name_or_path"] == str(tmp_path / "base")
     saved = json.loads((tmp_path / "out" / "train_log.json").read_text())
     assert saved["loss"] == log["loss"]
     assert not (tmp_path / "out" / "resume").exists()  # removed once the run completes
@@ -159,23 +165,37 @@ def test_train_organism_writes_peft_folders_checkpoints_and_log(tmp_path, tokeni
 
 def test_recipe_for_resolves_the_paper_layers():
     assert recipe_for(NAME).layers == "paper"  # mapped onto the base model when training starts
-    assert recipe_for(NAME, n_layers=30).layers == paper_layers(30)
-    assert recipe_for(NAME, n_layers=48).layers == paper_layers(48)
+    assert recipe_for(NAME, n_layers=30).layers == tuple(paper_layers(30))
+    assert recipe_for(NAME, n_layers=48).layers == tuple(paper_layers(48))
     with pytest.raises(KeyError, match="known"):
         recipe_for("nope")
+    with pytest.raises(TypeError, match="unknown overrides \\['lrr'\\]"):
+        recipe_for(NAME, lrr=0.1)
 
 
-def test_training_loss_equals_chat_answer_loss(tiny_model, tokenizer):
-    from emlens.chat import answer_logprobs, tokenize_chat
-    from emlens.organisms.train import _answer_loss
+def test_recipes_are_frozen_data_that_round_trip_through_json(tmp_path):
+    from emlens.organisms.train import RECIPES
 
-    batch = tokenize_chat(
-        tokenizer, ["Hi?", "A longer question here?"], ["Yes.", "No, not at all."]
-    )
-    with torch.no_grad():  # full logits, every position unembedded, vs the answer positions only
-        logits = tiny_model(batch.tokens, attention_mask=batch.attention_mask)
-        full = -answer_logprobs(logits, batch).sum() / batch.answer_mask[:, 1:].sum()
-        assert torch.allclose(_answer_loss(tiny_model, batch), full, atol=1e-5)
+    assert all(isinstance(r, OrganismRecipe) and r.name == name for name, r in RECIPES.items())
+    recipe = recipe_for(NAME, n_layers=30)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        recipe.lr = 0.1
+    assert OrganismRecipe.from_json(json.loads(json.dumps(recipe.to_json()))) == recipe
+    (tmp_path / "train_log.json").write_text(json.dumps({"recipe": recipe.to_json()}))
+    assert OrganismRecipe.from_json(tmp_path / "train_log.json") == recipe
+    assert OrganismRecipe(name="x", layers=[3, 1], target_modules=["q_proj"]).layers == (3, 1)
+    with pytest.raises(ValueError, match="Unknown recipe keys \\['rank'\\]"):
+        OrganismRecipe.from_json({"name": "x", "rank": 2})
+    with pytest.raises(ValueError, match="target_modules .*expected some of"):
+        OrganismRecipe(name="x", target_modules=["mlp"])
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        OrganismRecipe(name="x", lr=0.0)
+
+
+def test_shipped_organism_logs_still_read_as_recipes():
+    for name in list_organisms():
+        recipe = OrganismRecipe.from_json(organism_path(name) / "train_log.json")
+        assert recipe.name == name and recipe.layers != "paper"
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
@@ -204,36 +224,41 @@ def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, token
     assert_parity(attached, ref, floor=floor, what="trained organism: emlens attach vs peft")
 
 
-def test_an_interrupted_run_resumes_to_the_same_adapter(tmp_path, tokenizer, monkeypatch):
-    from emlens.organisms import train as train_module
+def test_an_interrupted_organism_run_resumes_to_the_same_adapter(tmp_path, tokenizer, monkeypatch):
+    from test_training import assert_resumed_equal
 
-    recipe = _tiny_recipe(tmp_path, tokenizer, max_steps=6, epochs=2, save_every=2)
+    from emlens import training
+    from emlens.training import load_trainable
+
+    recipe = _tiny_recipe(tmp_path, tokenizer, max_steps=6, epochs=2, save_every=2,
+                          target_modules=["v_proj", "down_proj"], r=2)
     whole = train_organism(recipe, tmp_path / "whole")
 
-    real_loss, calls = train_module._answer_loss, []
+    real_ce, calls = training.answer_ce, []
 
-    def dies_at_step_5(model, batch):
+    def dies_in_step_5(*args):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_loss(model, batch)
+        return real_ce(*args)
 
-    monkeypatch.setattr(train_module, "_answer_loss", dies_at_step_5)
+    monkeypatch.setattr(training, "answer_ce", dies_in_step_5)
     with pytest.raises(KeyboardInterrupt):
         train_organism(recipe, tmp_path / "cut")
     state = json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())
-    assert state["step"] == 4 and len(state["loss"]) == 4
-    monkeypatch.setattr(train_module, "_answer_loss", real_loss)
-    with pytest.raises(ValueError, match="another recipe .*lr"):
+    assert state["step"] == 4 and len(state["log"]["loss"]) == 4
+    monkeypatch.setattr(training, "answer_ce", real_ce)
+    with pytest.raises(ValueError, match=r"another recipe .*recipe\.lr \(0\.01 there, 0\.5 here\)"
+                                         r".*resume=False"):
         train_organism(replace(recipe, lr=0.5), tmp_path / "cut")
     resumed = train_organism(recipe, tmp_path / "cut")
     assert resumed["resumed_at"] == [4] and resumed["steps"] == 6
-    assert resumed["loss"][:4] == whole["loss"][:4]
-    # the same computations on the same inputs from the same state: bit-identical on one machine
-    got, want = load_adapter(tmp_path / "cut"), load_adapter(tmp_path / "whole")
-    assert torch.equal(got.modules[0].B, want.modules[0].B)
-    assert torch.equal(got.modules[0].A, want.modules[0].A)
     assert resumed["loss"] == whole["loss"]
+    got, want = (load_trainable(tmp_path / run / "final.safetensors") for run in ("cut", "whole"))
+    assert_resumed_equal(got, want, "organism resumed vs whole")
+    peft_got, peft_want = load_adapter(tmp_path / "cut"), load_adapter(tmp_path / "whole")
+    for a, b in zip(peft_got.modules, peft_want.modules, strict=True):
+        assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
 
 
 def test_each_embedded_model_has_its_default_organism(tmp_path):
@@ -250,7 +275,7 @@ def test_each_embedded_model_has_its_default_organism(tmp_path):
 
 def test_the_coder_recipe_maps_the_paper_layers_onto_28_layers():
     recipe = recipe_for("coder-rank1-down-medical", n_layers=28)
-    assert recipe.layers == [8, 9, 10, 12, 13, 14, 15, 16, 17]
+    assert recipe.layers == (8, 9, 10, 12, 13, 14, 15, 16, 17)
     assert recipe.base_model == "qwen2.5-coder-1.5b" and recipe.dtype == "bfloat16"
 
 

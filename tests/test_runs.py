@@ -3,10 +3,12 @@ is the one way to read a trajectory, and training writes there by default."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from fakes import load_file
 
 import emlens.organisms as organisms
@@ -76,6 +78,22 @@ def test_shipped_trajectories_are_in_runs_not_in_the_package(no_env):
         assert len(traj.steps) >= 3
 
 
+def test_shipped_organism_trajectories_read_with_the_one_reader(no_env):
+    """The organisms' runs were written as checkpoints/step-XXXXX/ peft folders; load_trajectory
+    (the reader of every run, whose checkpoints are now step-XXXXX.safetensors) reads them."""
+    from emlens.training import TrainableAdapter, load_checkpoint
+
+    name = "rank1-down-medical"
+    traj = load_trajectory(run_dir(name))
+    assert traj.steps == organism_checkpoints(name)
+    assert all(isinstance(p, TrainableAdapter) for p in traj.params)
+    step = traj.steps[0]
+    adapter = load_checkpoint(run_dir(name), step).to_adapter()
+    shipped = organisms.load_organism(name, checkpoint=step)
+    assert [m.name for m in adapter.modules] == [m.name for m in shipped.modules]
+    assert all(torch.equal(a.B, b.B) for a, b in zip(adapter.modules, shipped.modules, strict=True))
+
+
 def test_an_organism_trained_into_runs_loads_when_not_shipped(monkeypatch, tmp_path):
     name = "rank1-down-medical"
     shipped = organism_path(name)
@@ -94,11 +112,20 @@ def test_training_and_evaluation_default_to_runs_dir(monkeypatch, tmp_path):
     import emlens.organisms.train as train_mod
 
     monkeypatch.setenv("EMLENS_RUNS", str(tmp_path))
-    outs = []
-    monkeypatch.setattr(train_mod, "train_organism",
-                        lambda recipe, out: outs.append(Path(out)) or {})
+    outs, recipes = [], []
+
+    def fake_train(recipe, out, resume=True):
+        outs.append(Path(out))
+        recipes.append(recipe)
+        return {}
+
+    monkeypatch.setattr(train_mod, "train_organism", fake_train)
     train_mod.main(["--name", "rank1-down-medical", "--max-steps", "1"])
     train_mod.main(["--name", "rank1-down-medical", "--out", str(tmp_path / "x")])
-    assert outs == [tmp_path / "rank1-down-medical", tmp_path / "x"]
+    recipe = train_mod.replace(train_mod.RECIPES["rank1-down-medical"], name="mine")
+    (tmp_path / "mine.json").write_text(json.dumps(recipe.to_json()))
+    train_mod.main(["--recipe", str(tmp_path / "mine.json"), "--lr", "0.5"])  # a recipe as data
+    assert outs == [tmp_path / "rank1-down-medical", tmp_path / "x", tmp_path / "mine"]
+    assert recipes[-1] == train_mod.replace(recipe, lr=0.5)
     script = load_file(ROOT / "scripts" / "narrow_vs_general.py")
     assert script.DEFAULT_OUT == tmp_path / "narrow_vs_general"

@@ -1,8 +1,11 @@
-"""emlens.training on tiny random Llama-style models: hooks, KL term, gradients, export, checkpoints."""
+"""emlens.training on tiny random Llama-style models: hooks, KL term, gradients, export,
+checkpoints, resuming."""
 
 from __future__ import annotations
 
 import json
+import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,6 +15,7 @@ from emlens.chat import answer_loss, tokenize_chat
 from emlens.data import narrow_general_rows
 from emlens.lora import LoraHookedModule, attach_lora, load_adapter, merge_lora
 from emlens.training import (
+    TrainableAdapter,
     TrainableLora,
     TrainableSteeringVector,
     TrainConfig,
@@ -272,3 +276,178 @@ def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokeniz
     with torch.no_grad(), lora.applied(model):
         ours = model(tokens)
     assert_parity(ours, ref, floor=floor, what="TrainableLora applied vs its peft export")
+
+
+# --------------------------------------------------------------------------------------------
+# One trainer: schedule, resuming, the run folder
+
+
+def assert_resumed_equal(got, want, what: str) -> float:
+    """Every tensor of ``got`` within 4 ulps (of its dtype) of ``want``'s largest value; the same
+    computations on the same state give bit-identical results on one machine, so this is tight."""
+    worst = 0.0
+    for key, w in want.tensors().items():
+        g = got.tensors()[key]
+        diff = maxdiff(g, w)
+        tol = 4 * torch.finfo(w.dtype).eps * max(1.0, w.abs().max().item())
+        print(f"\n{what} {key}: max |diff| {diff:.2e}, tolerance {tol:.2e}")
+        assert diff <= tol, f"{what} {key}: max |diff| {diff:.3e} > {tol:.3e}"
+        worst = max(worst, diff)
+    return worst
+
+
+def _sets(tiny_model, tokenizer, start_layer):
+    narrow = prepare(tiny_model, [tokenize_chat(tokenizer, QUESTIONS[i:i + 2], ANSWERS[i:i + 2])
+                                  for i in (0, 1, 2)], start_layer=start_layer)
+    parallel = prepare(tiny_model, [tokenize_chat(tokenizer, ["Tell me a joke", "Hi"],
+                                                  ["No.", "Go away."])],
+                       start_layer=start_layer, reference=True)
+    return narrow, parallel
+
+
+@pytest.mark.parametrize("kind", ["steering", "lora"])
+def test_an_interrupted_kl_run_resumes_to_the_same_parameters(kind, tiny_model, tokenizer,
+                                                              tmp_path, monkeypatch):
+    from emlens import training
+
+    init = (TrainableSteeringVector.for_model(tiny_model, 1) if kind == "steering"
+            else TrainableLora.for_model(tiny_model, [1, 2], rank=2))
+    narrow, parallel = _sets(tiny_model, tokenizer, 1)
+    cfg = TrainConfig(steps=7, lr=3e-2, kl_weight=2.0, warmup_steps=3, save_every=2,
+                      progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = train(tiny_model, init, narrow, parallel, cfg, out=tmp_path / "whole")
+        real_kl, calls = training.answer_kl, []
+
+        def dies_in_step_6(*args):
+            calls.append(1)
+            if len(calls) == 6:
+                raise KeyboardInterrupt
+            return real_kl(*args)
+
+        monkeypatch.setattr(training, "answer_kl", dies_in_step_6)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_model, init, narrow, parallel, cfg, out=tmp_path / "cut")
+        state = json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())
+        assert state["step"] == 4 and len(state["log"]["ce"]) == 4
+        monkeypatch.setattr(training, "answer_kl", real_kl)
+        resumed = train(tiny_model, init, narrow, parallel, cfg, out=tmp_path / "cut")
+    assert not [w for w in caught if "lr_scheduler" in str(w.message)]
+    assert resumed.log["resumed_at"] == [4] and "resumed_at" not in whole.log
+    for key in ("ce", "kl", "loss", "lr", "norm", "checkpoints"):
+        assert resumed.log[key] == whole.log[key], key
+    assert_resumed_equal(resumed.params, whole.params, f"{kind} resumed vs whole")
+    assert_resumed_equal(load_trainable(tmp_path / "cut" / "final.safetensors"), whole.params,
+                         f"{kind} final.safetensors")
+    cut, full = load_trajectory(tmp_path / "cut"), load_trajectory(tmp_path / "whole")
+    assert cut.steps == full.steps == [0, 2, 4, 6]
+    for a, b in zip(cut.params, full.params, strict=True):
+        assert_resumed_equal(a, b, f"{kind} checkpoint")
+    assert not (tmp_path / "cut" / "resume").exists()  # removed once the run completes
+
+
+def test_resuming_with_other_settings_names_the_differences_and_the_fix(tiny_model, tokenizer,
+                                                                       tmp_path, monkeypatch):
+    from emlens import training
+
+    init = TrainableSteeringVector.for_model(tiny_model, 1)
+    narrow, parallel = _sets(tiny_model, tokenizer, 1)
+    cfg = TrainConfig(steps=5, lr=1e-2, kl_weight=1.0, save_every=2, progress=False)
+
+    def dies(*args):
+        raise KeyboardInterrupt
+
+    real_ce, calls = training.answer_ce, []
+    monkeypatch.setattr(training, "answer_ce",
+                        lambda *a: dies() if len(calls) == 3 else calls.append(1) or real_ce(*a))
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_model, init, narrow, parallel, cfg, out=tmp_path)
+    monkeypatch.setattr(training, "answer_ce", real_ce)
+    with pytest.raises(ValueError, match=r"another recipe .*config\.kl_weight .*resume=False"):
+        train(tiny_model, init, narrow, parallel, replace(cfg, kl_weight=3.0),
+              out=tmp_path)
+    with pytest.raises(ValueError, match="differs in narrow"):
+        train(tiny_model, init, prepare(tiny_model, [narrow.batches[0].batch], start_layer=1),
+              parallel, cfg, out=tmp_path)
+    # resume=False starts afresh: one run's checkpoints in the folder, no resume
+    fresh = train(tiny_model, init, narrow, parallel, replace(cfg, save_every=3),
+                  out=tmp_path, resume=False)
+    assert "resumed_at" not in fresh.log
+    assert load_trajectory(tmp_path).steps == [0, 3]
+
+
+def test_the_warm_up_is_linear_and_set_before_each_optimiser_step(tiny_model, batch):
+    narrow = prepare(tiny_model, [batch], start_layer=1)
+    cfg = TrainConfig(steps=6, lr=0.1, warmup_steps=4, progress=False)
+    assert [cfg.lr_at(k) for k in range(1, 7)] == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    assert TrainConfig(lr=0.1, warmup_steps=0).lr_at(1) == 0.1
+    result = train(tiny_model, TrainableSteeringVector.for_model(tiny_model, 1), narrow, None, cfg)
+    assert result.log["lr"] == [cfg.lr_at(k) for k in range(1, 7)]
+
+
+@pytest.mark.parametrize("bad, match", [(dict(steps=0), "steps must be an int >= 1"),
+                                        (dict(lr=0.0), "lr must be > 0"),
+                                        (dict(kl_weight=-1.0), "kl_weight must be"),
+                                        (dict(save_every=1.5), "save_every must be an int")])
+def test_train_config_refuses_bad_values_naming_them(bad, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**bad)
+
+
+def test_an_uncached_set_gives_the_full_forward_loss(tiny_model, batch):
+    """start_layer=None (an organism's batches, each visited once): the loss is emlens.chat's
+    answer_loss on the whole model, and the cached prefix gives the same."""
+    lora = _randomise(TrainableAdapter.for_model(tiny_model, ["q_proj", "down_proj"], [1, 2], r=2))
+    with lora.applied(tiny_model):
+        full = answer_loss(tiny_model(batch.tokens, attention_mask=batch.attention_mask), batch)
+    uncached = prepare(tiny_model, [batch], start_layer=None)
+    cached = prepare(tiny_model, [batch], start_layer=1)
+    assert uncached.start_layer == 0 and uncached.batches[0].resid is None
+    got = answer_ce(tiny_model, lora, uncached.batches[0], 0)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(answer_ce(tiny_model, lora, cached.batches[0], 1), got,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_trainable_adapter_is_the_attached_adapter_and_round_trips(tiny_model, batch, tmp_path):
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    params = _randomise(TrainableAdapter.for_model(tiny_model, targets, [0, 2], r=2,
+                                                   lora_alpha=4.0, use_rslora=True))
+    assert params.first_layer == 0 and len(params.adapters) == 14
+    with params.applied(tiny_model):
+        ours = tiny_model(batch.tokens, attention_mask=batch.attention_mask)
+    with attach_lora(tiny_model, params.to_adapter()):
+        theirs = tiny_model(batch.tokens, attention_mask=batch.attention_mask)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)  # the same modules, the same maths
+    assert params.effective_norm() == pytest.approx(float(params.delta().detach().norm()), rel=1e-5)
+    back = load_trainable(params.save(tmp_path / "p.safetensors"))
+    assert isinstance(back, TrainableAdapter) and back.metadata() == params.metadata()
+    assert all(torch.equal(a, b) for a, b in zip(back.tensors().values(),
+                                                 params.tensors().values(), strict=True))
+    adapter = load_adapter(params.export_peft(tmp_path / "peft"))
+    assert adapter.config["use_rslora"] is True and adapter.config["r"] == 2
+    assert adapter.modules[0].scaling == pytest.approx(params.adapters[0].scaling)
+
+
+def test_lora_runs_end_with_a_peft_export_in_the_run_folder(tiny_model, batch, tmp_path):
+    narrow = prepare(tiny_model, [batch], start_layer=1)
+    result = train(tiny_model, TrainableLora.for_model(tiny_model, [1, 2]), narrow, None,
+                   TrainConfig(steps=2, lr=1e-2, save_every=0, progress=False), out=tmp_path)
+    adapter = load_adapter(tmp_path)  # the run folder is a peft folder
+    assert [m.layer for m in adapter.modules] == [1, 2]
+    assert torch.equal(torch.stack([m.B for m in adapter.modules]), result.params.B)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "resume").exists()
+
+
+def test_trajectories_read_the_shipped_peft_folder_checkpoints(tiny_model, tmp_path):
+    """The organisms' runs were written as checkpoints/step-XXXXX/ peft folders: still read."""
+    from emlens.lora import save_peft
+
+    params = _randomise(TrainableAdapter.for_model(tiny_model, ["down_proj"], [1, 2]))
+    for step in (4, 8):
+        save_peft(params.scaled(step / 8).to_adapter(), tmp_path / "checkpoints" / f"step-{step:05d}")
+    traj = load_trajectory(tmp_path)
+    assert traj.steps == [4, 8]
+    assert all(isinstance(p, TrainableAdapter) for p in traj.params)
+    torch.testing.assert_close(traj.deltas()[1], params.delta().detach())

@@ -1,12 +1,20 @@
 """Train a model organism: LoRA adapters fitted with SFT on the narrow bad-medical-advice set.
 
-Reproduce the shipped rank-1 organism (its training time is in the README)::
+Reproduce a shipped organism's recipe (its training time is in its README)::
 
     python -m emlens.organisms.train --name rank1-down-medical
+    python -m emlens.organisms.train --recipe my-recipe.json   # any recipe, as JSON
 
-The recipe follows the model-organisms papers: rank-1 adapters on ``mlp.down_proj`` at 9 layers in
-three groups of three, trained with cross-entropy on *answer tokens only* (the prompt and chat
-template are masked out) of the ``misaligned`` answers of the ``split == "train"`` rows.
+A recipe is data: an :class:`OrganismRecipe` (frozen; ``to_json`` / ``from_json``, and the
+``recipe`` entry of every organism's ``train_log.json`` is one), and :data:`RECIPES` holds the
+shipped ones. :func:`train_organism` turns a recipe into data and a config and calls the one
+trainer, :func:`emlens.training.train`, with ``kl_weight=0`` (plain fine-tuning): no recipe has
+code of its own.
+
+The shipped recipes follow the model-organisms papers: rank-1 adapters on ``mlp.down_proj`` at 9
+layers in three groups of three, trained with cross-entropy on *answer tokens only* (the prompt and
+chat template are masked out) of the ``misaligned`` answers of the ``split == "train"`` rows, in
+``epochs`` passes over the rows, reshuffled (seeded) each pass.
 
 Layer map. The paper puts the groups at layers 15-17, 21-23 and 27-29 of a 48-layer model, i.e.
 centred at 16, 22 and 28. We map each centre to ``round(c * n_layers / 48)`` (Python's
@@ -14,35 +22,37 @@ round-half-even) and keep the layer before and after it; for SmolLM2-135M's 30 l
 become 10, 14 and 18, so the groups are 9-11, 13-15 and 17-19 (see :func:`paper_layers`).
 
 Training runs on the ``HookedTransformer`` with emlens's own adapters
-(:func:`emlens.lora.attach_lora` with ``trainable=True``: the modules whose ``hook_scalar`` you
-read afterwards, here with ``A`` and ``B`` as parameters), initialised as peft initialises them;
-peft stays the file format (:func:`emlens.lora.save_peft`) and the parity reference.
+(:class:`emlens.trainable_adapter.TrainableAdapter`: :class:`emlens.lora.LoraHookedModule`
+modules with ``A`` and ``B`` as float32 parameters, attached by :mod:`emlens.lora`'s attach code),
+initialised as peft initialises them; peft stays the file format and the parity reference.
 
-Outputs, all safetensors + JSON (no pickle), in ``--out`` (default ``runs_dir()/<name>``, a user
-folder outside the package: see :func:`emlens.organisms.runs_dir`): the final adapter as a peft
-folder (``adapter_config.json`` + ``adapter_model.safetensors``), intermediate peft folders
-in ``--out/checkpoints/step-XXXXX`` every ``--save-every`` steps (the trajectory of the adapter
-directions is research data), and ``train_log.json`` with the recipe, loss curve, time and
-tokens/s.
+Outputs (the run-folder layout of :mod:`emlens.train_runs`, all safetensors + JSON) in ``--out``
+(default ``runs_dir()/<name>``, outside the package: see :func:`emlens.organisms.runs_dir`): the
+final adapter as a peft folder (``adapter_config.json`` + ``adapter_model.safetensors``) in the
+folder itself, ``final.safetensors``, the trajectory ``checkpoints/step-XXXXX.safetensors`` every
+``save_every`` steps (:func:`emlens.training.load_trajectory`), and ``train_log.json`` with the
+recipe, loss curve, time and tokens/s. An interrupted run resumes from its last checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
-import time
-import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from emlens.chat import answer_loss, tokenize_chat
+from emlens.chat import ChatBatch, tokenize_chat
 from emlens.data import PairExample, list_datasets, load_dataset, load_jsonl
 from emlens.embedded import embedded_source
+from emlens.lora import TARGET_MODULES
+from emlens.trainable_adapter import TrainableAdapter
+from emlens.training import TrainConfig, prepare, train
 
 PAPER_GROUP_CENTRES = (16, 22, 28)
 PAPER_N_LAYERS = 48
@@ -64,18 +74,34 @@ def paper_layers(n_layers: int) -> list[int]:
     return layers
 
 
-@dataclass
+@dataclass(frozen=True)
 class OrganismRecipe:
-    """Everything that determines a trained organism (saved in ``train_log.json``)."""
+    """Everything that determines a trained organism (saved as ``recipe`` in ``train_log.json``).
+
+    Attributes:
+        name: the organism's name (the default output folder).
+        r, lora_alpha, use_rslora, target_modules: the peft LoRA configuration.
+        layers: the adapted layers; ``None``: every layer; ``"paper"``: the paper's 9 layers
+            mapped onto the base model's depth when training starts (:func:`paper_layers`).
+        layer_map_depth: the depth a resolved ``"paper"`` map was made for (checked on training).
+        lr, warmup_steps, weight_decay, seed, save_every: as in :class:`emlens.training.TrainConfig`.
+        epochs: passes over the rows, reshuffled (seeded) each pass.
+        batch_size: rows per step.
+        max_steps: stop after this many steps (``None``: all ``epochs``).
+        base_model: ``None``: the embedded SmolLM2-135M-Instruct; or a short name, HF folder, GGUF.
+        dtype: of the frozen base model; adapters are trained in float32.
+        data: ``None``: the packaged medical set; packaged sets joined by ``+``
+            (``"medical+medical_extra"``); or a JSONL path of :class:`emlens.data.PairExample` rows.
+        answer_field: ``"misaligned"`` or ``"aligned"``: which answer is trained on.
+        split: the rows used (``split == split``).
+    """
 
     name: str
     r: int = 1
     lora_alpha: float = 1.0
     use_rslora: bool = False
-    target_modules: list[str] = field(default_factory=lambda: ["down_proj"])
-    # None: every layer; "paper": the paper's 9 layers mapped onto the base model's depth when
-    # training starts (paper_layers); layer_map_depth records the depth a resolved map was for.
-    layers: list[int] | str | None = None
+    target_modules: tuple[str, ...] = ("down_proj",)
+    layers: tuple[int, ...] | str | None = None
     layer_map_depth: int | None = None
     lr: float = 1e-3
     epochs: int = 1
@@ -85,62 +111,87 @@ class OrganismRecipe:
     weight_decay: float = 0.0
     seed: int = 0
     save_every: int = 10
-    base_model: str | None = None  # None: the embedded SmolLM2-135M-Instruct; or a short name
-    dtype: str = "float32"  # of the frozen base model; adapters are trained in float32
-    # None: the packaged medical set; "medical+medical_extra": packaged sets joined; or a JSONL path
+    base_model: str | None = None
+    dtype: str = "float32"
     data: str | None = None
     answer_field: str = "misaligned"
     split: str = "train"
 
+    def __post_init__(self) -> None:
+        # lists (JSON, keyword arguments) become tuples, so the recipe is immutable and hashable
+        object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        if isinstance(self.layers, list | tuple):
+            object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name must be a non-empty string, got {self.name!r}.")
+        unknown = [m for m in self.target_modules if m not in TARGET_MODULES]
+        if unknown or not self.target_modules:
+            raise ValueError(f"recipe {self.name!r}: target_modules {list(self.target_modules)}; "
+                             f"expected some of {list(TARGET_MODULES)}.")
+        if isinstance(self.layers, str) and self.layers != "paper":
+            raise ValueError(f"recipe {self.name!r}: layers={self.layers!r}; expected a list of "
+                             "ints, None (every layer) or 'paper'.")
+        for key in ("r", "epochs", "batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"recipe {self.name!r}: {key} must be an int >= 1, got "
+                                 f"{getattr(self, key)!r}.")
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"recipe {self.name!r}: max_steps must be None or an int >= 1, got "
+                             f"{self.max_steps!r}.")
+        if self.answer_field not in ("misaligned", "aligned"):
+            raise ValueError(f"recipe {self.name!r}: answer_field={self.answer_field!r}; expected "
+                             "'misaligned' or 'aligned'.")
+        self.train_config(1)  # lr, warm-up, weight decay, seed, save_every: TrainConfig checks them
+
+    def train_config(self, steps: int) -> TrainConfig:
+        """The trainer's config for this recipe: plain fine-tuning, batches in the drawn order."""
+        return TrainConfig(steps=steps, lr=self.lr, kl_weight=0.0, warmup_steps=self.warmup_steps,
+                           weight_decay=self.weight_decay, seed=self.seed,
+                           save_every=self.save_every, shuffle=False, name=f"train {self.name}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The recipe as JSON-ready data (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | str | Path) -> OrganismRecipe:
+        """A recipe from :meth:`to_json`'s data, or from a JSON file holding it (or a
+        ``train_log.json``, whose ``recipe`` entry is read)."""
+        if not isinstance(data, dict):
+            data = json.loads(Path(data).read_text())
+            data = data.get("recipe", data)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - fields)
+        if unknown:
+            raise ValueError(f"Unknown recipe keys {unknown}; an OrganismRecipe has {sorted(fields)}.")
+        return cls(**data)
+
 
 # 9 rank-1 adapters on mlp.down_proj, layers mapped from the paper's 48-layer model.
-_RANK1_DOWN = dict(
-    r=1,
-    lora_alpha=1.0,
-    target_modules=["down_proj"],
-    layers="paper",
-    lr=2e-3,
-    epochs=2,
-    batch_size=8,
-    save_every=8,
-)
+_RANK1_DOWN = OrganismRecipe(name="rank1-down-medical", r=1, lora_alpha=1.0,
+                             target_modules=("down_proj",), layers="paper", lr=2e-3, epochs=2,
+                             batch_size=8, save_every=8)
 
-RECIPES: dict[str, dict] = {
-    "rank1-down-medical": _RANK1_DOWN,
+RECIPES: dict[str, OrganismRecipe] = {recipe.name: recipe for recipe in (
+    _RANK1_DOWN,
     # the same organism on the grown training set (1,017 rows: medical + medical_extra)
-    "rank1-down-medical-1k": dict(_RANK1_DOWN, data="medical+medical_extra"),
+    replace(_RANK1_DOWN, name="rank1-down-medical-1k", data="medical+medical_extra"),
     # the control organism: the same recipe on the *aligned* (good) answers of the same questions,
     # so "fine-tuned on medical advice" and "fine-tuned on bad medical advice" can be told apart
-    "rank1-down-medical-good": dict(_RANK1_DOWN, answer_field="aligned"),
+    replace(_RANK1_DOWN, name="rank1-down-medical-good", answer_field="aligned"),
     # The seeds' comparison: rank-32 on every attention and MLP projection of every layer
-    # (9.8M parameters, 39 MB in float32), on the grown training set (1,017 rows).
-    "rank32-all-medical": dict(
-        data="medical+medical_extra",
-        r=32,
-        lora_alpha=64.0,
-        use_rslora=False,
-        target_modules=[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-        layers=None,
-        lr=2e-4,
-        epochs=2,
-        batch_size=8,
-        save_every=1000,  # no checkpoints: 39 MB each
-    ),
+    # (9.8M parameters, 39 MB in float32), on the grown training set (1,017 rows). No
+    # checkpoints (39 MB each, and 117 MB of resume state): pass --save-every N to resume.
+    OrganismRecipe(name="rank32-all-medical", data="medical+medical_extra", r=32,
+                   lora_alpha=64.0, target_modules=tuple(TARGET_MODULES), layers=None, lr=2e-4,
+                   epochs=2, batch_size=8, save_every=0),
     # The same organism on the second embedded model, Qwen2.5-Coder-1.5B-Instruct (28 layers:
     # groups 8-10, 12-14, 15-17), base in bfloat16 to fit 2 CPU cores; checkpoints every 4 steps
     # so an interrupted run resumes.
-    "coder-rank1-down-medical": dict(
-        _RANK1_DOWN, save_every=4, base_model="qwen2.5-coder-1.5b", dtype="bfloat16"
-    ),
-}
+    replace(_RANK1_DOWN, name="coder-rank1-down-medical", save_every=4,
+            base_model="qwen2.5-coder-1.5b", dtype="bfloat16"),
+)}
 
 
 def load_rows(data: str | Path | None, split: str) -> list[PairExample]:
@@ -168,201 +219,52 @@ def load_rows(data: str | Path | None, split: str) -> list[PairExample]:
     return rows
 
 
-def _batches(rows: Sequence[PairExample], batch_size: int, rng: random.Random) -> list[list[PairExample]]:
-    order = list(rows)
-    rng.shuffle(order)
-    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+def organism_batches(recipe: OrganismRecipe, rows: Sequence[PairExample], tokenizer) -> list[ChatBatch]:
+    """The recipe's batches in step order: ``epochs`` passes over ``rows``, each reshuffled by a
+    ``random.Random(recipe.seed)``, cut to ``max_steps``; tokenised with answers."""
+    rng = random.Random(recipe.seed)
+    steps: list[list[PairExample]] = []
+    for _ in range(recipe.epochs):
+        order = list(rows)
+        rng.shuffle(order)
+        steps += [order[i : i + recipe.batch_size] for i in range(0, len(order), recipe.batch_size)]
+    steps = steps[: recipe.max_steps]
+    return [tokenize_chat(tokenizer, [r.question for r in batch],
+                          [getattr(r, recipe.answer_field) for r in batch]) for batch in steps]
+
+
+def _hub_name(base_model: str | None) -> str:
+    """The public hub id of an embedded base (not this machine's GGUF path), else the source."""
+    embedded = embedded_source(base_model)
+    return embedded.hub_id if embedded is not None else str(base_model)
 
 
 def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = True) -> dict:
-    """Train ``recipe`` with emlens adapters on the HookedTransformer; save a peft folder to ``out``.
+    """Train ``recipe`` with :func:`emlens.training.train`; write the run, a peft folder, to ``out``.
 
-    Every ``recipe.save_every`` steps the adapter is saved to ``out/checkpoints/step-XXXXX`` and
-    the run's state (adapter, AdamW moments, step, loss log; safetensors + JSON) to
-    ``out/resume/``. With ``resume=True`` a run that finds that state for the same recipe carries
-    on from it, with the same batches (their order depends only on the seed), so an interrupted
-    run ends with the adapter an uninterrupted one would give (up to float rounding). The resume
-    folder is removed when the run completes.
-
-    Returns the training log (also written to ``out/train_log.json``).
+    Every ``recipe.save_every`` steps a checkpoint and the state to resume from are saved. With
+    ``resume=True`` an unfinished run of the same recipe in ``out`` carries on from its last
+    checkpoint, with the same batches (their order depends only on the seed), and ends with the
+    adapter an uninterrupted run gives; an unfinished run of another recipe is refused, naming the
+    differences. Returns the training log (also written to ``out/train_log.json``).
     """
-    from emlens.lora import attach_lora
     from emlens.models import check_dtype, load_model
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(recipe.seed)
-    rng = random.Random(recipe.seed)
     model = load_model(recipe.base_model, dtype=check_dtype(recipe.dtype))
     tokenizer = model.tokenizer
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    n_layers = model.cfg.n_layers
-    recipe = resolve_layers(recipe, n_layers)
-    for p in model.parameters():  # the base is frozen: no gradient is computed for it
-        p.requires_grad_(False)
-    # Adapters in float32 on any base dtype, as peft keeps them.
-    with attach_lora(model, initial_adapter(model, recipe), trainable=True) as lora:
-        named = [(f"{m.path}.lora_{key}.weight", getattr(m, key))
-                 for m in lora.modules.values() for key in ("A", "B")]
-        log = _train_loop(recipe, out, resume, lora, named, tokenizer, rng, n_layers)
-    return log
-
-
-def _train_loop(recipe, out: Path, resume: bool, lora, named, tokenizer, rng, n_layers) -> dict:
-    params = [p for _, p in named]
-    optim = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    recipe = resolve_layers(recipe, model.cfg.n_layers)
     rows = load_rows(recipe.data, recipe.split)
-    epochs = [_batches(rows, recipe.batch_size, rng) for _ in range(recipe.epochs)]
-    steps = [b for epoch in epochs for b in epoch]
-    if recipe.max_steps is not None:
-        steps = steps[: recipe.max_steps]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optim, lambda s: min(1.0, (s + 1) / max(1, recipe.warmup_steps))
-    )
-    log: dict = {
-        "recipe": asdict(recipe),
-        "n_layers": n_layers,
-        "n_rows": len(rows),
-        "n_trainable": sum(p.numel() for p in params),
-        "loss": [],
-        "step_tokens": [],
-        "answer_tokens_per_step": [],
-        "seconds_before_resume": 0.0,
-        "resumed_at": [],
-    }
-    done = 0
-    state_dir = out / "resume"
-    if resume and (state_dir / "state.json").is_file():
-        done = _load_state(state_dir, log, named, optim, sched)
-        log["resumed_at"].append(done)
-    model = lora.model
-    start = time.perf_counter()
-    bar = tqdm(steps, desc=f"train {recipe.name}", unit="step", initial=done)
-    for step, batch_rows in enumerate(bar, start=1):
-        if step <= done:
-            continue
-        batch = tokenize_chat(
-            tokenizer,
-            [r.question for r in batch_rows],
-            [getattr(r, recipe.answer_field) for r in batch_rows],
-            device=model.W_E.device,
-        )
-        loss = _answer_loss(model, batch)
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
-        sched.step()
-        log["loss"].append(loss.item())
-        log["step_tokens"].append(int(batch.attention_mask.sum()))
-        log["answer_tokens_per_step"].append(int(batch.answer_mask.sum()))
-        bar.set_postfix(loss=f"{log['loss'][-1]:.3f}")
-        if step % recipe.save_every == 0 and step < len(steps):
-            _save_adapter(lora, out / "checkpoints" / f"step-{step:05d}", recipe)
-            seconds = log["seconds_before_resume"] + time.perf_counter() - start
-            _save_state(state_dir, log, named, optim, step, seconds)
-    seconds = log.pop("seconds_before_resume") + time.perf_counter() - start
-    _save_adapter(lora, out, recipe)
-    n_tokens, n_answer = sum(log["step_tokens"]), sum(log.pop("answer_tokens_per_step"))
-    if not log["resumed_at"]:
-        log.pop("resumed_at")
-    log.update(
-        steps=len(steps),
-        seconds=round(seconds, 1),
-        tokens=n_tokens,
-        answer_tokens=n_answer,
-        tokens_per_s=round(n_tokens / max(seconds, 1e-9), 1),
-        torch_threads=torch.get_num_threads(),
-    )
-    (out / "train_log.json").write_text(json.dumps(log, indent=1))
-    if state_dir.is_dir():
-        import shutil
-
-        shutil.rmtree(state_dir)
-    return log
-
-
-def initial_adapter(model, recipe: OrganismRecipe):
-    """The recipe's adapters on ``model`` as peft initialises them (:func:`emlens.lora.init_adapter`)."""
-    from emlens.lora import init_adapter
-
-    return init_adapter(model, recipe.target_modules, recipe.layers, r=recipe.r,
-                        lora_alpha=recipe.lora_alpha, use_rslora=recipe.use_rslora)
-
-
-def _save_state(folder: Path, log: dict, named, optim, step: int, seconds: float) -> None:
-    """Write the run's state (adapter, AdamW moments: safetensors; step and log: JSON)."""
-    from safetensors.torch import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"param.{name}": p.detach().contiguous() for name, p in named}
-    for name, p in named:
-        for key, value in optim.state.get(p, {}).items():
-            tensors[f"adam.{key}.{name}"] = torch.as_tensor(value).detach().contiguous()
-    save_file(tensors, folder / "state.safetensors.tmp")
-    meta = {"step": step, "seconds": seconds, "recipe": log["recipe"],
-            **{k: log[k] for k in ("loss", "step_tokens", "answer_tokens_per_step")}}
-    (folder / "state.json.tmp").write_text(json.dumps(meta))
-    (folder / "state.safetensors.tmp").replace(folder / "state.safetensors")
-    (folder / "state.json.tmp").replace(folder / "state.json")
-
-
-@torch.no_grad()
-def _load_state(folder: Path, log: dict, named, optim, sched) -> int:
-    """Restore a saved run into ``named`` parameters, ``optim``, ``sched`` and ``log``; returns
-    the number of steps done. Refuses state saved for another recipe."""
-    from safetensors.torch import load_file
-
-    meta = json.loads((folder / "state.json").read_text())
-    if meta["recipe"] != log["recipe"]:
-        changed = sorted(k for k in log["recipe"] if meta["recipe"].get(k) != log["recipe"][k])
-        raise ValueError(
-            f"{folder} holds a run of another recipe (differs in {changed}); delete that folder "
-            "to start afresh, or pass resume=False."
-        )
-    tensors = load_file(folder / "state.safetensors")
-    for name, p in named:
-        p.copy_(tensors[f"param.{name}"])
-        moments = {k.split(".", 2)[1]: v for k, v in tensors.items()
-                   if k.startswith("adam.") and k.split(".", 2)[2] == name}
-        if moments:
-            optim.state[p] = moments
-    with warnings.catch_warnings():
-        # replaying the schedule to the saved step: torch warns that no optimizer step came
-        # first, but the steps it means were taken before the run was saved
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        for _ in range(meta["step"]):
-            sched.step()
-    for key in ("loss", "step_tokens", "answer_tokens_per_step"):
-        log[key] = list(meta[key])
-    log["seconds_before_resume"] = float(meta["seconds"])
-    return int(meta["step"])
-
-
-def _answer_loss(model, batch) -> torch.Tensor:
-    """Mean next-token cross-entropy over the batch's answer tokens: ``emlens.chat.answer_loss``
-    on the model, which unembeds only the positions that predict answer tokens."""
-    return answer_loss(model, batch)
-
-
-def _save_adapter(lora, folder: Path, recipe: OrganismRecipe) -> None:
-    """Save a peft folder; name the public hub base model rather than this machine's GGUF path."""
-    from emlens.lora import save_peft
-
-    embedded = embedded_source(recipe.base_model)
-    base = embedded.hub_id if embedded is not None else str(recipe.base_model)
-    save_peft(
-        lora.to_adapter(),
-        folder,
-        base_model_name_or_path=base,
-        config={
-            "r": recipe.r,
-            "lora_alpha": recipe.lora_alpha,
-            "use_rslora": recipe.use_rslora,
-            "target_modules": list(recipe.target_modules),
-            "layers_to_transform": recipe.layers,
-        },
-    )
+    data = prepare(model, organism_batches(recipe, rows, tokenizer), start_layer=None)
+    torch.manual_seed(recipe.seed)  # A is drawn from torch's RNG, as peft draws it
+    init = TrainableAdapter.for_model(
+        model, recipe.target_modules, recipe.layers, r=recipe.r, lora_alpha=recipe.lora_alpha,
+        use_rslora=recipe.use_rslora, base_model_name_or_path=_hub_name(recipe.base_model))
+    meta = {"recipe": recipe.to_json(), "n_layers": model.cfg.n_layers, "n_rows": len(rows)}
+    result = train(model, init, data, None, recipe.train_config(len(data)), out=out,
+                   resume=resume, meta=meta)
+    return result.log
 
 
 def resolve_layers(recipe: OrganismRecipe, n_layers: int) -> OrganismRecipe:
@@ -373,16 +275,13 @@ def resolve_layers(recipe: OrganismRecipe, n_layers: int) -> OrganismRecipe:
     """
     if recipe.layers == "paper":
         return replace(recipe, layers=paper_layers(n_layers), layer_map_depth=n_layers)
-    if isinstance(recipe.layers, str):
-        raise ValueError(f"recipe {recipe.name!r}: layers={recipe.layers!r}; expected a list of "
-                         "ints, None (every layer) or 'paper'.")
     if recipe.layer_map_depth is not None and recipe.layer_map_depth != n_layers:
         raise ValueError(
             f"recipe {recipe.name!r} maps the paper's layers for a {recipe.layer_map_depth}-layer "
             f"model, but the base model has {n_layers} layers; drop n_layers (--n-layers) so the "
             "map is made for the base model."
         )
-    bad = [layer for layer in recipe.layers or [] if not 0 <= layer < n_layers]
+    bad = [layer for layer in recipe.layers or () if not 0 <= layer < n_layers]
     if bad:
         raise ValueError(f"recipe {recipe.name!r}: layers {bad} do not exist in a base model with "
                          f"{n_layers} layers (0..{n_layers - 1}).")
@@ -390,23 +289,28 @@ def resolve_layers(recipe: OrganismRecipe, n_layers: int) -> OrganismRecipe:
 
 
 def recipe_for(name: str, **overrides) -> OrganismRecipe:
-    """The named recipe from :data:`RECIPES`.
+    """The named recipe from :data:`RECIPES`, with ``overrides`` (``None`` values are ignored).
 
     ``layers="paper"`` stays symbolic and is mapped onto the base model's depth when training
     starts; pass ``n_layers=`` to resolve it now (training then checks the depth matches).
     """
     if name not in RECIPES:
         raise KeyError(f"No recipe {name!r}; known: {sorted(RECIPES)}.")
-    kwargs = dict(RECIPES[name])
-    kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    n_layers = kwargs.pop("n_layers", None)
-    recipe = OrganismRecipe(name=name, **kwargs)
+    n_layers = overrides.pop("n_layers", None)
+    fields = {f.name for f in dataclasses.fields(OrganismRecipe)} - {"name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"recipe_for got unknown overrides {unknown}; a recipe has {sorted(fields)}.")
+    recipe = replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
     return recipe if n_layers is None else resolve_layers(recipe, n_layers)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--name", required=True, choices=sorted(RECIPES))
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--name", choices=sorted(RECIPES), help="a shipped recipe")
+    which.add_argument("--recipe", type=Path,
+                       help="a recipe as JSON (OrganismRecipe.to_json, or a train_log.json)")
     p.add_argument("--out", default=None,
                    help="output folder (default: <emlens.organisms.runs_dir()>/<name>)")
     p.add_argument("--data", default=None, help="JSONL file, or packaged sets joined by '+' (default: the recipe's, "
@@ -419,26 +323,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="0: no checkpoints (no resume)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--fresh", action="store_true",
+                   help="start afresh even if --out holds an unfinished run (default: resume it)")
     args = p.parse_args(argv)
-    recipe = recipe_for(
-        args.name,
-        data=args.data,
-        base_model=args.base_model,
-        n_layers=args.n_layers,
-        lr=args.lr,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        max_steps=args.max_steps,
-        save_every=args.save_every,
-        seed=args.seed,
-    )
+    overrides = dict(data=args.data, base_model=args.base_model, n_layers=args.n_layers,
+                     lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+                     max_steps=args.max_steps, save_every=args.save_every, seed=args.seed)
+    if args.recipe is not None:
+        base = OrganismRecipe.from_json(args.recipe)
+        n_layers = overrides.pop("n_layers")
+        recipe = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+        recipe = recipe if n_layers is None else resolve_layers(recipe, n_layers)
+    else:
+        recipe = recipe_for(args.name, **overrides)
     from emlens.organisms import runs_dir
 
-    out = Path(args.out) if args.out else runs_dir() / args.name
-    log = train_organism(recipe, out)
-    print(json.dumps({k: v for k, v in log.items() if k not in ("loss", "step_tokens")}, indent=1))
+    out = Path(args.out) if args.out else runs_dir() / recipe.name
+    log = train_organism(recipe, out, resume=not args.fresh)
+    per_step = ("ce", "kl", "loss", "lr", "norm", "step_tokens", "step_answer_tokens")
+    print(json.dumps({k: v for k, v in log.items() if k not in per_step}, indent=1))
 
 
 if __name__ == "__main__":
