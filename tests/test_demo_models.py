@@ -46,8 +46,8 @@ class _Stop(Exception):
 def _demo_seen(monkeypatch, tmp_path, name, **kwargs):
     """What run_demo decides for ``name`` and hands every section, without loading a model or
     running a section: the model it loads, the organism, the judge's subject, the report's title
-    and settings, the temperature and why, and per section its arguments and the shared Story's
-    card, settings, sampling and question sets."""
+    and settings, the temperature and why, and per section its arguments (other than earlier
+    sections' results) and the Context's card, settings, sampling and question sets."""
     seen = {"sections": []}
 
     def load_model(source, **kw):
@@ -63,15 +63,18 @@ def _demo_seen(monkeypatch, tmp_path, name, **kwargs):
         return SimpleNamespace(name="judge")
 
     def spy(section):
-        def run(s, *args):
-            seen["sections"].append((section, args, s.card, s.embedded, s.cfg, s.sampling,
-                                     s.qsets, s.seed, s.temperature_why))
-        return run
+        def measure(ctx, *args):
+            plain = tuple(a for a in args if not isinstance(a, SimpleNamespace))
+            seen["sections"].append((section, plain, ctx.card,
+                                     ctx.card.narrow_vs_general is not None, ctx.cfg,
+                                     ctx.sampling, dict(ctx.qsets), ctx.seed, ctx.temperature_why))
+            return SimpleNamespace(answers=None, findings=())
+        return measure
 
-    def stop(s):
-        temperature = s.rep.results["temperature"]
+    def stop(result, rep):
+        temperature = rep.results["temperature"]
         measured = temperature["measured"]
-        seen.update(title=s.rep.title, settings=s.rep.results["settings"],
+        seen.update(title=rep.title, settings=rep.results["settings"],
                     temperature=(temperature["value"], temperature["why"],
                                  None if measured is None else measured.to_dict("records")))
         raise _Stop
@@ -81,8 +84,10 @@ def _demo_seen(monkeypatch, tmp_path, name, **kwargs):
     monkeypatch.setattr(emlens.lora, "merge_lora", lambda chat, adapter: SimpleNamespace())
     monkeypatch.setattr(emlens.judge, "default_judge", default_judge)
     for section in SECTIONS:
-        monkeypatch.setattr(getattr(demo_run, section), "section", spy(section))
-    monkeypatch.setattr(lenses, "power_section", stop)
+        monkeypatch.setattr(getattr(demo_run, section), "measure", spy(section))
+        monkeypatch.setattr(getattr(demo_run, section), "render", lambda result, rep: None)
+    monkeypatch.setattr(lenses, "measure_power", lambda *args: None)
+    monkeypatch.setattr(lenses, "render_power", stop)
     with pytest.raises(_Stop):
         demo_run.run_demo(model_name=name, quick=True, out=tmp_path / "report", progress=False,
                           **kwargs)
@@ -110,7 +115,7 @@ def test_the_default_model_s_demo_has_its_shipped_facts(monkeypatch, tmp_path):
     assert settings["temperature"] == 0.7 and seen["temperature"][2] is not None
     ablation = next(s for s in seen["sections"] if s[0] == "ablation")
     assert ablation[1] == (DEFAULT_CARD.transfer_organism,)
-    assert all(s[3] for s in seen["sections"])  # s.embedded: the shipped narrow/general runs fit
+    assert all(s[3] for s in seen["sections"])  # the shipped narrow/general runs fit
 
 
 def test_the_coder_s_demo_has_its_own_facts_and_no_borrowed_ones(monkeypatch, tmp_path):

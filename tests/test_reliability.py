@@ -393,7 +393,8 @@ def test_demo_settings_are_read_by_value_not_identity():
 
 def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
     import emlens.data as data
-    from emlens.demo.common import DEFAULTS, Story
+    from emlens.cards import DEFAULT_CARD
+    from emlens.demo.common import DEFAULTS, Context
     from emlens.demo.narrow_general import train_narrow_general
 
     drawn = {}
@@ -403,10 +404,10 @@ def test_demo_train_draws_the_shipped_narrow_general_rows(monkeypatch):
         raise RuntimeError("drawn")
 
     monkeypatch.setattr(data, "narrow_general_rows", fake_rows)
-    story = Story(cfg=DEFAULTS, rep=None, chat=None, org=None, adapter=None, judge=None,
-                   qsets={}, sampling=None, seed=3, progress=False, out=None)
+    ctx = Context(cfg=DEFAULTS, card=DEFAULT_CARD, chat=None, org=None, adapter=None, judge=None,
+                  qsets={}, sampling=None, seed=3, progress=False, out=None)
     with pytest.raises(RuntimeError, match="drawn"):
-        train_narrow_general(story, None, 0)
+        train_narrow_general(ctx, None, 0)
     assert drawn == dict(seed=3, n_narrow=32, n_parallel=16)
 
 

@@ -158,7 +158,8 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 
 @pytest.mark.integration
 def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
-    from emlens.demo.common import QUICK, Story
+    from emlens.cards import DEFAULT_CARD
+    from emlens.demo.common import QUICK, Context
     from emlens.demo.narrow_general import train_narrow_general
     from emlens.demo.run import train_organism_now
     from emlens.lora import load_adapter
@@ -172,9 +173,10 @@ def test_demo_train_retrains_instead_of_using_shipped_artefacts(tmp_path):
 
     import emlens
 
-    story = Story(cfg=QUICK, rep=None, chat=emlens.load_model(), org=None, adapter=adapter,
-                   judge=None, qsets={}, sampling=None, seed=0, progress=False, out=tmp_path)
-    nvg = train_narrow_general(story, tmp_path / "nvg", layer=15)
+    ctx = Context(cfg=QUICK, card=DEFAULT_CARD, chat=emlens.load_model(), org=None,
+                  adapter=adapter, judge=None, qsets={}, sampling=None, seed=0, progress=False,
+                  out=tmp_path)
+    nvg = train_narrow_general(ctx, tmp_path / "nvg", layer=15)
     params = {n: load_trainable(nvg / n / "final.safetensors") for n in ("general", "narrow")}
     assert all(p.layer == 15 and p.effective_norm() > 0 for p in params.values())
     assert params["general"].effective_norm() != params["narrow"].effective_norm()

@@ -1,11 +1,13 @@
 """``emlens demo``: the research story on one model and its organisms, written as a report.
 
 One module per section (:mod:`emlens.demo.rates`, ``judge_check``, ``steering``, ``ablation``,
-``probes``, ``attribution``, ``narrow_general``); :func:`run_demo` runs them in order on a shared
-:class:`~emlens.demo.common.Story` and writes an :class:`emlens.report.Report`. The model is
-resolved once to its card (:func:`emlens.cards.model_card`: organisms, labelled answers, judge
-check, validated judge), which every section reads as ``s.card``; any name of an embedded model
-gives exactly the same demo.
+``probes``, ``attribution``, ``narrow_general``), each a ``measure(ctx, <earlier results>)``
+returning a frozen result and a ``render(result, report)`` that only writes to the
+:class:`emlens.report.Report`; :func:`run_demo` calls them in order, straight-line, on a frozen
+:class:`~emlens.demo.common.Context` (settings as a :class:`~emlens.demo.config.DemoConfig`). The
+model is resolved once to its card (:func:`emlens.cards.model_card`: organisms, labelled answers,
+judge check, validated judge), which every section reads as ``ctx.card``; any name of an embedded
+model gives exactly the same demo.
 
 Sections (each states its sample sizes and intervals):
 

@@ -1,17 +1,46 @@
 """Section 5: per-adapter attribution (zero / keep-only ablations ranked), with gradient
-attribution checked against real ablation."""
+attribution checked against real ablation.
+
+:func:`measure` runs the ablations and the gradient check; :func:`render` writes the tables, the
+figure and the two findings.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-from emlens.demo.common import Story, all_rank1
+from emlens.demo.common import Context, all_rank1
 from emlens.findings import GAP_DELTA, Comparison, Effect, Finding
+from emlens.report import Report
 
 
-def section(s: Story) -> None:
+@dataclass(frozen=True)
+class AttributionResult:
+    """Per-adapter attribution of section 5.
+
+    ``table`` is :func:`emlens.attribution.adapter_attribution`'s (per-pair values in
+    ``table.attrs["per_row"]``), ``totals`` its organism-vs-chat rows, ``ranking``
+    :func:`emlens.attribution.rank_adapters`'s and ``check`` the gradient estimate against real
+    zero-ablation (:func:`emlens.attribution.check_gradient_attribution`). ``skipped`` says why
+    nothing was measured (adapters not rank 1); then every table is ``None``."""
+
+    n_pairs: int  # held-out pairs per domain
+    ops: tuple[str, ...]  # the ablations: "zero", and "only" (keep one adapter alone)
+    skipped: str | None = None
+    table: pd.DataFrame | None = None  # results["attribution"]
+    totals: pd.DataFrame | None = None
+    ranking: pd.DataFrame | None = None  # results["ranking"]
+    check: pd.DataFrame | None = None
+    findings: tuple[Finding, ...] = ()
+
+
+def measure(ctx: Context) -> AttributionResult:
+    """Zero (and keep-only) ablations of each adapter on held-out medical and non-medical pairs,
+    ranked; gradient attribution checked against the zero-ablations on the medical pairs."""
     from emlens.attribution import (
         adapter_attribution,
         attribution_conditions,
@@ -20,54 +49,32 @@ def section(s: Story) -> None:
     )
     from emlens.data import pair_rows
     from emlens.lora import attach_lora
-    from emlens.viz import plot_attribution
 
-    cfg, rep = s.cfg, s.rep
-    n = cfg.attribution_pairs
-    rep.section(
-        "5. Which adapters carry the behaviour: attribution",
-        f"Metric: per-token log p(misaligned) - log p(aligned) on {n} held-out medical and {n} "
-        "non-medical reference pairs (deterministic, teacher-forced). Each adapter is zeroed"
-        f"{', or kept alone' if 'only' in cfg.attribution_ops else ''}; its effect is its "
-        "share of the organism's effect per domain, and it is labelled general or domain-specific by the rule below. Gradient attribution (scalar x "
-        "d metric / d scalar, one backward pass) is checked against the real zero-ablations.",
-    )
-    if not all_rank1(s.adapter):
-        rep.text("Skipped: per-adapter attribution needs rank-1 adapters.")
-        return
-    with attach_lora(s.chat, s.adapter) as lora:
-        table = adapter_attribution(s.chat, lora, n_pairs=n, progress=s.progress,
+    cfg, n = ctx.cfg, ctx.cfg.attribution_pairs
+    head = {"n_pairs": n, "ops": tuple(cfg.attribution_ops)}
+    if not all_rank1(ctx.adapter):
+        return AttributionResult(**head,
+                                 skipped="Skipped: per-adapter attribution needs rank-1 adapters.")
+    with attach_lora(ctx.chat, ctx.adapter) as lora:
+        table = adapter_attribution(ctx.chat, lora, n_pairs=n, progress=ctx.progress,
                                     conditions=attribution_conditions(lora, ops=cfg.attribution_ops))
         ranking = rank_adapters(table)
         rows = pair_rows("medical", split="heldout", limit=n)
         check = check_gradient_attribution(
-            s.chat, lora, [r.question for r in rows], [r.misaligned for r in rows],
+            ctx.chat, lora, [r.question for r in rows], [r.misaligned for r in rows],
             [r.aligned for r in rows], progress=False)
     totals = table[(table["metric"] == "logprob_gap") & table["condition"].isin(["all", "none"])]
-    rep.table(totals[["condition", "domain", "value", "low", "high", "n"]],
-              "The organism (all adapters) vs the chat model (none): log-prob gap with 95% "
-              "interval over pairs")
-    rep.table(ranking, "Ranking. Rule: " + ranking.attrs.get("rule", ""))
-    rep.figure(plot_attribution(ranking), "Each adapter's fraction of the organism's effect, "
-                                          "per domain.")
-    rep.table(check.reset_index() if check.index.name else check,
-              f"Gradient estimate vs real zero-ablation, {n} medical pairs: Pearson "
-              f"{check.attrs['pearson']:.3f}, Spearman {check.attrs['spearman']:.3f}")
-    rep.results["attribution"] = table
-    rep.results["ranking"] = ranking
-    rep.results["gradient_check"] = {"pearson": check.attrs["pearson"],
-                                     "spearman": check.attrs["spearman"], "n_pairs": n}
     labels = ranking["label"].value_counts().to_dict()
-    rep.finding(Finding(
+    specialisation = Finding(
         "adapter_specialisation",
         "Some adapters mediate general misalignment, others specialise to the medical domain",
-        specialisation_lenses(table, list(ranking["adapter"]), seed=s.seed),
+        specialisation_lenses(table, list(ranking["adapter"]), seed=ctx.seed),
         f"labels by the ranking rule: {labels}; top 3: " + ", ".join(
             f"{r.adapter} ({r.label})" for r in ranking.head(3).itertuples()),
-    ))
+    )
     r, k = check.attrs["pearson"], len(check)
     low, high = pearson_interval(r, k)
-    rep.finding(Finding(
+    agreement = Finding(
         "gradient_check",
         "Gradient attribution agrees with real ablation (a check of the tool, not a seed finding)",
         (Comparison(f"Pearson r, gradient vs zero-ablation ({k} adapters, Fisher z interval)",
@@ -75,7 +82,42 @@ def section(s: Story) -> None:
                     short="Pearson r"),),
         f"Pearson {r:.3f} across {k} adapters, {n} pairs; agreement means r above "
         f"{GRADIENT_AGREEMENT} with its interval",
-    ))
+    )
+    return AttributionResult(**head, table=table,
+                             totals=totals[["condition", "domain", "value", "low", "high", "n"]],
+                             ranking=ranking, check=check, findings=(specialisation, agreement))
+
+
+def render(r: AttributionResult, rep: Report) -> None:
+    from emlens.viz import plot_attribution
+
+    n = r.n_pairs
+    rep.section(
+        "5. Which adapters carry the behaviour: attribution",
+        f"Metric: per-token log p(misaligned) - log p(aligned) on {n} held-out medical and {n} "
+        "non-medical reference pairs (deterministic, teacher-forced). Each adapter is zeroed"
+        f"{', or kept alone' if 'only' in r.ops else ''}; its effect is its "
+        "share of the organism's effect per domain, and it is labelled general or domain-specific by the rule below. Gradient attribution (scalar x "
+        "d metric / d scalar, one backward pass) is checked against the real zero-ablations.",
+    )
+    if r.skipped is not None:
+        rep.text(r.skipped)
+        return
+    check = r.check
+    rep.table(r.totals, "The organism (all adapters) vs the chat model (none): log-prob gap with "
+                        "95% interval over pairs")
+    rep.table(r.ranking, "Ranking. Rule: " + r.ranking.attrs.get("rule", ""))
+    rep.figure(plot_attribution(r.ranking), "Each adapter's fraction of the organism's effect, "
+                                            "per domain.")
+    rep.table(check.reset_index() if check.index.name else check,
+              f"Gradient estimate vs real zero-ablation, {n} medical pairs: Pearson "
+              f"{check.attrs['pearson']:.3f}, Spearman {check.attrs['spearman']:.3f}")
+    rep.results["attribution"] = r.table
+    rep.results["ranking"] = r.ranking
+    rep.results["gradient_check"] = {"pearson": check.attrs["pearson"],
+                                     "spearman": check.attrs["spearman"], "n_pairs": n}
+    for f in r.findings:
+        rep.finding(f)
 
 
 # The gradient estimate is a usable stand-in for real ablation when its correlation with it is

@@ -1,7 +1,9 @@
-"""What the demo's sections share: settings, the story's state, rate formatting, adapters."""
+"""What the demo's sections share: the frozen Context, settings, rate formatting, adapters,
+the sampling temperature chosen from reading."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,6 @@ import pandas as pd
 
 from emlens.cards import DEFAULT_CARD, PAPERS_TEMPERATURE, ModelCard, model_card
 from emlens.demo.config import DemoConfig
-from emlens.report import Report
 from emlens.sampling import SamplingConfig
 
 DEFAULTS = DemoConfig()  # make demo's settings
@@ -19,45 +20,39 @@ QUICK = DemoConfig.quick_settings()  # the smoke run of the tests and CI
 
 # Every per-model fact (default and transfer organisms, narrow-vs-general runs, labelled answers,
 # judge check, validated judge) is on the model's card (emlens.cards), resolved once by run_demo
-# and carried on the Story as ``s.card``. The two names below are the default model's, kept for
-# the command line's default and the sections that read the shipped runs.
+# and carried on the Context as ``ctx.card``. The default model's second fine-tune is the command
+# line's default transfer organism (run_demo reads it as "the card's own").
 TRANSFER_ORGANISM = DEFAULT_CARD.transfer_organism  # a second rank-1 fine-tune of SmolLM2
-NARROW_VS_GENERAL = DEFAULT_CARD.narrow_vs_general  # shipped runs, under emlens/organisms/
 
 
-@dataclass
-class Story:
-    """What the sections share: models, judge, question sets, settings and earlier results."""
+@dataclass(frozen=True)
+class Context:
+    """What every section reads and none writes: the settings, the model's card, the models,
+    the judge, the question sets and how answers are sampled.
+
+    ``gaps`` is a memo of likelihood gaps per ``(model key, question set)`` shared by the
+    sections' lenses (:func:`emlens.demo.lenses.gaps`): a cache, so no result depends on which
+    section filled it. ``org`` is the organism merged into a copy of the chat model, used by
+    sections 1-3; ``run_demo`` drops it (``dataclasses.replace(ctx, org=None)``) afterwards.
+    """
 
     cfg: DemoConfig
-    rep: Report
-    chat: Any
-    org: Any
-    adapter: Any
-    judge: Any
-    qsets: dict[str, list[str]]
+    card: ModelCard
+    chat: Any  # HookedTransformer
+    org: Any  # HookedTransformer with the organism merged, or None after section 3
+    adapter: Any  # emlens.lora.LoraAdapter
+    judge: Any  # emlens.judge.Judge
+    qsets: Mapping[str, list[str]]  # {"general": [...], "medical": [...]}
     sampling: SamplingConfig  # how every judged answer is sampled
     seed: int
     progress: bool
     out: Path
-    answers: pd.DataFrame | None = None
-    dirs: dict | None = None
-    chat_dirs: dict | None = None
-    layer: int | None = None
-    card: ModelCard = DEFAULT_CARD  # the model's card: every per-model fact, resolved once
-    bad: list | None = None  # (question, answer) pairs the direction was extracted from
-    good: list | None = None
-    # likelihood gaps per (model key, question set), shared by the sections' lenses
-    gap_cache: dict = field(default_factory=dict)
-    steer_cell: dict | None = None  # the judged steering cell (direction and random rows)
-    ref_dirs: dict | None = None  # directions from paired reference answers (no judge)
     temperature_why: str = ""  # how the sampling temperature was chosen
+    gaps: dict = field(default_factory=dict, compare=False)  # (key, set) -> likelihood gaps
 
     @property
-    def embedded(self) -> bool:
-        """Whether narrow-vs-general runs trained on this model ship (only SmolLM2's do); read
-        ``s.card.narrow_vs_general`` instead."""
-        return self.card.narrow_vs_general is not None
+    def gap_cache(self) -> dict:
+        return self.gaps
 
 
 def fmt_rate(row) -> str:

@@ -1,15 +1,19 @@
-"""The judge check: the judge's agreement with reading on labelled real generations, and
-this run's answers nearest the thresholds."""
+"""The judge check: the judge's agreement with reading on labelled real generations (the
+shipped check of this model's card), and this run's answers nearest the thresholds."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from emlens.cards import DEFAULT_CARD, ModelCard, model_card
-from emlens.demo.common import Story
+from emlens.demo.common import Context
+from emlens.report import Report
 
 
 def judge_check_for(card: ModelCard | str | None) -> tuple[dict | None, bool]:
@@ -46,11 +50,29 @@ def _pct(share: dict) -> str:
     return f"{share['k']}/{share['n']} = {share['rate']:.2f} [{share['low']:.2f}, {share['high']:.2f}]"
 
 
-def section(s: Story) -> None:
-    rep = s.rep
-    check, own = judge_check_for(s.card)
+@dataclass(frozen=True)
+class JudgeCheckResult:
+    """The shipped judge check for this model (``check``: the JSON of
+    ``scripts/validate_judge.py``, ``None`` where none ships; ``own``: whether it is this
+    model's own, else the default model's), the name of this report's judge, and this run's
+    answers nearest the thresholds (``least_sure``; ``None`` without answers)."""
+
+    check: Mapping[str, Any] | None
+    own: bool
+    judge: str
+    least_sure: pd.DataFrame | None
+
+
+def measure(ctx: Context, answers: pd.DataFrame | None) -> JudgeCheckResult:
+    check, own = judge_check_for(ctx.card)
+    unsure = least_sure(answers) if answers is not None and len(answers) else None
+    return JudgeCheckResult(check=check, own=own, judge=ctx.judge.name, least_sure=unsure)
+
+
+def render(r: JudgeCheckResult, rep: Report) -> None:
+    check = r.check
     sets = ", ".join((check or {}).get("labelled_sets", []))
-    whose = ("this model's own real answers" if own else
+    whose = ("this model's own real answers" if r.own else
              f"another model's real answers (the embedded {DEFAULT_CARD.name}'s; none of this "
              "model's answers labelled by reading ship with emlens, so they do not describe the "
              "judge on this model)")
@@ -65,9 +87,9 @@ def section(s: Story) -> None:
     if check is None:
         rep.text("No judge check is shipped with this installation.")
     else:
-        if check["judge"] != s.judge.name:
+        if check["judge"] != r.judge:
             rep.text(f"These figures were measured for {check['judge']}; this report's judge is "
-                     f"{s.judge.name}: they do not describe it.")
+                     f"{r.judge}: they do not describe it.")
         gap = check["worst_condition_error"]
         rep.table(pd.DataFrame([{
             "judge": check["judge"], "answers": check["n"],
@@ -97,8 +119,8 @@ def section(s: Story) -> None:
         if wrong:
             rep.table(pd.DataFrame(wrong), "Held-out answers where the judge and reading differ "
                       "most.")
-    if s.answers is not None and len(s.answers):
-        unsure = least_sure(s.answers)
-        rep.table(unsure, "This run's answers where the judge was least sure (smallest distance "
-                  "of a score from its threshold), per model and question set.")
-        rep.results["judge_check"] = {"shipped": check, "least_sure": unsure}
+    if r.least_sure is not None:
+        rep.table(r.least_sure, "This run's answers where the judge was least sure (smallest "
+                  "distance of a score from its threshold), per model and question set.")
+        rep.results["judge_check"] = {"shipped": None if check is None else dict(check),
+                                      "least_sure": r.least_sure}

@@ -12,16 +12,27 @@ likelihood gap on paired answers, each beside its random control.
 Each lens is an :class:`emlens.findings.Comparison` (effect and control, each with its interval
 and n) whose verdict follows the one rule of :mod:`emlens.findings`, with the smallest effects of
 interest 15 points judged and :data:`LENS_DELTA` nats/token for the likelihood gap;
-:func:`power_section` states the n each comparison would need.
+:func:`measure_power` states the n each comparison would need (:func:`render_power` writes it).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from emlens.demo.common import Story
+import pandas as pd
+
+from emlens.demo.common import Context
 from emlens.demo.config import DemoConfig
-from emlens.findings import GAP_DELTA, RATE_DELTA, Comparison
+from emlens.findings import GAP_DELTA, RATE_DELTA, Comparison, Finding
+from emlens.report import Report
+
+if TYPE_CHECKING:
+    from emlens.demo.ablation import AblationResult
+    from emlens.demo.rates import RatesResult
+    from emlens.demo.steering import SteeringResult
 
 
 def pair_set(set_name: str, limit: int | None) -> list:
@@ -52,14 +63,14 @@ def check_pair_budget(cfg: DemoConfig) -> None:
                          "cell must be chosen on pairs the findings are not measured on.")
 
 
-def gaps(s: Story, key: str, model, set_name: str, hooks=None):
+def gaps(ctx: Context, key: str, model, set_name: str, hooks=None):
     """:func:`emlens.lens.likelihood_gaps` of ``model`` (with ``hooks``) on the set's pairs,
-    cached in the story under ``(key, set_name)``."""
+    memoised in ``ctx.gap_cache`` under ``(key, set_name)``."""
     from emlens.lens import likelihood_gaps
 
-    cache = s.gap_cache
+    cache = ctx.gap_cache
     if (key, set_name) not in cache:
-        limit = s.cfg.select_pairs if set_name == "general-select" else s.cfg.lens_pairs
+        limit = ctx.cfg.select_pairs if set_name == "general-select" else ctx.cfg.lens_pairs
         cache[(key, set_name)] = likelihood_gaps(model, pair_set(set_name, limit), hooks=hooks,
                                                  batch_size=32)
     return cache[(key, set_name)]
@@ -103,37 +114,58 @@ def _power_row(name: str, a, b, answers_per_arm: int) -> dict:
             "enough": c["n_used"] >= need}
 
 
-def power_section(s: Story) -> dict:
-    """The stated power calculation of the demo's core judged comparisons (report section and
-    ``results["power"]``): for each, the counted answers needed to detect a 15-point difference
-    with power 0.8 (two-sided, alpha 0.05) from the measured baseline rate, the n used, the power
-    at that n and the minimum detectable difference."""
-    import pandas as pd
+@dataclass(frozen=True)
+class PowerResult:
+    """The stated power of the demo's comparisons: ``table`` per judged comparison (counted
+    answers needed per arm for a :data:`DELTA` difference, n used, power and minimum detectable
+    difference at it), ``lens_table`` per likelihood-lens comparison (:func:`lens_power`), and a
+    plain ``statement`` of which fall short."""
 
-    res, cfg = s.rep.results, s.cfg
+    table: pd.DataFrame
+    lens_table: pd.DataFrame
+    statement: str
+
+    def as_dict(self) -> dict:
+        """``results["power"]``."""
+        return {"delta": DELTA, "power": POWER, "alpha": ALPHA,
+                "test": "two-sided two-proportion z test (pooled null variance), emlens.power",
+                "baseline": "the lower measured rate of the two arms",
+                "comparisons": self.table, "lens_delta": LENS_DELTA,
+                "lens_comparisons": self.lens_table, "statement": self.statement}
+
+
+def measure_power(cfg: DemoConfig, qsets: Mapping[str, list[str]], rates: RatesResult,
+                  steering: SteeringResult, ablation: AblationResult | None,
+                  findings: Sequence[Finding]) -> PowerResult:
+    """The power calculation of the demo's core judged comparisons: chat vs organism per question
+    set (``rates.summary``), direction vs random steering in the chosen cell (``steering.cell``),
+    ablation vs random ablation (``ablation.table``; ``ablation`` may be ``None``): for each, the
+    counted answers needed to detect a 15-point difference with power 0.8 (two-sided, alpha 0.05)
+    from the measured baseline rate, the n used, the power at that n and the minimum detectable
+    difference; and the same for every likelihood lens of ``findings``."""
     per_arm = cfg.n_samples * cfg.n_general
     rows = []
-    t = res["rates"].set_index(["model", "questions"])
-    for q in s.qsets:
+    t = rates.summary.set_index(["model", "questions"])
+    for q in qsets:
         rows.append(_power_row(f"chat vs organism ({q})", t.loc[("chat", q)],
                                t.loc[("organism", q)], per_arm))
-    cell = s.steer_cell  # the cell section 2 chose and judged
+    cell = steering.cell  # the cell section 2 chose and judged
     if cell is not None:
         rows.append(_power_row("direction vs random steering (chosen cell, general)",
                                cell["direction"], cell["random"], per_arm))
-    abl = res.get("ablation")
+    abl = None if ablation is None else ablation.table
     if abl is not None:
         a = abl.set_index(["model", "condition", "question_set"])
         for model, cond in (("organism", "ablate direction"),
                             ("second organism", "ablate organism direction")):
-            for q in s.qsets:
+            for q in qsets:
                 if (model, cond, q) in a.index:
                     rows.append(_power_row(f"ablation vs random ablation, {model} ({q})",
                                            a.loc[(model, cond, q)],
                                            a.loc[(model, "ablate random", q)], per_arm))
     table = pd.DataFrame(rows)
     short = table[~table["enough"]]
-    lens_table = lens_power(s.rep.findings)
+    lens_table = lens_power(findings)
     lens_short = lens_table[~lens_table["enough"]] if len(lens_table) else lens_table
     statement = (
         "Every judged comparison has the power asked for." if short.empty else
@@ -146,29 +178,29 @@ def power_section(s: Story) -> dict:
         f"comparisons have the pairs to detect {LENS_DELTA} nats/token with power {POWER} "
         "(from each comparison's own per-question spread); it reads every pair, so its n is the "
         "number of paired answers there are, not a sampling budget.")
-    s.rep.section(
+    return PowerResult(table=table, lens_table=lens_table, statement=statement)
+
+
+def render_power(r: PowerResult, rep: Report) -> None:
+    """The power section, and ``rep.results["power"]`` (:meth:`PowerResult.as_dict`)."""
+    rep.section(
         "Power of the comparisons",
         f"Judged lens: counted (coherent) answers per arm needed to detect a {DELTA:.0%}-point "
         f"difference from the measured baseline rate with power {POWER} (two-sided "
         f"two-proportion test, alpha {ALPHA}; emlens.power), beside the n this run used. "
         f"Likelihood lens: pairs needed to detect a change of {LENS_DELTA} nats/token (paired "
         f"two-sided z test against zero, alpha {ALPHA}) given the per-question standard deviation "
-        f"implied by the measured interval. {statement}")
-    s.rep.table(table, "Judged lens")
-    if len(lens_table):
-        s.rep.table(lens_table, "Likelihood lens")
-    return {"delta": DELTA, "power": POWER, "alpha": ALPHA,
-            "test": "two-sided two-proportion z test (pooled null variance), emlens.power",
-            "baseline": "the lower measured rate of the two arms",
-            "comparisons": table, "lens_delta": LENS_DELTA, "lens_comparisons": lens_table,
-            "statement": statement}
+        f"implied by the measured interval. {r.statement}")
+    rep.table(r.table, "Judged lens")
+    if len(r.lens_table):
+        rep.table(r.lens_table, "Likelihood lens")
+    rep.results["power"] = r.as_dict()
 
 
-def lens_power(findings):
-    """Per likelihood-lens comparison of the findings (``Report.findings``): the per-question SD implied
+def lens_power(findings: Sequence[Finding]) -> pd.DataFrame:
+    """Per likelihood-lens comparison of the findings: the per-question SD implied
     by its bootstrap interval, the pairs needed to detect :data:`LENS_DELTA` with power
     :data:`POWER`, and the minimum detectable change at the pairs used."""
-    import pandas as pd
     from scipy.stats import norm
 
     z = norm.ppf(1 - ALPHA / 2) + norm.ppf(POWER)
@@ -188,5 +220,5 @@ def lens_power(findings):
     return pd.DataFrame(rows)
 
 
-__all__ = ["check_pair_budget", "gaps", "judged", "lens_power", "likelihood", "pair_set",
-           "power_section"]
+__all__ = ["PowerResult", "check_pair_budget", "gaps", "judged", "lens_power", "likelihood",
+           "measure_power", "pair_set", "render_power"]

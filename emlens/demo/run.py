@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from emlens.cards import model_card
-from emlens.demo import ablation, attribution, judge_check, narrow_general, probes, rates, steering
+from emlens.demo import (
+    ablation,
+    attribution,
+    judge_check,
+    lenses,
+    narrow_general,
+    probes,
+    rates,
+    steering,
+)
 from emlens.demo.common import (
     DEFAULTS,
     PAPERS_TEMPERATURE,
     QUICK,
     TRANSFER_ORGANISM,
-    Story,
+    Context,
     choose_temperature,
     measured_coherence,
     resolve_adapter,
@@ -48,7 +59,7 @@ def run_demo(
             embedded model, e.g. ``"qwen2.5-coder-1.5b"``; or a local HF folder, ``.gguf`` file
             or TransformerLens name such as ``Qwen/Qwen2.5-7B-Instruct``). Resolved once to the
             model's card (:func:`emlens.cards.model_card`), which the sections read as
-            ``s.card``: any name of an embedded model gives exactly the same demo.
+            ``ctx.card``: any name of an embedded model gives exactly the same demo.
         organism: a shipped organism name (``emlens.list_organisms()``) or a peft adapter folder;
             ``None``: the card's organism (the shipped rank-1 organism of an embedded model).
         transfer_organism: a second fine-tune for the transfer test (a shipped organism name, a
@@ -74,7 +85,7 @@ def run_demo(
 
     cfg = config if config is not None else (QUICK if quick else DEFAULTS)
     check_pair_budget(cfg)
-    card = model_card(model_name)  # resolved once; every section reads s.card
+    card = model_card(model_name)  # resolved once; every section reads ctx.card
     if train and not card.retrain:
         raise ValueError(f"train=True retrains the shipped recipes of {card.name!r}'s card; it "
                          "has none: pass trained adapters with --organism instead.")
@@ -113,35 +124,45 @@ def run_demo(
     timings["load"] = round(time.perf_counter() - start, 1)
     general = [q.question for q in load_dataset("general_questions")][: cfg.n_general]
     medical = [q.question for q in load_dataset("medical_questions")][: cfg.n_medical]
-    story = Story(
-        cfg=cfg, rep=rep, chat=chat, org=merge_lora(chat, adapter), adapter=adapter, judge=judge,
-        qsets={"general": general, "medical": medical},
+    ctx = Context(
+        cfg=cfg, card=card, chat=chat, org=merge_lora(chat, adapter), adapter=adapter,
+        judge=judge, qsets={"general": general, "medical": medical},
         sampling=SamplingConfig(n_samples=cfg.n_samples, max_new_tokens=cfg.max_new_tokens,
                                 temperature=temperature, seed=seed, batch_size=cfg.batch_size),
-        seed=seed, progress=progress, out=out, card=card, temperature_why=temperature_why,
+        seed=seed, progress=progress, out=out, temperature_why=temperature_why,
     )
     rep.results["judge"] = judge.name
+    step = _Steps(log, timings, total=7)
 
-    sections = [
-        ("1_rates", "answers and judged rates: chat model vs organism", rates.section, ()),
-        ("judge_check", "judge check: agreement with reading, least-sure answers",
-         judge_check.section, ()),
-        ("2_steering", "mean-difference direction and steering sweep", steering.section, ()),
-        ("3_ablation", "ablating the direction in the organism and in a second organism",
-         ablation.section, (transfer_organism,)),
-        ("4_probes", "probes on the LoRA scalars", probes.section, ()),
-        ("5_attribution", "per-adapter attribution", attribution.section, ()),
-        ("6_narrow_vs_general", "narrow vs general solutions", narrow_general.section, (train,)),
-    ]
-    for i, (key, what, section, args) in enumerate(sections, start=1):
-        log(f"{i}/{len(sections)} {what}")
-        start = time.perf_counter()
-        section(story, *args)
-        timings[key] = round(time.perf_counter() - start, 1)
-
-    from emlens.demo.lenses import power_section
-
-    rep.results["power"] = power_section(story)
+    # The method, in order: judged rates -> the judge against reading -> directions and the
+    # steering cell -> ablation and transfer -> probes -> attribution -> narrow vs general ->
+    # power. Each section measures into a frozen result, then renders it into the report.
+    with step("1_rates", "answers and judged rates: chat model vs organism"):
+        rated = rates.measure(ctx)
+        rates.render(rated, rep)
+    with step("judge_check", "judge check: agreement with reading, least-sure answers"):
+        checked = judge_check.measure(ctx, rated.answers)
+        judge_check.render(checked, rep)
+    with step("2_steering", "mean-difference direction and steering sweep"):
+        steered = steering.measure(ctx, rated)
+        steering.render(steered, rep)
+    with step("3_ablation", "ablating the direction in the organism and in a second organism"):
+        ablated = ablation.measure(ctx, rated, steered, transfer_organism)
+        ablation.render(ablated, rep)
+    # sections 4-5 attach the adapter to the chat model: the merged copy is freed here
+    ctx = replace(ctx, org=None)
+    with step("4_probes", "probes on the LoRA scalars"):
+        probed = probes.measure(ctx, rated, steered)
+        probes.render(probed, rep)
+    with step("5_attribution", "per-adapter attribution"):
+        attributed = attribution.measure(ctx)
+        attribution.render(attributed, rep)
+    with step("6_narrow_vs_general", "narrow vs general solutions"):
+        nvg = narrow_general.measure(ctx, train)
+        narrow_general.render(nvg, rep)
+    findings = [f for r in (rated, steered, ablated, probed, attributed, nvg) for f in r.findings]
+    lenses.render_power(lenses.measure_power(cfg, ctx.qsets, rated, steered, ablated, findings),
+                        rep)
     rep.results["seconds"] = round(time.perf_counter() - t0, 1)
     rep.results["seconds_by_section"] = timings
     rep.text(f"Total time {rep.results['seconds']:.0f} s on {torch.get_num_threads()} threads "
@@ -149,6 +170,21 @@ def run_demo(
     path = rep.write(out)
     log(f"wrote {path}")
     return path
+
+
+class _Steps:
+    """Times each section and logs ``i/total what`` as it starts (``with step(key, what):``)."""
+
+    def __init__(self, log, timings: dict[str, float], total: int) -> None:
+        self.log, self.timings, self.total, self.i = log, timings, total, 0
+
+    @contextmanager
+    def __call__(self, key: str, what: str):
+        self.i += 1
+        self.log(f"{self.i}/{self.total} {what}")
+        start = time.perf_counter()
+        yield
+        self.timings[key] = round(time.perf_counter() - start, 1)
 
 
 def train_organism_now(name: str, folder: Path, cfg: DemoConfig) -> str:
