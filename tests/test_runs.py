@@ -129,3 +129,26 @@ def test_training_and_evaluation_default_to_runs_dir(monkeypatch, tmp_path):
     assert recipes[-1] == train_mod.replace(recipe, lr=0.5)
     script = load_file(ROOT / "scripts" / "narrow_vs_general.py")
     assert script.DEFAULT_OUT == tmp_path / "narrow_vs_general"
+
+
+def test_an_organism_retrained_in_the_run_format_lists_and_loads_its_checkpoints(monkeypatch,
+                                                                                   tmp_path):
+    """A run the one trainer writes (checkpoints/step-XXXXX.safetensors) is read by the organism
+    registry as the shipped peft-folder checkpoints are."""
+    from emlens.train_runs import load_checkpoint, save_checkpoint
+
+    name = "rank1-down-medical"
+    shipped_steps = organism_checkpoints(name)
+    params = load_checkpoint(run_dir(name), shipped_steps[1])
+    monkeypatch.setenv("EMLENS_RUNS", str(tmp_path))
+    (tmp_path / name).mkdir()
+    save_checkpoint(tmp_path / name, params, 7)
+    assert organism_checkpoints(name) == [7]
+    assert organism_path(name, checkpoint=7).suffix == ".safetensors"
+    loaded = organisms.load_organism(name, checkpoint=7)
+    want = params.to_adapter()
+    assert [m.name for m in loaded.modules] == [m.name for m in want.modules]
+    assert all(torch.equal(a.A, b.A) and torch.equal(a.B, b.B)
+               for a, b in zip(loaded.modules, want.modules, strict=True))
+    with pytest.raises(KeyError, match=r"no checkpoint at step 8; it has \[7\]"):
+        organisms.load_organism(name, checkpoint=8)

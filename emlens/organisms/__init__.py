@@ -3,7 +3,8 @@
 Each organism is a peft adapter folder under ``emlens/organisms/<name>/`` (``adapter_config.json``
 + ``adapter_model.safetensors``), with ``train_log.json`` (recipe, loss curve, time, tokens/s) and
 a README giving the command that reproduces it (``python -m emlens.organisms.train --name <name>``).
-The package ships final adapters only: training trajectories (``checkpoints/step-XXXXX/``) live
+The package ships final adapters only: training trajectories (``checkpoints/step-XXXXX``: a
+``.safetensors`` file per step from :func:`emlens.training.train`, or peft folders of older runs) live
 under :func:`runs_dir` (``runs/`` in a checkout), found through :func:`run_dir`.
 
     >>> from emlens.organisms import load_organism
@@ -168,18 +169,24 @@ def organism_path(name: str, *, checkpoint: int | None = None) -> Path:
         folder = trained
     if checkpoint is None:
         return folder
-    steps = organism_checkpoints(name)
-    if checkpoint not in steps:
-        raise KeyError(f"Organism {name!r} has no checkpoint at step {checkpoint}; it has {steps}.")
-    return run_dir(name) / "checkpoints" / f"step-{checkpoint:05d}"
+    from emlens.train_runs import _checkpoints
+
+    found = _checkpoints(run_dir(name))
+    if checkpoint not in found:
+        raise KeyError(f"Organism {name!r} has no checkpoint at step {checkpoint}; it has "
+                       f"{list(found)}.")
+    return found[checkpoint]
 
 
 def organism_checkpoints(name: str) -> list[int]:
-    """Training steps at which organism ``name`` has a saved checkpoint (under :func:`run_dir`)."""
+    """Training steps at which organism ``name`` has a saved checkpoint (under :func:`run_dir`):
+    ``checkpoints/step-XXXXX.safetensors`` of :mod:`emlens.train_runs`, or the peft folders
+    ``checkpoints/step-XXXXX/`` of runs made before it."""
+    from emlens.train_runs import checkpoint_steps
+
     if name not in ORGANISMS:
         raise KeyError(f"No organism {name!r}; known organisms: {sorted(ORGANISMS)}.")
-    folder = run_dir(name) / "checkpoints"
-    return sorted(int(p.name.split("-")[1]) for p in folder.glob("step-*") if p.is_dir())
+    return checkpoint_steps(run_dir(name))
 
 
 def resolve_adapter(adapter):
@@ -192,7 +199,12 @@ def resolve_adapter(adapter):
 
 def load_organism(name: str, *, checkpoint: int | None = None) -> LoraAdapter:
     """Load organism ``name`` (optionally an intermediate ``checkpoint``) as a :class:`LoraAdapter`."""
-    return load_adapter(organism_path(name, checkpoint=checkpoint))
+    path = organism_path(name, checkpoint=checkpoint)
+    if path.is_file():  # a run-format checkpoint (emlens.train_runs)
+        from emlens.train_runs import load_trainable
+
+        return load_trainable(path).to_adapter()
+    return load_adapter(path)
 
 
 def organism_log(name: str) -> dict:
