@@ -24,6 +24,7 @@ own interval also lies beyond the null on the side the claim predicts. Otherwise
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -94,7 +95,11 @@ class Effect:
 
     def __post_init__(self) -> None:
         vals = [self.value, self.low, self.high]
-        if not any(_nan(v) for v in vals) and not self.low <= self.value <= self.high:
+        # a mean and the quantiles of its bootstrap can differ in the last bits when every
+        # value is the same: allow the float64 rounding of the numbers compared
+        tol = 16 * sys.float_info.epsilon * max((abs(v) for v in vals if not _nan(v)), default=0)
+        if (not any(_nan(v) for v in vals)
+                and not self.low - tol <= self.value <= self.high + tol):
             raise ValueError(f"Effect {self.value} lies outside its interval "
                              f"[{self.low}, {self.high}].")
         if self.n < 0:

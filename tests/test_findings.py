@@ -185,3 +185,15 @@ def test_the_report_draws_a_forest_plot_and_a_verdict_table(tmp_path):
     assert "cosine change: <b class=\"v-cannot\">cannot decide</b>" in head
     results = json.loads((tmp_path / "results.json").read_text())
     assert [f.id for f in validate_findings(results["findings"])] == [f.id for f in findings]
+
+
+def test_an_effect_tolerates_only_the_rounding_of_a_constant_sample():
+    import numpy as np
+
+    from emlens.lens import bootstrap_interval
+
+    mean, low, high = bootstrap_interval([0.1] * 7)
+    Effect(mean, low, high, n=7)  # mean and quantiles of identical values may differ in the ulp
+    with pytest.raises(ValueError, match="outside"):
+        Effect(0.1 + 1e-9, 0.1, 0.1, n=7)
+    assert np.isclose(mean, 0.1)
