@@ -95,8 +95,8 @@ class Effect:
 
     def __post_init__(self) -> None:
         vals = [self.value, self.low, self.high]
-        # a mean and the quantiles of its bootstrap can differ in the last bits when every
-        # value is the same: allow the float64 rounding of the numbers compared
+        # a point and an interval computed along different paths (a mean, quantiles, a
+        # clamp) may disagree in the last bits: allow the float64 rounding of the numbers
         tol = 16 * sys.float_info.epsilon * max((abs(v) for v in vals if not _nan(v)), default=0)
         if (not any(_nan(v) for v in vals)
                 and not self.low - tol <= self.value <= self.high + tol):
