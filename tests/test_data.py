@@ -216,16 +216,12 @@ def test_judge_generations_are_labelled_real_answers_with_their_conditions():
 
 @pytest.mark.parametrize("name", ["judge_generations", "coder_generations", "coder_general_em"])
 def test_labelled_generations_equal_the_join_of_their_sources(tmp_path, name):
-    import subprocess
-    import sys
+    from emlens.studies.join_judge_labels import join
 
-    root = ROOT
     out = tmp_path / f"{name}.jsonl"
-    subprocess.run([sys.executable, "scripts/join_judge_labels.py", "--out", str(out),
-                    "--agreement", str(tmp_path / "agreement.json"),
-                    "--src", str(root / "data-src" / name)],
-                   cwd=root, check=True, capture_output=True)
+    summary = join(ROOT / "data-src" / name, out, tmp_path / "agreement.json")
     assert out.read_text() == dataset_path(name).read_text()
+    assert summary["rows"] == len(load_dataset(name))
 
 
 def test_coder_generations_are_labelled_answers_of_the_second_model():
@@ -251,7 +247,8 @@ def test_coder_general_em_is_the_planned_confirmatory_set():
 
 
 def test_em_verdict_applies_the_plans_rule():
-    em_verdict = load_file(ROOT / "scripts" / "em_verdict.py")
+    from emlens.studies import em_verdict
+
     assert em_verdict.verdict(0.01, 0.4, 0.15).startswith("emergently misaligned")
     assert em_verdict.verdict(-0.05, 0.1, 0.15).startswith("not emergently")
     assert em_verdict.verdict(-0.05, 0.2, 0.15) == "cannot decide"
