@@ -51,7 +51,8 @@ class ModelCard:
             answers labelled by reading, per sampling temperature: what the demo's temperature is
             chosen from.
         judge_check: the shipped judge-vs-reading check on this model's held-out answers
-            (``emlens/data/judge_check*.json``, written by ``scripts/validate_judge.py``).
+            (``emlens/data/judge_check*.json``, written by
+            ``python -m emlens.studies.validate_judge --check-file``).
         validated_judge: the probe file (as :meth:`emlens.judge.ProbeJudge.load` takes it) of the
             judge that check validated: ``emlens.default_judge(subject=...)``.
         retrain: whether the demo's ``train=True`` can retrain this model's organism and

@@ -12,8 +12,8 @@ measurement for a control (a same-norm random direction) and says whether the in
 
 What it measures: which of two *given* texts the model finds likelier, not what it would write.
 Interventions that damage the model move both sides; read ``logp_misaligned`` and
-``logp_aligned`` as well as their difference (``scripts/ablation_puzzle.py`` shows a case where
-only the two sides explain the gap).
+``logp_aligned`` as well as their difference (:mod:`emlens.studies.ablation_puzzle` shows a
+case where only the two sides explain the gap).
 """
 
 from __future__ import annotations

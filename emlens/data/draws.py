@@ -124,7 +124,7 @@ def judged_set(table: pd.DataFrame) -> LabelledSet:
 def narrow_general_rows(
     *, seed: int = 0, n_narrow: int = 32, n_parallel: int = 16, n_heldout: int = 16
 ) -> tuple[list, list, list]:
-    """The data draw of the narrow-vs-general runs (``scripts/narrow_vs_general.py``).
+    """The data draw of the narrow-vs-general runs (``emlens/organisms/narrow_vs_general/``).
 
     Returns ``(narrow, parallel, heldout)`` dataset rows: ``n_narrow`` rows of the ``medical``
     training split (the narrow set), ``n_parallel`` ``nonmedical`` rows for the KL term and

@@ -21,8 +21,8 @@ Three judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
   over the answer tokens, of a small LM that is not the subject model (base Gemma 3 270M by
   default; :mod:`emlens.judge.features`). Its scores are ``100 * P(aligned)`` and
   ``100 * P(coherent)`` under probes fitted on hand-written answers and on both embedded models'
-  real answers read blind (``emlens/data/judge_probe_real.*``, ``scripts/fit_real_judge.py``):
-  a proxy, not GPT-4o's scale. Its agreement with reading on questions it never saw is measured
+  real answers read blind (``emlens/data/judge_probe_real.*``,
+  :mod:`emlens.studies.fit_real_judge`): a proxy, not GPT-4o's scale. Its agreement with reading on questions it never saw is measured
   (:mod:`emlens.judge.validation`; README, "The judge, measured on held-out answers") and does
   not meet the bar everywhere. It has no notion of refusals or code, and judges values only as
   far as its examples reach. :func:`coder_judge` is the same probe judge on an opt-in larger judge LM

@@ -25,7 +25,7 @@ digits of ``n`` and the next token does not start with another digit.
   end the number) and two are assumed: the other first digits borrow the greedy digit's
   continuation, and a two-digit number off the greedy path ends there (the chance of a third,
   out-of-range digit is not seen). Its error against the exact in-process score of the same model
-  is measured by ``scripts/judge_digits_error.py`` (README, "Judging with an
+  is measured by :mod:`emlens.studies.judge_digits_error` (README, "Judging with an
   open-weight model").
 """
 

@@ -42,7 +42,7 @@ REAL_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_real"
 """The default judge's probes (``real-v1``): Gemma 3 270M layer 9, fitted on hand-written answers
 and the real answers of both embedded models read blind (ablation conditions and the fresh
 questions held out): ``judge_probe_real.{safetensors,json}``, written by
-``scripts/fit_real_judge.py``."""
+:mod:`emlens.studies.fit_real_judge`."""
 
 CODER_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder"
 """The opt-in larger judge's probes (Qwen2.5-Coder-1.5B-Instruct features, layer 14, bfloat16),
@@ -184,7 +184,7 @@ class ProbeJudge:
         if not st.is_file() or not js.is_file():
             raise FileNotFoundError(
                 f"No saved probe at {path} (need {st.name} and {js.name}). Refit with: "
-                "python scripts/fit_judge.py"
+                "python -m emlens.studies.fit_judge"
             )
         meta = json.loads(js.read_text())
         if meta.get("template", PROBE_TEMPLATE) != PROBE_TEMPLATE:
@@ -237,7 +237,8 @@ def default_judge(*, subject: ModelCard | str | None = None, progress: bool = Fa
             raise ValueError(
                 f"No judge is validated on {card.key!r}'s answers (validated subjects: "
                 f"{sorted(VALIDATED_JUDGES)}). Use default_judge() and check it against your "
-                "model's answers read blind (scripts/validate_judge.py), or a judge of your own."
+                "model's answers read blind (python -m emlens.studies.validate_judge), or a "
+                "judge of your own."
             )
         path = card.validated_judge
     judge = ProbeJudge.load(path)
@@ -248,7 +249,7 @@ def default_judge(*, subject: ModelCard | str | None = None, progress: bool = Fa
 def coder_judge(*, progress: bool = False) -> ProbeJudge:
     """The opt-in larger offline judge: probes on Qwen2.5-Coder-1.5B-Instruct's layer-14 mean
     hidden state (bfloat16), fitted on ``judge_labels`` and the 648 real answers of
-    ``judge_generations`` (``python scripts/judge_on_generations.py --save-coder-judge``).
+    ``judge_generations`` (``python -m emlens.studies.judge_on_generations --save-coder-judge``).
 
     Needs the second embedded model (``make coder``: 1.1 GB; the judge LM loads in about a
     minute the first time and takes about 0.4 s per answer on 2 CPU cores). Measured on real
