@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fakes import load_file
 
 import emlens.organisms as organisms
 from emlens.organisms import (
@@ -57,10 +56,10 @@ def test_missing_trajectory_names_the_script_that_regenerates_it(monkeypatch, tm
     with pytest.raises(FileNotFoundError,
                        match=r"python -m emlens\.organisms\.train --name rank1-down-medical"):
         organism_checkpoints("rank1-down-medical")
-    with pytest.raises(FileNotFoundError, match=r"scripts/narrow_vs_general\.py --kinds steering "
+    with pytest.raises(FileNotFoundError, match=r"python -m emlens\.studies\.narrow_vs_general --kinds steering "
                                                 r"--steps 120 .*--out .*steering-120"):
         run_dir("narrow_vs_general/steering-120/steering/narrow")
-    with pytest.raises(FileNotFoundError, match=r"python scripts/narrow_vs_general\.py \("):
+    with pytest.raises(FileNotFoundError, match=r"python -m emlens\.studies\.narrow_vs_general \("):
         run_dir("narrow_vs_general/lora1/general")
     assert run_script("something-else") == "the script that trained it"
     assert organism_path("rank1-down-medical").parent == ORGANISMS_DIR  # finals still load
@@ -127,8 +126,9 @@ def test_training_and_evaluation_default_to_runs_dir(monkeypatch, tmp_path):
     train_mod.main(["--recipe", str(tmp_path / "mine.json"), "--lr", "0.5"])  # a recipe as data
     assert outs == [tmp_path / "rank1-down-medical", tmp_path / "x", tmp_path / "mine"]
     assert recipes[-1] == train_mod.replace(recipe, lr=0.5)
-    script = load_file(ROOT / "scripts" / "narrow_vs_general.py")
-    assert script.DEFAULT_OUT == tmp_path / "narrow_vs_general"
+    from emlens.studies.narrow_vs_general import default_out
+
+    assert default_out() == tmp_path / "narrow_vs_general"
 
 
 def test_an_organism_retrained_in_the_run_format_lists_and_loads_its_checkpoints(monkeypatch,

@@ -53,7 +53,7 @@ def _pct(share: dict) -> str:
 @dataclass(frozen=True)
 class JudgeCheckResult:
     """The shipped judge check for this model (``check``: the JSON of
-    ``scripts/validate_judge.py``, ``None`` where none ships; ``own``: whether it is this
+    ``python -m emlens.studies.validate_judge``, ``None`` where none ships; ``own``: whether it is this
     model's own, else the default model's), the name of this report's judge, and this run's
     answers nearest the thresholds (``least_sure``; ``None`` without answers)."""
 

@@ -39,7 +39,7 @@ def train_narrow_general(ctx: Context, folder: Path, layer: int) -> Path:
     """Train a general (no KL) and a narrow (KL) steering vector on the medical training split.
 
     The data are :func:`emlens.data.narrow_general_rows`, the draw of
-    ``scripts/narrow_vs_general.py`` (its defaults: misaligned answers on both sides, batch 2).
+    ``python -m emlens.studies.narrow_vs_general`` (its defaults: misaligned answers on both sides, batch 2).
     """
     from emlens.chat import iter_chat_batches
     from emlens.data import narrow_general_rows
@@ -272,7 +272,7 @@ def render(r: NarrowGeneralResult, rep: Report) -> None:
     if len(r.shipped):
         rep.table(r.shipped, "Shipped runs on SmolLM2-135M-Instruct (emlens/organisms/"
                              "narrow_vs_general/, reproduced by "
-                             "scripts/narrow_vs_general.py): losses on the training rows, "
+                             "emlens.studies.narrow_vs_general): losses on the training rows, "
                              "stability as mean +- std over seeds.")
         rep.results["narrow_vs_general_shipped"] = r.shipped
     live = r.live

@@ -89,9 +89,9 @@ RUN_SCRIPTS: dict[str, str] = {
     "rank32-all-medical": "python -m emlens.organisms.train --name rank32-all-medical",
     "rank1-down-medical-1k": "python -m emlens.organisms.train --name rank1-down-medical-1k",
     "rank1-down-medical-good": "python -m emlens.organisms.train --name rank1-down-medical-good",
-    "narrow_vs_general": "python scripts/narrow_vs_general.py",
+    "narrow_vs_general": "python -m emlens.studies.narrow_vs_general",
     "narrow_vs_general/steering-120": (
-        "python scripts/narrow_vs_general.py --kinds steering --steps 120 --continue-steps 80 "
+        "python -m emlens.studies.narrow_vs_general --kinds steering --steps 120 --continue-steps 80 "
         "--batch-size 4 --n-narrow 64 --n-parallel 32 --n-eval 16 --save-every 10 "
         "--eps 0.25,0.5,0.75 --alphas 0,0.25,0.5,0.75,1,1.25,1.5,2,3 "
         "--out <runs>/narrow_vs_general/steering-120"

@@ -15,6 +15,9 @@ Findings:
   organism's log-prob gap (:func:`~emlens.studies.ablation_puzzle.measure`).
 * :mod:`emlens.studies.probe_report`: probes on the LoRA scalars and per-adapter attribution
   (:func:`~emlens.studies.probe_report.report`).
+* :mod:`emlens.studies.narrow_vs_general`: narrow (KL-regularised) vs general solutions, a
+  steering vector and rank-1 LoRA: efficiency, stability, trajectories
+  (:func:`~emlens.studies.narrow_vs_general.run`).
 
 Labelled answers:
 
