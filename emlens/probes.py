@@ -1,3 +1,4 @@
+# One concept, one module (just over 500 lines): a probe and the cross-validation that measures it.
 """Linear probes on per-answer features (LoRA scalars or residual-stream activations).
 
 :func:`fit_probe` fits a scikit-learn ``Pipeline(StandardScaler, LogisticRegression)`` and reports

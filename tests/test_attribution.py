@@ -78,8 +78,9 @@ def test_conditions_zero_only_and_scale_each_adapter(planted):
 
 def test_unknown_adapter_names_are_refused_with_the_valid_ones(planted):
     _, lora = planted
-    with pytest.raises(ValueError, match=r"\['blocks\.5\.mlp\.lora_down'\].*blocks\.0\.mlp\.lora_down"):
-        attribution_conditions(lora, adapters=["blocks.5.mlp.lora_down"])
+    with pytest.raises(ValueError, match=r"'blocks\.5\.mlp\.lora_down', 'late'; attached: "
+                                         r"\['blocks\.0\.mlp\.lora_down'"):
+        attribution_conditions(lora, adapters=["blocks.5.mlp.lora_down", "blocks.1*", "late"])
     with pytest.raises(ValueError, match="ops"):
         attribution_conditions(lora, ops=["double"])
 

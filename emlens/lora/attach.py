@@ -17,7 +17,8 @@ from transformer_lens import HookedTransformer
 from transformer_lens.hook_points import HookPoint
 
 from emlens.hooks import HookFn, Hooks, check_scale
-from emlens.lora.adapter import (
+from emlens.lora.merge import check_compatible
+from emlens.lora.types import (
     TARGET_MODULES,
     AdapterLike,
     LoraAdapter,
@@ -25,7 +26,6 @@ from emlens.lora.adapter import (
     Selection,
     peft_module_path,
 )
-from emlens.lora.merge import check_compatible
 
 # --------------------------------------------------------------------------------------------
 # Attach
@@ -257,12 +257,13 @@ class AttachedLora:
     def select(self, which: Selection = None) -> list[str]:
         """Adapter names matching ``which``: None (all), a layer, a name, a glob, or a list of them.
 
-        Raises ValueError naming the attached adapters when an item matches none.
+        Raises ValueError naming every item that matches none, and the attached adapters.
         """
         if which is None:
             return self.names
         items = [which] if isinstance(which, (int, str)) else list(which)
         chosen: list[str] = []
+        unmatched = []
         for item in items:
             if isinstance(item, int):
                 hits = [n for n, m in self.modules.items() if m.layer == item]
@@ -270,8 +271,13 @@ class AttachedLora:
                 stem = item.removesuffix(".hook_scalar").removesuffix(".hook_acts")
                 hits = [n for n in self.modules if n == stem or fnmatch.fnmatchcase(n, stem)]
             if not hits:
-                raise ValueError(f"No attached adapter matches {item!r}; attached: {self.names}.")
+                unmatched.append(item)
             chosen += [h for h in hits if h not in chosen]
+        if unmatched:
+            raise ValueError(
+                f"No attached adapter matches {', '.join(map(repr, unmatched))}; attached: "
+                f"{self.names} (select by name, layer index or a glob such as 'blocks.1*')."
+            )
         return chosen
 
     def to_adapter(self) -> LoraAdapter:
@@ -377,7 +383,7 @@ def attach_lora(
     dtype = torch.float32 if trainable else model.cfg.dtype
     modules = {
         lm.name: LoraHookedModule(
-            lm, dtype=dtype, device=model.W_E.device, n_out_heads=_out_heads(model, lm.module),
+            lm, dtype=dtype, device=model.W_E.device, n_out_heads=out_heads(model, lm.module),
             trainable=trainable,
         )
         for lm in adapter.modules
@@ -385,7 +391,10 @@ def attach_lora(
     return attach_modules(model, adapter, modules)
 
 
-def _out_heads(model: HookedTransformer, module: str) -> int | None:
+def out_heads(model: HookedTransformer, module: str) -> int | None:
+    """Head count of the hook point a q/k/v adapter adds to (``hook_q`` / ``_k`` / ``_v``, whose
+    last two axes are heads and ``d_head``); None for the other modules, which add to flat
+    points."""
     if module == "q_proj":
         return model.cfg.n_heads
     if module in ("k_proj", "v_proj"):
@@ -412,9 +421,9 @@ def attach_modules(
     registrations: list[_Registration] = []
     try:
         for name, mod in modules.items():
-            if mod.n_out_heads != _out_heads(model, mod.module):
+            if mod.n_out_heads != out_heads(model, mod.module):
                 raise ValueError(f"{name}: built for {mod.n_out_heads} output heads, the model "
-                                 f"has {_out_heads(model, mod.module)}.")
+                                 f"has {out_heads(model, mod.module)}.")
             component, short = TARGET_MODULES[mod.module]
             getattr(model.blocks[mod.layer], component).add_module(short, mod)
             attached[name] = mod
