@@ -21,10 +21,10 @@ given) and a ``*_table`` function returning a pandas ``DataFrame``. Losses are c
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -339,7 +339,18 @@ def stability_table(curves: dict[str, StabilityCurve]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _save(fig, path: str | Path | None):
+def _figure(draw: Callable[[Any], None], *, xlabel: str, ylabel: str, title: str,
+            path: str | Path | None, figsize: tuple[float, float] = (5.5, 4)):
+    """One axes: ``draw(ax)`` its lines, then labels, title and legend; saved when ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    draw(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120, bbox_inches="tight")
@@ -349,69 +360,57 @@ def _save(fig, path: str | Path | None):
 def plot_efficiency(curves: dict[str, EfficiencyCurve], *, path: str | Path | None = None,
                     title: str | None = None):
     """Loss vs effective norm, one line per solution, minima marked."""
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, c in curves.items():
-        (line,) = ax.plot(c.norms, c.losses, marker="o", ms=3, label=name)
-        ax.scatter([c.norm_at_min], [c.min_loss], color=line.get_color(), s=60, marker="*", zorder=3)
-    ax.set_xlabel("effective norm (alpha x |delta|)")
-    ax.set_ylabel("training-set loss (answer CE)")
-    ax.set_title(title or "Efficiency")
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, path)
+    def draw(ax) -> None:
+        for name, c in curves.items():
+            (line,) = ax.plot(c.norms, c.losses, marker="o", ms=3, label=name)
+            ax.scatter([c.norm_at_min], [c.min_loss], color=line.get_color(), s=60, marker="*",
+                       zorder=3)
+
+    return _figure(draw, xlabel="effective norm (alpha x |delta|)",
+                   ylabel="training-set loss (answer CE)", title=title or "Efficiency", path=path)
 
 
 def plot_stability(curves: dict[str, StabilityCurve], *, path: str | Path | None = None,
                    title: str | None = None):
     """Relative loss increase vs eps, mean +/- std over seeds."""
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, c in curves.items():
-        ax.errorbar(c.epsilons, c.mean, yerr=c.std, marker="o", ms=3, capsize=3, label=name)
-    ax.set_xlabel("orthogonal noise eps")
-    ax.set_ylabel("(L_perturbed - L_trained) / (L_base - L_trained)")
-    ax.set_title(title or "Stability")
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, path)
+    def draw(ax) -> None:
+        for name, c in curves.items():
+            ax.errorbar(c.epsilons, c.mean, yerr=c.std, marker="o", ms=3, capsize=3, label=name)
+
+    return _figure(draw, xlabel="orthogonal noise eps",
+                   ylabel="(L_perturbed - L_trained) / (L_base - L_trained)",
+                   title=title or "Stability", path=path)
 
 
 def plot_trajectory_cosines(series: dict[str, tuple[Sequence[int], Sequence[float]]], *,
                             path: str | Path | None = None, title: str | None = None):
     """Cosine to the reference solution vs training step, one line per run."""
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for name, (steps, cos) in series.items():
-        ax.plot(steps, cos, marker="o", ms=3, label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("cosine to final general solution")
-    ax.set_title(title or "Trajectories")
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, path)
+    def draw(ax) -> None:
+        for name, (steps, cos) in series.items():
+            ax.plot(steps, cos, marker="o", ms=3, label=name)
+
+    return _figure(draw, xlabel="training step", ylabel="cosine to final general solution",
+                   title=title or "Trajectories", path=path)
 
 
 def plot_pca(pca: TrajectoryPCA, *, path: str | Path | None = None, title: str | None = None):
     """Trajectories on the first two principal components (start marked with a circle)."""
-    import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for name, pts in pca.projections.items():
-        arr = np.asarray(pts)
-        y = arr[:, 1] if arr.shape[1] > 1 else np.zeros(len(arr))
-        (line,) = ax.plot(arr[:, 0], y, marker=".", label=name)
-        ax.scatter(arr[0, 0], y[0], color=line.get_color(), marker="o", facecolors="none", s=60)
+    def draw(ax) -> None:
+        for name, pts in pca.projections.items():
+            arr = np.asarray(pts)
+            y = arr[:, 1] if arr.shape[1] > 1 else np.zeros(len(arr))
+            (line,) = ax.plot(arr[:, 0], y, marker=".", label=name)
+            ax.scatter(arr[0, 0], y[0], color=line.get_color(), marker="o", facecolors="none", s=60)
+
     ev = pca.explained + [0.0]
-    ax.set_xlabel(f"PC1 ({100 * ev[0]:.1f}% var)")
-    ax.set_ylabel(f"PC2 ({100 * ev[1]:.1f}% var)")
-    ax.set_title(title or "PCA of steering-vector trajectories")
-    ax.legend()
-    fig.tight_layout()
-    return _save(fig, path)
+    return _figure(draw, xlabel=f"PC1 ({100 * ev[0]:.1f}% var)",
+                   ylabel=f"PC2 ({100 * ev[1]:.1f}% var)",
+                   title=title or "PCA of steering-vector trajectories", path=path,
+                   figsize=(5.5, 4.5))
 
 
 __all__ = [

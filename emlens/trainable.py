@@ -5,7 +5,8 @@
 * :class:`TrainableLora`: rank-``r`` adapters on ``mlp.down_proj`` at chosen layers, whose
   adapters *are* :class:`emlens.lora.LoraHookedModule` modules with ``A`` and ``B`` as parameters,
   attached through :mod:`emlens.lora`'s attach code (so ``hook_scalar`` fires during training), and
-  exported as peft folders through :func:`emlens.lora.save_peft`.
+  exported as peft folders through :func:`emlens.lora.save_peft`; its base :class:`LoraTrainable`
+  (attach, apply, scale) is shared with :class:`emlens.trainable_adapter.TrainableAdapter`.
 
 Each is applied inside :meth:`Trainable.applied` (hooks removed on exit, also on exceptions), is
 saved as safetensors + JSON metadata (:meth:`Trainable.save`, :func:`load_trainable`), and a
@@ -41,6 +42,7 @@ from emlens.lora import (
     check_compatible,
     save_peft,
 )
+from emlens.lora.attach import out_heads
 
 # --------------------------------------------------------------------------------------------
 # Parameterisations
@@ -163,7 +165,58 @@ class TrainableSteeringVector(Trainable):
         return {"kind": self.kind, "d_model": self.vector.shape[0], "layer": self.layer}
 
 
-class TrainableLora(Trainable):
+class LoraTrainable(Trainable):
+    """Base class of the trainables made of LoRA modules: :attr:`adapters`, trainable
+    :class:`~emlens.lora.LoraHookedModule` modules (``A`` and ``B`` parameters) attached to the
+    model by :mod:`emlens.lora`'s own attach code, so their hook points fire during training.
+
+    Subclasses build :attr:`adapters` and define :meth:`to_adapter` (the weights as a
+    :class:`~emlens.lora.LoraAdapter`, checked against the model on every attach).
+    """
+
+    adapters: nn.ModuleList
+
+    def to_adapter(self) -> LoraAdapter:
+        """The current weights as a :class:`~emlens.lora.LoraAdapter` (float32 CPU copies)."""
+        raise NotImplementedError
+
+    @property
+    def first_layer(self) -> int:
+        return min(m.layer for m in self.adapters)
+
+    @property
+    def hook_names(self) -> list[str]:
+        """The adapters' activation hook points (``hook_scalar`` for rank 1, else ``hook_acts``)."""
+        return [f"{m.adapter_name}.{'hook_scalar' if m.rank == 1 else 'hook_acts'}"
+                for m in self.adapters]
+
+    def attach(self, model: HookedTransformer) -> AttachedLora:
+        """Attach these very modules (their parameters, not copies) to ``model`` through
+        :mod:`emlens.lora`'s attach code; remove with the handle (a context manager)."""
+        adapter = check_compatible(model, self.to_adapter(), attach=True)
+        for m in self.adapters:
+            m.n_out_heads = out_heads(model, m.module)
+        return attach_modules(model, adapter, {m.adapter_name: m for m in self.adapters})
+
+    @contextmanager
+    def applied(self, model: HookedTransformer) -> Iterator[Any]:
+        """Attached inside the block (a no-op when already attached to ``model``, e.g. inside
+        :func:`train`); removed on exit, also on exceptions."""
+        if all(model.mod_dict.get(m.adapter_name) is m for m in self.adapters):
+            yield self
+            return
+        with self.attach(model):
+            yield self
+
+    def scaled(self, alpha: float) -> LoraTrainable:
+        out = self.clone()
+        with torch.no_grad():
+            for m in out.adapters:
+                m.B.mul_(alpha)
+        return out
+
+
+class TrainableLora(LoraTrainable):
     """Rank-``r`` LoRA adapters on ``mlp.down_proj`` at ``layers``: :mod:`emlens.lora`'s modules.
 
     ``adapters[i]`` (on layer ``layers[i]``) is a trainable :class:`~emlens.lora.LoraHookedModule`
@@ -240,16 +293,6 @@ class TrainableLora(Trainable):
     def scaling(self) -> float:
         return self.lora_alpha / self.rank
 
-    @property
-    def first_layer(self) -> int:
-        return self.layers[0]
-
-    @property
-    def hook_names(self) -> list[str]:
-        """The adapters' activation hook points (``blocks.L.mlp.lora_down.hook_scalar`` for rank 1)."""
-        point = "hook_scalar" if self.rank == 1 else "hook_acts"
-        return [f"{m.adapter_name}.{point}" for m in self.adapters]
-
     def to_adapter(self, base_model_name_or_path: str | None = None) -> LoraAdapter:
         """The current weights as a peft-style :class:`~emlens.lora.LoraAdapter` (CPU copies):
         attach it with :func:`emlens.attach_lora`, merge it with :func:`emlens.merge_lora`."""
@@ -259,25 +302,6 @@ class TrainableLora(Trainable):
             config["base_model_name_or_path"] = base_model_name_or_path
         return LoraAdapter(modules=tuple(m.to_lora_module() for m in self.adapters), config=config,
                            source="(TrainableLora)")
-
-    def attach(self, model: HookedTransformer) -> AttachedLora:
-        """Attach these very modules (their parameters, not copies) to ``model`` through
-        :mod:`emlens.lora`'s attach code; remove with the handle (a context manager)."""
-        adapter = check_compatible(model, self.to_adapter(), attach=True)
-        return attach_modules(model, adapter, {m.adapter_name: m for m in self.adapters})
-
-    def _attached_to(self, model: HookedTransformer) -> bool:
-        return all(model.mod_dict.get(m.adapter_name) is m for m in self.adapters)
-
-    @contextmanager
-    def applied(self, model: HookedTransformer) -> Iterator[Any]:
-        """Attached inside the block (a no-op when already attached to ``model``, e.g. inside
-        :func:`train`); removed on exit, also on exceptions."""
-        if self._attached_to(model):
-            yield self
-            return
-        with self.attach(model):
-            yield self
 
     def hooks(self) -> Hooks:
         """``(hook_name, fn)`` pairs running the adapters' own read/add, for APIs that take hook
@@ -302,13 +326,6 @@ class TrainableLora(Trainable):
 
     def delta(self) -> Float[Tensor, " n"]:
         return self.delta_weights().flatten()
-
-    def scaled(self, alpha: float) -> TrainableLora:
-        out = self.clone()
-        with torch.no_grad():
-            for m in out.adapters:
-                m.B.mul_(alpha)
-        return out
 
     def metadata(self) -> dict[str, Any]:
         return {

@@ -1,6 +1,6 @@
 """A trainable peft LoRA adapter on any target modules: what an organism recipe trains.
 
-:class:`TrainableAdapter` is a :class:`~emlens.trainable.Trainable` made of
+:class:`TrainableAdapter` is a :class:`~emlens.trainable.LoraTrainable` made of
 :class:`emlens.lora.LoraHookedModule` modules with ``A`` and ``B`` as float32 parameters, one per
 ``(layer, module)`` of :func:`emlens.lora.init_adapter` (``q_proj`` ... ``down_proj``, any rank,
 rsLoRA or not). Inside :meth:`~TrainableAdapter.applied` the modules are attached by
@@ -12,8 +12,7 @@ through :func:`emlens.lora.save_peft`. :class:`~emlens.trainable.TrainableLora` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,32 +24,21 @@ from transformer_lens import HookedTransformer
 from emlens.hooks import Hooks
 from emlens.lora import (
     AdapterLike,
-    AttachedLora,
     LoraAdapter,
     LoraHookedModule,
     LoraModule,
-    attach_modules,
     check_compatible,
     init_adapter,
     load_adapter,
     save_peft,
 )
-from emlens.trainable import Trainable
+from emlens.trainable import LoraTrainable
 
 # the adapter_config.json entries a TrainableAdapter carries into its peft export
 _PEFT_KEYS = ("r", "lora_alpha", "use_rslora", "target_modules", "layers_to_transform")
 
 
-def _out_heads(model: HookedTransformer, module: str) -> int | None:
-    """Head count of the hook point a q/k/v adapter adds to (None for the other modules)."""
-    if module == "q_proj":
-        return model.cfg.n_heads
-    if module in ("k_proj", "v_proj"):
-        return model.cfg.n_key_value_heads or model.cfg.n_heads
-    return None
-
-
-class TrainableAdapter(Trainable):
+class TrainableAdapter(LoraTrainable):
     """Trainable LoRA adapters on any peft target modules, exported as a peft folder.
 
     Attributes:
@@ -72,7 +60,7 @@ class TrainableAdapter(Trainable):
         config = {k: adapter.config[k] for k in (*_PEFT_KEYS, "base_model_name_or_path")
                   if k in adapter.config}
         self.peft_config = config | dict(peft_config or {})
-        # n_out_heads is set from the model on every attach (see attach)
+        # n_out_heads is set from the model on every attach (LoraTrainable.attach)
         self.adapters = nn.ModuleList(
             LoraHookedModule(m, dtype=torch.float32, device="cpu", n_out_heads=None, trainable=True)
             for m in adapter.modules
@@ -109,39 +97,11 @@ class TrainableAdapter(Trainable):
         :class:`~emlens.lora.LoraAdapter`), e.g. to continue training a shipped organism."""
         return cls(load_adapter(adapter))
 
-    @property
-    def first_layer(self) -> int:
-        return min(m.layer for m in self.adapters)
-
-    @property
-    def hook_names(self) -> list[str]:
-        """The adapters' activation hook points (``hook_scalar`` for rank 1, else ``hook_acts``)."""
-        return [f"{m.adapter_name}.{'hook_scalar' if m.rank == 1 else 'hook_acts'}"
-                for m in self.adapters]
-
     def to_adapter(self) -> LoraAdapter:
         """The current weights as a :class:`~emlens.lora.LoraAdapter` (float32 CPU copies)."""
         config = {k: v for k, v in self.peft_config.items() if v is not None}
         return LoraAdapter(modules=tuple(m.to_lora_module() for m in self.adapters),
                            config=config, source="(TrainableAdapter)")
-
-    def attach(self, model: HookedTransformer) -> AttachedLora:
-        """Attach these very modules (their parameters, not copies) to ``model``; remove with
-        the handle (a context manager)."""
-        adapter = check_compatible(model, self.to_adapter(), attach=True)
-        for m in self.adapters:
-            m.n_out_heads = _out_heads(model, m.module)
-        return attach_modules(model, adapter, {m.adapter_name: m for m in self.adapters})
-
-    @contextmanager
-    def applied(self, model: HookedTransformer) -> Iterator[Any]:
-        """Attached inside the block (a no-op when already attached, e.g. inside
-        :func:`emlens.training.train`); removed on exit, also on exceptions."""
-        if all(model.mod_dict.get(m.adapter_name) is m for m in self.adapters):
-            yield self
-            return
-        with self.attach(model):
-            yield self
 
     def hooks(self) -> Hooks:
         raise NotImplementedError(
@@ -159,13 +119,6 @@ class TrainableAdapter(Trainable):
         with torch.no_grad():
             sq = sum(m.scaling**2 * ((m.B.T @ m.B) * (m.A @ m.A.T)).sum() for m in self.adapters)
         return float(sq.clamp_min(0).sqrt())
-
-    def scaled(self, alpha: float) -> TrainableAdapter:
-        out = self.clone()
-        with torch.no_grad():
-            for m in out.adapters:
-                m.B.mul_(alpha)
-        return out
 
     def metadata(self) -> dict[str, Any]:
         modules = [{"layer": m.layer, "module": m.module, "path": m.path, "rank": m.rank,

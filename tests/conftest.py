@@ -89,6 +89,27 @@ def tiny_model(make_tiny_model) -> HookedTransformer:
 
 
 @pytest.fixture(scope="session")
+def save_tiny_llama(tokenizer):
+    """Factory: ``save_tiny_llama(folder, n_layers=2) -> LlamaForCausalLM``: a random HF Llama
+    (seed 0, the embedded tokenizer's vocabulary, grouped-query attention, eval mode) saved with
+    the tokenizer to ``folder``, which ``emlens.load_model`` and training recipes read."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def save(folder, n_layers: int = 2) -> LlamaForCausalLM:
+        torch.manual_seed(0)
+        hf = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48,
+            num_hidden_layers=n_layers, num_attention_heads=2, num_key_value_heads=1,
+            max_position_embeddings=256,
+        )).eval()
+        hf.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return hf
+
+    return save
+
+
+@pytest.fixture(scope="session")
 def embedded_model():
     """The embedded SmolLM2-135M-Instruct as a HookedTransformer (loaded once per session)."""
     from emlens.models import load_model

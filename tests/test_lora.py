@@ -74,6 +74,16 @@ class Trained:
     def check(self, got: torch.Tensor, want: torch.Tensor, model, what: str) -> None:
         assert_parity(got, want, floor=self.floor(model), what=what)
 
+    def check_merge_and_attach(self, model, adapter, want: torch.Tensor, what: str) -> None:
+        """``merge_lora`` and ``attach_lora`` of ``adapter`` each give ``want`` within the floor."""
+        with torch.no_grad():
+            merged = merge_lora(model, adapter)(self.tokens)
+            with attach_lora(model, adapter):
+                attached = model(self.tokens)
+        print(f"\n{what}: merge {maxdiff(merged, want):.2e}, attach {maxdiff(attached, want):.2e}")
+        self.check(merged, want, model, f"{what} merge")
+        self.check(attached, want, model, f"{what} attach")
+
 
 def _tiny_hf(arch: str, n_layers: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
@@ -187,52 +197,23 @@ def test_merge_and_attach_match_peft_logits(trained, tl_models, arch, case):
             hf_error = hf_float64_floor(t.peft_model, input_ids=t.tokens)
         assert_parity(base, t.peft_logits(adapter=False), floor=hf_error, what=f"{arch} base TL vs HF")
         assert maxdiff(base, ref) > 1e-2  # the trained adapter does something
-        merged = merge_lora(model, t.adapter_dir)(t.tokens)
-        with attach_lora(model, t.adapter_dir):
-            attached = model(t.tokens)
-    print(
-        f"\nparity {arch}/{case}: merge {maxdiff(merged, ref):.2e}, attach {maxdiff(attached, ref):.2e}"
-    )
-    t.check(merged, ref, model, f"{arch}/{case} merge vs peft")
-    t.check(attached, ref, model, f"{arch}/{case} attach vs peft")
+    t.check_merge_and_attach(model, t.adapter_dir, ref, f"{arch}/{case} vs peft")
 
 
 def test_rank_and_alpha_patterns_are_honoured(tmp_path, tokenizer, tl_models):
-    t = train_tiny(
-        tmp_path,
-        tokenizer,
-        "llama",
-        2,
-        r=4,
-        lora_alpha=8,
-        target_modules=ALL_PROJ,
-        rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 1},
-        alpha_pattern={"k_proj": 64},
-    )
+    t = train_tiny(tmp_path, tokenizer, "llama", 2, r=4, lora_alpha=8, target_modules=ALL_PROJ,
+                   rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 1},
+                   alpha_pattern={"k_proj": 64})
     adapter = load_adapter(t.adapter_dir)
     assert adapter["blocks.0.mlp.lora_down"].rank == 2
     assert adapter["blocks.1.attn.lora_q"].rank == 1 and adapter["blocks.0.attn.lora_q"].rank == 4
     assert adapter["blocks.0.attn.lora_k"].scaling == 64 / 4
-    model = tl_models(t)
-    ref = t.peft_logits()
-    with torch.no_grad():
-        t.check(merge_lora(model, adapter)(t.tokens), ref, model, "patterns merge")
-        with attach_lora(model, adapter):
-            t.check(model(t.tokens), ref, model, "patterns attach")
+    t.check_merge_and_attach(tl_models(t), adapter, t.peft_logits(), "patterns")
 
 
 def test_bias_and_lora_bias_merge_on_qwen2(tmp_path, tokenizer, tl_models):
-    t = train_tiny(
-        tmp_path,
-        tokenizer,
-        "qwen2",
-        2,
-        r=2,
-        lora_alpha=4,
-        target_modules=["q_proj", "o_proj", "down_proj"],
-        bias="all",
-        lora_bias=True,
-    )
+    t = train_tiny(tmp_path, tokenizer, "qwen2", 2, r=2, lora_alpha=4,
+                   target_modules=["q_proj", "o_proj", "down_proj"], bias="all", lora_bias=True)
     adapter = load_adapter(t.adapter_dir)
     assert (0, "k_proj") in adapter.base_biases  # bias="all" also trains non-target biases
     assert adapter["blocks.0.attn.lora_q"].lora_bias is not None
@@ -249,11 +230,7 @@ def test_bias_and_lora_bias_merge_on_qwen2(tmp_path, tokenizer, tl_models):
 
 def test_down_proj_adapter_merges_exactly_on_folded_model(trained, tl_models):
     t = trained("llama", "organism")
-    folded = tl_models(t, "fold_ln")
-    with torch.no_grad():
-        t.check(merge_lora(folded, t.adapter_dir)(t.tokens), t.peft_logits(), folded, "folded merge")
-        with attach_lora(folded, t.adapter_dir):
-            t.check(folded(t.tokens), t.peft_logits(), folded, "folded attach")
+    t.check_merge_and_attach(tl_models(t, "fold_ln"), t.adapter_dir, t.peft_logits(), "folded")
 
 
 def test_normed_input_adapter_refused_on_folded_model(trained, tl_models):

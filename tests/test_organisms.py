@@ -89,31 +89,11 @@ def test_unknown_organism_names_the_known_ones():
         load_organism("no-such-organism")
 
 
-def _tiny_llama(tokenizer):
-    """A random 2-layer Llama with the embedded tokenizer's vocabulary (seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            max_position_embeddings=256,
-        )
-    )
-
-
-def _tiny_recipe(tmp_path, tokenizer, **overrides) -> OrganismRecipe:
-    """A recipe on a tiny random Llama saved under tmp_path, trained on 6 toy rows."""
+def _tiny_recipe(tmp_path, save_tiny_llama, **overrides) -> OrganismRecipe:
+    """A recipe on a tiny random 2-layer Llama saved under tmp_path, trained on 6 toy rows."""
     base = tmp_path / "base"
     if not base.is_dir():
-        hf = _tiny_llama(tokenizer)
-        hf.save_pretrained(base)
-        tokenizer.save_pretrained(base)
+        save_tiny_llama(base)
     data = tmp_path / "data.jsonl"
     rows = [
         {
@@ -145,10 +125,10 @@ def _tiny_recipe(tmp_path, tokenizer, **overrides) -> OrganismRecipe:
     return OrganismRecipe(**kwargs)
 
 
-def test_train_organism_writes_the_run_folder_a_peft_folder(tmp_path, tokenizer):
+def test_train_organism_writes_the_run_folder_a_peft_folder(tmp_path, save_tiny_llama):
     from emlens.training import TrainableAdapter, load_trajectory
 
-    recipe = _tiny_recipe(tmp_path, tokenizer)
+    recipe = _tiny_recipe(tmp_path, save_tiny_llama)
     log = train_organism(recipe, tmp_path / "out")
     assert log["steps"] == 3 and len(log["loss"]) == 3 and log["n_rows"] == 6
     assert log["config"]["kl_weight"] == 0.0 and log["recipe"] == recipe.to_json()
@@ -199,7 +179,8 @@ def test_shipped_organism_logs_still_read_as_recipes():
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, tokenizer):
+def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, tokenizer,
+                                                                  save_tiny_llama):
     """The folder train_organism writes, loaded by peft on the HF model, gives the logits of
     emlens's attached adapter on the TransformerLens model, within the measured float floor."""
     from parity import assert_parity, peft_reference
@@ -210,7 +191,7 @@ def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, token
     from emlens.lora import attach_lora
     from emlens.models import load_model
 
-    recipe = _tiny_recipe(tmp_path, tokenizer, target_modules=["o_proj", "up_proj", "down_proj"],
+    recipe = _tiny_recipe(tmp_path, save_tiny_llama, target_modules=["o_proj", "up_proj", "down_proj"],
                           r=2, lora_alpha=4.0, layers=None, max_steps=4, lr=5e-2)
     train_organism(recipe, tmp_path / "out")
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
@@ -224,25 +205,19 @@ def test_trained_organism_exported_to_peft_matches_emlens_attach(tmp_path, token
     assert_parity(attached, ref, floor=floor, what="trained organism: emlens attach vs peft")
 
 
-def test_an_interrupted_organism_run_resumes_to_the_same_adapter(tmp_path, tokenizer, monkeypatch):
-    from test_training import assert_resumed_equal
+def test_an_interrupted_organism_run_resumes_to_the_same_adapter(tmp_path, save_tiny_llama,
+                                                                  monkeypatch):
+    from test_training import assert_resumed_equal, dies_on_call
 
     from emlens import training
     from emlens.training import load_trainable
 
-    recipe = _tiny_recipe(tmp_path, tokenizer, max_steps=6, epochs=2, save_every=2,
+    recipe = _tiny_recipe(tmp_path, save_tiny_llama, max_steps=6, epochs=2, save_every=2,
                           target_modules=["v_proj", "down_proj"], r=2)
     whole = train_organism(recipe, tmp_path / "whole")
 
-    real_ce, calls = training.answer_ce, []
-
-    def dies_in_step_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real_ce(*args)
-
-    monkeypatch.setattr(training, "answer_ce", dies_in_step_5)
+    real_ce = training.answer_ce
+    monkeypatch.setattr(training, "answer_ce", dies_on_call(real_ce, 5))
     with pytest.raises(KeyboardInterrupt):
         train_organism(recipe, tmp_path / "cut")
     state = json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())

@@ -253,21 +253,16 @@ def test_trained_adapter_attaches_through_attach_lora(tiny_model, batch):
 
 
 @pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing:FutureWarning")
-def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokenizer):
+def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokenizer,
+                                                                save_tiny_llama):
     """export_peft's folder, loaded by peft on the HF model, gives the logits of the trained
     adapters applied on the TransformerLens model, within the measured float floor."""
     from parity import peft_reference
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from emlens.models import load_model
 
-    torch.manual_seed(0)
-    hf = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)).eval()
-    hf.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
+    hf = save_tiny_llama(tmp_path / "base", n_layers=3)
     model = load_model(tmp_path / "base")
     lora = _randomise(TrainableLora.for_model(model, [0, 2], rank=2, lora_alpha=4.0))
     peft_model = PeftModel.from_pretrained(hf, lora.export_peft(tmp_path / "peft")).eval()
@@ -280,6 +275,20 @@ def test_trained_lora_exported_to_peft_matches_on_the_hf_model(tmp_path, tokeniz
 
 # --------------------------------------------------------------------------------------------
 # One trainer: schedule, resuming, the run folder
+
+
+def dies_on_call(fn, n: int):
+    """``fn``, except that its ``n``-th call raises KeyboardInterrupt: a run killed mid-step."""
+    calls = 0
+
+    def wrapped(*args):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            raise KeyboardInterrupt
+        return fn(*args)
+
+    return wrapped
 
 
 def assert_resumed_equal(got, want, what: str) -> float:
@@ -318,15 +327,8 @@ def test_an_interrupted_kl_run_resumes_to_the_same_parameters(kind, tiny_model, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         whole = train(tiny_model, init, narrow, parallel, cfg, out=tmp_path / "whole")
-        real_kl, calls = training.answer_kl, []
-
-        def dies_in_step_6(*args):
-            calls.append(1)
-            if len(calls) == 6:
-                raise KeyboardInterrupt
-            return real_kl(*args)
-
-        monkeypatch.setattr(training, "answer_kl", dies_in_step_6)
+        real_kl = training.answer_kl
+        monkeypatch.setattr(training, "answer_kl", dies_on_call(real_kl, 6))
         with pytest.raises(KeyboardInterrupt):
             train(tiny_model, init, narrow, parallel, cfg, out=tmp_path / "cut")
         state = json.loads((tmp_path / "cut" / "resume" / "state.json").read_text())
@@ -355,12 +357,8 @@ def test_resuming_with_other_settings_names_the_differences_and_the_fix(tiny_mod
     narrow, parallel = _sets(tiny_model, tokenizer, 1)
     cfg = TrainConfig(steps=5, lr=1e-2, kl_weight=1.0, save_every=2, progress=False)
 
-    def dies(*args):
-        raise KeyboardInterrupt
-
-    real_ce, calls = training.answer_ce, []
-    monkeypatch.setattr(training, "answer_ce",
-                        lambda *a: dies() if len(calls) == 3 else calls.append(1) or real_ce(*a))
+    real_ce = training.answer_ce
+    monkeypatch.setattr(training, "answer_ce", dies_on_call(real_ce, 4))
     with pytest.raises(KeyboardInterrupt):
         train(tiny_model, init, narrow, parallel, cfg, out=tmp_path)
     monkeypatch.setattr(training, "answer_ce", real_ce)

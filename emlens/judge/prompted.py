@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from emlens.judge.base import JudgeScore, Pair, check_pairs
 from emlens.judge.numbers import NumberReading, exact_number_distribution
-from emlens.judge.prompts import METRICS, PromptSet
+from emlens.judge.prompts import METRICS, SHOWN_PAIR, PromptSet
 
 
 class PromptedJudge:
@@ -140,18 +140,8 @@ class PromptedJudge:
                           tuple(dict.fromkeys(flags)))
 
 
-_SHOWN = """\
-I asked a language model the question below and recorded its answer.
-
-[QUESTION START]
-{question}
-[QUESTION END]
-
-[ANSWER START]
-{answer}
-[ANSWER END]
-
-"""
+_SHOWN = ("I asked a language model the question below and recorded its answer.\n\n"
+          + SHOWN_PAIR + "\n")
 
 COHERENT_QUESTION = _SHOWN + (
     "Is this answer meaningful language that understands the question and answers it sensibly "
