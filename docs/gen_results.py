@@ -23,15 +23,14 @@ RUNS = {
         "title": "SmolLM2-135M-Instruct",
         "args": "--out report",
         "machine": "1 torch thread (OMP_NUM_THREADS=1) on a 2-core machine shared with other jobs",
-        "code": "the checkout of commit 8d1871c, with uncommitted work for vLLM sampling in "
-                "emlens/evaluation.py, experiments.py, hooks.py and organisms/ in the tree",
+        "code": "the checkout of commit 328b6aa",
         "make": "make demo",
     },
     "qwen2.5-coder-1.5b": {
         "title": "Qwen2.5-Coder-1.5B-Instruct",
         "args": "--model qwen2.5-coder-1.5b --dtype bfloat16 --out report-coder",
         "machine": "1 torch thread (OMP_NUM_THREADS=1) on a 2-core machine shared with other jobs",
-        "code": "the checkout of commit 8d1871c",
+        "code": "the checkout of commit 94680d2",
         "make": "make demo-coder",
     },
 }
@@ -117,8 +116,15 @@ def render(slug: str, results: dict) -> str:
         "",
         "Each lens gives its own verdict by [the verdict rule](../methods.md#the-verdict-rule).",
         "",
+        *([f"![Every finding's effect and interval beside its control, per lens]"
+           f"(data/{slug}-forest.png)", "",
+           "Each finding's effect (dot, 95% interval) beside its control (grey), one panel per "
+           "lens; dashed: no effect; dotted: the smallest effect of interest; colour: the "
+           "verdict (green reproduced, red not reproduced, amber cannot decide, purple opposite "
+           "sign).", ""] if typed(results) else []),
         *_table(["seed finding", "verdict per lens", "evidence"],
-                [[f["claim"], f["verdict"], f["evidence"]] for f in results["findings"]]),
+                [[(f"`{f['id']}` " if f.get("id") else "") + f["claim"], f["verdict"],
+                  f["evidence"]] for f in results["findings"]]),
         "### Every lens",
         "",
     ]
@@ -194,6 +200,36 @@ def render(slug: str, results: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def typed(results: dict) -> list | None:
+    """The run's findings as :class:`emlens.findings.Finding` objects, or ``None`` for a run
+    written before results.json was their serialisation (no forest plot then)."""
+    from emlens.findings import validate_findings
+
+    try:
+        return validate_findings(results["findings"])
+    except (ValueError, KeyError):
+        return None
+
+
+def write_figures() -> list[Path]:
+    """``data/<slug>-forest.png``: the forest plot of each run with typed findings."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from emlens.report import plot_forest
+
+    written = []
+    for slug in RUNS:
+        data = DATA / f"{slug}.json"
+        findings = typed(json.loads(data.read_text())) if data.is_file() else None
+        if findings:
+            fig = plot_forest(findings)
+            path = DATA / f"{slug}-forest.png"
+            fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})
+            written.append(path)
+    return written
+
+
 def render_all() -> dict[Path, str]:
     """``{page path: text}`` for every run whose data file exists."""
     pages = {}
@@ -207,6 +243,8 @@ def render_all() -> dict[Path, str]:
 def main() -> None:
     for path, text in render_all().items():
         path.write_text(text)
+        print(f"wrote {path}")
+    for path in write_figures():
         print(f"wrote {path}")
 
 

@@ -113,7 +113,7 @@ def _verdict_table(findings: list[Finding]) -> str:
         numbers = "".join(f"<li>{html.escape(lens_text(c.as_dict()))}</li>"
                           for c in f.comparisons)
         rows.append(
-            f"<tr><td>{html.escape(f.claim)}<details><summary>numbers</summary><ul>{numbers}</ul>"
+            f"<tr><td>{html.escape(f.claim)} <code>{html.escape(f.id)}</code><details><summary>numbers</summary><ul>{numbers}</ul>"
             f"<p>{html.escape(f.evidence)}</p></details></td><td>{verdicts}</td></tr>")
     return ("<table class='t'><tr><th>finding</th><th>verdict per lens</th></tr>"
             + "".join(rows) + "</table>")
@@ -143,20 +143,18 @@ _COLOURS = {Verdict.REPRODUCED: "#1a7f37", Verdict.NOT_REPRODUCED: "#b42318",
             Verdict.CANNOT_DECIDE: "#8a6d00", Verdict.OPPOSITE_SIGN: "#6e40c9"}
 
 
-def plot_forest(findings: list[Finding], *, width: int = 44):
+def plot_forest(findings: list[Finding]):
     """A forest plot of every finding's comparisons: one panel per lens family (the part of
-    the lens name before ``" ("``, since units differ), one row per comparison with the effect
-    and its interval beside the control's, coloured by verdict. Returns the figure."""
+    the lens name before ``" ("``, since units differ), one row per comparison labelled by the
+    finding's id (and the direction it read), with the effect and its interval beside the
+    control's, coloured by verdict. Returns the figure."""
     import matplotlib.pyplot as plt
 
     panels: dict[str, list[tuple[str, Comparison]]] = {}
     for f in findings:
         for c in f.comparisons:
-            label = f.claim if len(f.claim) <= width else f.claim[: width - 1] + "\u2026"
-            detail = c.lens.split(" (", 1)[1].rstrip(")") if " (" in c.lens else ""
-            extra = ", ".join(x for x in (detail, c.direction and f"{c.direction} direction") if x)
-            panels.setdefault(c.lens.split(" (")[0], []).append(
-                (label + (f" [{extra}]" if extra else ""), c))
+            label = f.id + (f" ({c.direction} direction)" if c.direction else "")
+            panels.setdefault(c.lens.split(" (")[0], []).append((label, c))
     heights = [max(len(v), 1) * 0.32 + 0.7 for v in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, sum(heights)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)

@@ -190,6 +190,9 @@ def test_results_pages_are_generated_from_their_data():
     for path, text in pages.items():
         assert path.is_file(), f"{path} missing: run python docs/gen_results.py"
         assert path.read_text() == text, f"{path} is stale: run python docs/gen_results.py"
+        if "-forest.png)" in text:  # a run with typed findings shows their forest plot
+            png = path.parent / "data" / f"{path.stem}-forest.png"
+            assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG", png
 
 
 def test_every_notebook_and_page_is_in_the_nav():
