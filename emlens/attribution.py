@@ -179,8 +179,9 @@ def _deterministic(
     model: HookedTransformer, lora: AttachedLora, conditions: Sequence[Condition], *,
     pairs: dict[str, tuple[list[str], list[str], list[str]]], neutral: Pairs | None,
     batch_size: int, progress: bool,
-) -> list[dict[str, Any]]:
-    """Log-prob gaps per domain, and KL from the chat model on the neutral rows.
+) -> tuple[list[dict[str, Any]], dict[tuple[str, str, str], tuple[float, ...]]]:
+    """Log-prob gaps per domain, and KL from the chat model on the neutral rows: the table's rows,
+    and the per-row values behind them keyed ``(condition, metric, domain)``.
 
     With ``neutral=None`` the KL is taken on the aligned answers of the ``general`` pairs, reusing
     their forward passes.
@@ -225,9 +226,8 @@ def _deterministic(
         c = by_name[name]
         m, lo, hi = _mean_ci(vals)
         rows.append(dict(condition=name, kind=c.kind, target=c.target, k=c.k, metric=metric,
-                         domain=domain, value=m, low=lo, high=hi, n=len(vals),
-                         values=tuple(vals)))
-    return rows
+                         domain=domain, value=m, low=lo, high=hi, n=len(vals)))
+    return rows, {key: tuple(vals) for key, vals in per_row.items()}
 
 
 def _judged(
@@ -294,16 +294,14 @@ def adapter_attribution(
                              f"{lora.names}.")
     pairs = {"medical": reference_pairs("medical", split=medical_split, limit=n_pairs),
              "general": reference_pairs("nonmedical", split=None, limit=n_pairs)}
-    rows = _deterministic(model, lora, conditions, pairs=pairs, neutral=neutral,
-                          batch_size=sampling.batch_size, progress=progress)
+    rows, per_row = _deterministic(model, lora, conditions, pairs=pairs, neutral=neutral,
+                                   batch_size=sampling.batch_size, progress=progress)
     if judge is not None:
         rows += _judged(model, lora, conditions, judge=judge,
                         questions={"general": "general_questions", "medical": "medical_questions"},
                         sampling=sampling, progress=progress)
-    # per-row values (same rows, same order in every condition): paired effects and intervals
-    per_row = {(r["condition"], r["metric"], r["domain"]): r.pop("values")
-               for r in rows if "values" in r}
     table = pd.DataFrame(rows)
+    # per-row values (same rows, same order in every condition): paired effects and intervals
     table.attrs["per_row"] = per_row
     return table
 

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 
 import pandas as pd  # noqa: E402
 
-from emlens.findings import Comparison, Finding, Verdict  # noqa: E402
+from emlens.findings import Comparison, Finding, Verdict, _nan  # noqa: E402
 
 
 @dataclass
@@ -203,10 +203,6 @@ def lens_text(lens: dict) -> str:
     elif "separated" in lens:
         text += ": not separated"
     return text
-
-
-def _nan(x) -> bool:
-    return x is None or (isinstance(x, float) and math.isnan(x))
 
 
 def _jsonable(obj):

@@ -32,7 +32,7 @@ import json
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pandas as pd
@@ -360,8 +360,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--judge", action="store_true", help="also generate + judge (slow on CPU)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1 is fastest on a shared 2-core machine)")
-    p.add_argument("--eps", default="0.3,0.6", help="stability noise sizes")
-    p.add_argument("--alphas", default="0,0.25,0.5,0.75,1,1.5,2,3,4,6", help="efficiency scales")
+    p.add_argument("--eps", default=",".join(f"{x:g}" for x in d.eps),
+                   help="stability noise sizes")
+    p.add_argument("--alphas", default=",".join(f"{x:g}" for x in d.alphas),
+                   help="efficiency scales")
     p.add_argument("--judge-only", action="store_true",
                    help="only judge the final solutions already saved under --out")
     p.add_argument("--judge-samples", type=int, default=d.judge_samples,
@@ -376,12 +378,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise SystemExit(f"unknown kinds {unknown}; use {', '.join(KINDS)}")
-    names = {f.replace("-", "_") for f in ("steps", "continue-steps", "batch-size", "n-narrow",
-                                           "n-parallel", "n-heldout", "n-eval", "kl-weight",
-                                           "parallel-answers", "sv-layer", "lr-steering",
-                                           "lr-lora", "save-every", "seeds", "judge",
-                                           "judge-samples", "judge-medical-samples",
-                                           "judge-tokens", "seed")}
+    names = {f.name for f in fields(Settings)} - {"eps", "alphas", "extra"}
     settings = Settings(**{k: v for k, v in vars(args).items() if k in names},
                         eps=_floats(args.eps), alphas=_floats(args.alphas),
                         extra={"out": str(out), "figures": str(args.figures),
