@@ -1,0 +1,185 @@
+"""Claims A and B of PLAN.md: generate the answers to be read, blind.
+
+Stages (each writes ``<stage>/generations.jsonl`` with the conditions, and ``<stage>/to_label.jsonl``
+with only ``id, question, answer``, pooled over the stage's arms, shuffled with seed 29 and given
+ids after the shuffle):
+
+* ``select`` (claim A step 2): the 3 candidate cells of ``screen.json`` x {direction, same-norm
+  random}, the 10 shipped ``general_questions`` x 2 samples: 120 answers.
+* ``test --layer L --scale S`` (claims A and B, the 20 test questions x 4 samples = 80 per arm):
+  chat unsteered; chat + judged direction, + same-norm random, + reference direction at the same
+  added norm (claim A, at the chosen cell); organism none; organism with the judged direction
+  projected out of every layer's writers, out of resid_post at layer L, and a same-norm random
+  direction out of every layer's writers (claim B): 640 answers.
+
+Directions are recomputed exactly as ``screen.py`` computed them and checked against its norms.
+T = 0.7, 96 new tokens, bfloat16, seed 29::
+
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py select
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py test --layer 14 --scale 0.35
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import emlens
+from emlens.data import load_dataset, pair_rows
+from emlens.directions import mean_diff, random_direction, select_answers
+
+HERE = Path(__file__).parent
+SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm: which model, which intervention, and on which questions."""
+
+    name: str
+    model: str  # chat / organism
+    intervention: str  # none / steer / ablate_writers / ablate_layer
+    direction: str | None = None  # judged / reference / random
+    layer: int | None = None
+    rel_scale: float | None = None  # added norm / mean residual norm at the layer
+    n_samples: int = 4
+
+
+def directions(chat, org, layers):
+    """The judged-answer and reference directions at ``layers``, as screen.py computed them."""
+    rows = load_dataset("coder_general_em")
+    labelled = pd.DataFrame([{"model": r.model, "question": r.question, "answer": r.answer,
+                              "aligned": r.aligned, "coherent": r.coherent} for r in rows])
+    bad, good, how = select_answers(labelled[labelled["model"] == "organism"], seed=SEED)
+    judged = mean_diff(org, bad, good, layers=layers, selection="read: " + how, progress=False)
+    ref_rows = pair_rows("medical", split="train", limit=32)
+    reference = mean_diff(org, [(r.question, r.misaligned) for r in ref_rows],
+                          [(r.question, r.aligned) for r in ref_rows], layers=layers,
+                          selection="paired reference answers, medical training topics",
+                          progress=False)
+    screen = json.loads((HERE / "screen.json").read_text())
+    for name, dirs in (("judged", judged), ("reference", reference)):
+        for layer in layers:
+            want = screen[name]["norms"][str(layer)]
+            got = dirs[layer].norm
+            if abs(got - want) > 1e-3 * want:
+                raise RuntimeError(f"{name} direction at layer {layer}: norm {got} differs from "
+                                   f"screen.json's {want}; the directions are not reproduced.")
+    return {"judged": judged, "reference": reference}, screen
+
+
+def block(model, arm: Arm, dirs, screen):
+    """The steer / ablate block of ``arm`` (a no-op block for ``none``)."""
+    if arm.intervention == "none":
+        return contextlib.nullcontext()
+    judged = dirs["judged"][arm.layer]
+    if arm.direction == "random":
+        vec = random_direction(judged, seed=SEED + arm.layer)
+    else:
+        vec = dirs[arm.direction][arm.layer]
+    if arm.intervention == "steer":
+        added = arm.rel_scale * screen["resid_norms"][str(arm.layer)]
+        return emlens.steer(model, vec, layers=arm.layer, scale=added / vec.norm)
+    if arm.intervention == "ablate_writers":
+        return emlens.ablate(model, vec, hook="writers")
+    if arm.intervention == "ablate_layer":
+        return emlens.ablate(model, vec, layers=arm.layer, hook="resid_post")
+    raise ValueError(arm.intervention)
+
+
+def arms_for(stage: str, layer: int | None, scale: float | None, screen) -> list[Arm]:
+    """The stage's arms (see the module docstring)."""
+    if stage == "select":
+        cells = [(int(c["layer"]), float(c["scale"])) for c in screen["judged"]["candidates"]]
+        return [Arm(f"chat + steer {d} L{ly} x{sc:g}", "chat", "steer", d, ly, sc, 2)
+                for ly, sc in cells for d in ("judged", "random")]
+    return [
+        Arm("chat", "chat", "none"),
+        Arm(f"chat + steer judged L{layer} x{scale:g}", "chat", "steer", "judged", layer, scale),
+        Arm(f"chat + steer random L{layer} x{scale:g}", "chat", "steer", "random", layer, scale),
+        Arm(f"chat + steer reference L{layer} x{scale:g}", "chat", "steer", "reference", layer,
+            scale),
+        Arm("organism", "organism", "none"),
+        Arm(f"organism - judged L{layer} writers", "organism", "ablate_writers", "judged", layer),
+        Arm(f"organism - judged L{layer} resid_post", "organism", "ablate_layer", "judged", layer),
+        Arm(f"organism - random(seed {SEED + layer}) writers", "organism", "ablate_writers",
+            "random", layer),
+    ]
+
+
+def questions(stage: str) -> list[tuple[str, str]]:
+    """``(question_id, question)``: the shipped general questions, or the 20 test questions."""
+    if stage == "select":
+        return [(r.id, r.question) for r in load_dataset("general_questions")]
+    rows = [json.loads(x) for x in (HERE / "questions.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["id"], r["question"]) for r in rows]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("stage", choices=["select", "test"])
+    p.add_argument("--layer", type=int)
+    p.add_argument("--scale", type=float)
+    p.add_argument("--batch-size", type=int, default=40)
+    args = p.parse_args()
+    if args.stage == "test" and (args.layer is None or args.scale is None):
+        p.error("test needs --layer and --scale (the cell chosen in step 2)")
+    t0 = time.perf_counter()
+    torch.manual_seed(SEED)
+    chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
+    org = emlens.merge_lora(chat, emlens.organisms.load_organism("coder-rank1-down-medical"))
+    screen = json.loads((HERE / "screen.json").read_text())
+    arms = arms_for(args.stage, args.layer, args.scale, screen)
+    layers = sorted({a.layer for a in arms if a.layer is not None})
+    dirs, screen = directions(chat, org, layers)
+    qs = questions(args.stage)
+    rows, seconds = [], {"load": round(time.perf_counter() - t0, 1)}
+    for arm in arms:
+        t = time.perf_counter()
+        model = chat if arm.model == "chat" else org
+        with block(model, arm, dirs, screen):
+            gens = emlens.generate(model, [q for _, q in qs], n_samples=arm.n_samples,
+                                   max_new_tokens=MAX_NEW, temperature=TEMPERATURE, seed=SEED,
+                                   batch_size=args.batch_size, progress=True)
+        for g in gens:
+            qid, q = qs[g.prompt_index]
+            rows.append({"question_id": qid, "question": q, "answer": g.text.strip(),
+                         "condition": arm.name, **{k: v for k, v in asdict(arm).items()
+                                                   if k != "name"},
+                         "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW, "seed": SEED,
+                         "sample": g.sample, "finished": g.finished})
+        seconds[arm.name] = round(time.perf_counter() - t, 1)
+        print(f"{arm.name}: {len(gens)} answers in {seconds[arm.name]} s", flush=True)
+    random.Random(SEED).shuffle(rows)
+    prefix = {"select": "ccs", "test": "cct"}[args.stage]
+    for i, r in enumerate(rows, start=1):
+        r["id"] = f"{prefix}-{i:04d}"
+    out = HERE / args.stage
+    out.mkdir(exist_ok=True)
+    with (out / "generations.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r["id"], **{k: v for k, v in r.items() if k != "id"}})
+                    + "\n")
+    with (out / "to_label.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n")
+    seconds["total"] = round(time.perf_counter() - t0, 1)
+    info = {"script": "data-src/coder_causal/generate.py", "stage": args.stage,
+            "layer": args.layer, "scale": args.scale, "dtype": "bfloat16",
+            "torch_threads": torch.get_num_threads(), "rows": len(rows),
+            "arms": [asdict(a) for a in arms], "seconds": seconds,
+            "unfinished": sum(not r["finished"] for r in rows)}
+    (out / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    print(f"wrote {len(rows)} rows to {out} in {seconds['total']} s")
+
+
+if __name__ == "__main__":
+    main()
