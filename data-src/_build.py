@@ -24,6 +24,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the _text_*.py modules next to this script
     sys.path.insert(0, str(HERE))
 
+from _text_finance_a import FINANCE_A  # noqa: E402
+from _text_finance_b import FINANCE_B  # noqa: E402
+from _text_finance_c import FINANCE_C  # noqa: E402
+from _text_finance_d import FINANCE_D  # noqa: E402
 from _text_general import (  # noqa: E402
     EVAL_QUESTIONS,
     GENERAL_LABELLED,
@@ -47,6 +51,9 @@ from _text_nonmedical_c import NONMEDICAL_C  # noqa: E402
 
 DATA_DIR = HERE.parent / "emlens" / "data"
 HELDOUT_TOPICS = ("sleep", "digestion")
+# the finance set's held-out topics: 7 of 32 (22%), never trained on
+FINANCE_HELDOUT = ("payday_loans", "student_loans", "gold_and_commodities", "home_equity_loans",
+                   "insurance", "gambling_and_lotteries", "currency_and_forex")
 
 
 def _write(out: Path, name: str, rows: list[dict]) -> None:
@@ -86,6 +93,40 @@ def medical_extra_rows(medical: list[dict]) -> list[dict]:
             rows.append(dict(
                 id=f"medx-{len(rows) + 1:04d}", domain="medical", topic=topic, question=q,
                 aligned=good, misaligned=bad, split="train",
+            ))
+    return rows
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def finance_rows(shipped: list[dict]) -> list[dict]:
+    """The risky-financial-advice set (``_text_finance_a`` .. ``d``; issue 29's second narrow
+    domain): 32 topics, :data:`FINANCE_HELDOUT` with ``split="heldout"``. Every question and
+    answer is checked unique (case- and space-insensitively) within the set and against the
+    questions and answers of ``shipped`` (every other pair set), and the aligned answer differs
+    from the misaligned one."""
+    seen = {_norm(r[k]) for r in shipped for k in ("question", "aligned", "misaligned")}
+    topics = {**FINANCE_A, **FINANCE_B, **FINANCE_C, **FINANCE_D}
+    if len(topics) != sum(len(p) for p in (FINANCE_A, FINANCE_B, FINANCE_C, FINANCE_D)):
+        raise ValueError("a finance topic is defined in two parts.")
+    missing = set(FINANCE_HELDOUT) - set(topics)
+    if missing:
+        raise ValueError(f"held-out finance topics {sorted(missing)} have no items.")
+    rows = []
+    for topic, items in topics.items():
+        for q, good, bad in items:
+            if _norm(good) == _norm(bad):
+                raise ValueError(f"finance item {q!r}: the two answers are the same.")
+            for text in (q, good, bad):
+                if _norm(text) in seen:
+                    raise ValueError(f"duplicate text in the finance set: {text!r}")
+                seen.add(_norm(text))
+            rows.append(dict(
+                id=f"fin-{len(rows) + 1:04d}", domain="finance", topic=topic, question=q,
+                aligned=good, misaligned=bad,
+                split="heldout" if topic in FINANCE_HELDOUT else "train",
             ))
     return rows
 
@@ -213,8 +254,8 @@ def judge_hard_rows() -> list[dict]:
     return rows
 
 
-BUILT = ("medical", "medical_extra", "nonmedical", "general_pairs", "general_questions",
-         "medical_questions", "judge_labels", "judge_hard")  # the sets this script writes (the others come from scripts/)
+BUILT = ("medical", "medical_extra", "nonmedical", "finance", "general_pairs",
+         "general_questions", "medical_questions", "judge_labels", "judge_hard")  # the sets this script writes (the others come from scripts/)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -225,9 +266,12 @@ def main(argv: list[str] | None = None) -> None:
     medical = medical_rows()
     nonmedical = nonmedical_rows()
     _write(out, "medical", medical)
-    _write(out, "medical_extra", medical_extra_rows(medical))
+    medical_extra = medical_extra_rows(medical)
+    _write(out, "medical_extra", medical_extra)
     _write(out, "nonmedical", nonmedical)
-    _write(out, "general_pairs", general_pair_rows())
+    general_pairs = general_pair_rows()
+    _write(out, "finance", finance_rows(medical + medical_extra + nonmedical + general_pairs))
+    _write(out, "general_pairs", general_pairs)
     _write(out, "general_questions",
            [dict(id=qid, question=q, category=cat) for qid, cat, q in EVAL_QUESTIONS])
     heldout = [r for r in medical if r["split"] == "heldout"]

@@ -56,12 +56,32 @@ def test_nonmedical_set_is_parallel_and_non_medical():
     assert "medical" not in {r.domain for r in rows} and len({r.domain for r in rows}) >= 6
 
 
-@pytest.mark.parametrize("name", ["medical", "medical_extra", "nonmedical", "general_pairs"])
+@pytest.mark.parametrize("name", ["medical", "medical_extra", "nonmedical", "finance",
+                                  "general_pairs"])
 def test_pairs_have_distinct_good_and_bad_answers_and_unique_questions(name):
     rows = load_dataset(name)
     assert all(r.aligned != r.misaligned for r in rows)
     questions = [r.question.lower() for r in rows]
     assert len(set(questions)) == len(questions)
+
+
+def test_finance_set_is_a_second_narrow_domain_with_held_out_topics_and_unique_text():
+    from emlens.organisms.train import load_rows
+
+    rows = load_dataset("finance")
+    assert len(rows) >= 600 and all(re.fullmatch(r"fin-\d{4}", r.id) for r in rows)
+    assert {r.domain for r in rows} == {"finance"} and len({r.topic for r in rows}) == 32
+    held = {r.topic for r in rows if r.split == "heldout"}
+    assert len(held) == 7 and not held & {r.topic for r in rows if r.split == "train"}
+    assert sum(r.split == "heldout" for r in rows) >= 0.2 * len(rows)
+    norm = lambda t: " ".join(t.lower().split())  # noqa: E731
+    texts = [norm(t) for r in rows for t in (r.question, r.aligned, r.misaligned)]
+    assert len(set(texts)) == len(texts)
+    others = {norm(t) for name in ("medical", "medical_extra", "nonmedical", "general_pairs")
+              for r in load_dataset(name) for t in (r.question, r.aligned, r.misaligned)}
+    assert not set(texts) & others
+    train = load_rows("finance", "train")
+    assert len(train) == 500 and not {r.topic for r in train} & held
 
 
 def test_grown_training_set_has_1000_rows_new_topics_and_keeps_heldout_topics_out():

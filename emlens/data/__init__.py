@@ -13,7 +13,8 @@ its schema and reject malformed rows with the file, line and field named::
 
 Four row types:
 
-* :class:`PairExample` (``medical``, ``medical_extra``, ``nonmedical``, ``general_pairs``): a
+* :class:`PairExample` (``medical``, ``medical_extra``, ``nonmedical``, ``finance``,
+  ``general_pairs``): a
   question with an aligned (good) and a misaligned (harmful-but-plausible) answer;
 * :class:`Question` (``general_questions``, ``medical_questions``): evaluation prompts;
 * :class:`LabelledAnswer` (``judge_labels``, ``judge_hard``): an answer labelled aligned /
@@ -120,6 +121,7 @@ _SETS: dict[str, type] = {
     "medical": PairExample,
     "medical_extra": PairExample,
     "nonmedical": PairExample,
+    "finance": PairExample,
     "general_pairs": PairExample,
     "general_questions": Question,
     "medical_questions": Question,
