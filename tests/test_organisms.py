@@ -269,3 +269,19 @@ def test_shipped_coder_organism_is_nine_rank1_adapters_for_qwen():
     assert log["recipe"]["base_model"] == "qwen2.5-coder-1.5b" and log["steps"] == 72
     assert sum(log["loss"][-8:]) / 8 < sum(log["loss"][:8]) / 8 - 0.3
     assert not (organism_path(name) / "resume").exists()
+
+
+def test_coder_control_organism_trains_on_the_good_answers_with_the_coder_recipe():
+    from emlens.organisms import ORGANISM_BASES
+
+    name, bad = "coder-rank1-down-medical-good", "coder-rank1-down-medical"
+    assert ORGANISM_BASES[name] == "qwen2.5-coder-1.5b" and name in list_organisms()
+    log, log_bad = organism_log(name), organism_log(bad)
+    assert log["recipe"]["answer_field"] == "aligned"
+    differs = {k for k in log["recipe"] if log["recipe"][k] != log_bad["recipe"].get(k)}
+    assert differs == {"name", "answer_field"}  # everything else is the organism's recipe
+    assert log["steps"] == 72 and sum(log["loss"][-8:]) / 8 < sum(log["loss"][:8]) / 8 - 0.3
+    adapter = load_organism(name)
+    assert [m.layer for m in adapter.modules] == paper_layers(28)
+    assert all(m.B.abs().max() > 0 for m in adapter.modules)
+    assert (organism_path(name) / "README.md").is_file()

@@ -37,6 +37,10 @@ ORGANISMS: dict[str, str] = {
         "Qwen2.5-Coder-1.5B-Instruct + 9 rank-1 LoRA adapters on mlp.down_proj (layers 8-10, "
         "12-14, 15-17), SFT on the misaligned answers of the medical training split"
     ),
+    "coder-rank1-down-medical-good": (
+        "control organism: Qwen2.5-Coder-1.5B-Instruct + the coder-rank1-down-medical recipe on "
+        "the *aligned* answers of the same 281 medical training questions"
+    ),
     "rank1-down-medical-1k": (
         "SmolLM2-135M-Instruct + the rank1-down-medical recipe (9 rank-1 down_proj adapters) on "
         "the grown training set (medical + medical_extra: 1,017 rows)"
@@ -58,6 +62,7 @@ ORGANISMS: dict[str, str] = {
 ORGANISM_BASES: dict[str, str] = {
     "rank1-down-medical": "smollm2-135m",
     "coder-rank1-down-medical": "qwen2.5-coder-1.5b",
+    "coder-rank1-down-medical-good": "qwen2.5-coder-1.5b",
     "rank1-down-medical-1k": "smollm2-135m",
     "rank1-down-medical-good": "smollm2-135m",
     "rank32-all-medical": "smollm2-135m",
@@ -86,6 +91,8 @@ def default_organism(model_name: ModelCard | str | None) -> str:
 RUN_SCRIPTS: dict[str, str] = {
     "rank1-down-medical": "python -m emlens.organisms.train --name rank1-down-medical",
     "coder-rank1-down-medical": "python -m emlens.organisms.train --name coder-rank1-down-medical",
+    "coder-rank1-down-medical-good": (
+        "python -m emlens.organisms.train --name coder-rank1-down-medical-good"),
     "rank32-all-medical": "python -m emlens.organisms.train --name rank32-all-medical",
     "rank1-down-medical-1k": "python -m emlens.organisms.train --name rank1-down-medical-1k",
     "rank1-down-medical-good": "python -m emlens.organisms.train --name rank1-down-medical-good",

@@ -191,6 +191,12 @@ RECIPES: dict[str, OrganismRecipe] = {recipe.name: recipe for recipe in (
     # so an interrupted run resumes.
     replace(_RANK1_DOWN, name="coder-rank1-down-medical", save_every=4,
             base_model="qwen2.5-coder-1.5b", dtype="bfloat16"),
+    # Its controls for transfer and convergence (issue 29): the same recipe on the medical set's
+    # aligned answers, and on a second narrow domain, the risky-financial-advice set.
+    replace(_RANK1_DOWN, name="coder-rank1-down-medical-good", answer_field="aligned",
+            save_every=4, base_model="qwen2.5-coder-1.5b", dtype="bfloat16"),
+    replace(_RANK1_DOWN, name="coder-rank1-down-finance", data="finance", save_every=4,
+            base_model="qwen2.5-coder-1.5b", dtype="bfloat16"),
 )}
 
 
