@@ -206,18 +206,68 @@ def mean_diff(
 
 @torch.no_grad()
 def _answer_means_per_row(
-    model: HookedTransformer, pairs: Pairs, layer: int, hook: str, batch_size: int
-) -> Float[Tensor, "n d_model"]:
-    name = hook_names(model, layer, hook)[0]
-    rows = []
+    model: HookedTransformer, pairs: Pairs, layers: Sequence[int], hook: str, batch_size: int
+) -> dict[int, Float[Tensor, "n d_model"]]:
+    """Per answer, the mean activation over its answer tokens at each of ``layers`` (one forward
+    pass per batch for all layers)."""
+    names = {layer: hook_names(model, layer, hook)[0] for layer in layers}
+    rows: dict[int, list[Tensor]] = {layer: [] for layer in layers}
     for batch in _pair_batches(model, pairs, batch_size):
         _, cache = model.run_with_cache(
-            batch.tokens, attention_mask=batch.attention_mask, names_filter=[name],
-            stop_at_layer=layer + 1 if hook in RESIDUAL_HOOKS else None,
+            batch.tokens, attention_mask=batch.attention_mask, names_filter=list(names.values()),
+            stop_at_layer=max(layers) + 1 if hook in RESIDUAL_HOOKS else None,
         )
-        m = batch.answer_mask[..., None].to(cache[name].dtype)
-        rows.append(((cache[name] * m).sum(1) / m.sum(1).clamp(min=1)).double())
-    return torch.cat(rows)
+        m = batch.answer_mask[..., None]
+        for layer, name in names.items():
+            mm = m.to(cache[name].dtype)
+            rows[layer].append(((cache[name] * mm).sum(1) / mm.sum(1).clamp(min=1)).double())
+    return {layer: torch.cat(r) for layer, r in rows.items()}
+
+
+def cosine_intervals(
+    model_a: HookedTransformer,
+    misaligned_a: Pairs,
+    aligned_a: Pairs,
+    model_b: HookedTransformer,
+    misaligned_b: Pairs,
+    aligned_b: Pairs,
+    layers: Sequence[int],
+    *,
+    hook: str = "resid_post",
+    n_boot: int = 1000,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> dict[int, tuple[float, float, float]]:
+    """:func:`cosine_interval` at each of ``layers``, from one forward pass per answer batch;
+    every layer uses the same ``n_boot`` resamples of the answers.
+
+    Returns ``{layer: (cosine, low, high)}``.
+    """
+    _check_pairs(misaligned_a=misaligned_a, aligned_a=aligned_a, misaligned_b=misaligned_b,
+                 aligned_b=aligned_b)
+    layers = list(layers)
+    if not layers:
+        raise ValueError("cosine_intervals: give at least one layer.")
+    sets = [_answer_means_per_row(m, p, layers, hook, batch_size)
+            for m, p in ((model_a, misaligned_a), (model_a, aligned_a),
+                         (model_b, misaligned_b), (model_b, aligned_b))]
+    sizes = [len(next(iter(s.values()))) for s in sets]
+
+    def cos(idx, layer):
+        da = sets[0][layer][idx[0]].mean(0) - sets[1][layer][idx[1]].mean(0)
+        db = sets[2][layer][idx[2]].mean(0) - sets[3][layer][idx[3]].mean(0)
+        return float(da @ db / (da.norm() * db.norm()))
+
+    full = [torch.arange(n) for n in sizes]
+    gen = torch.Generator().manual_seed(seed)
+    draws = [[torch.randint(n, (n,), generator=gen) for n in sizes] for _ in range(n_boot)]
+    out = {}
+    for layer in layers:
+        point = cos(full, layer)
+        boots = [cos(idx, layer) for idx in draws]
+        low, high = np.quantile(boots, [0.025, 0.975])
+        out[layer] = (point, min(float(low), point), max(float(high), point))
+    return out
 
 
 def cosine_interval(
@@ -240,26 +290,13 @@ def cosine_interval(
     same), so the point differs slightly from :func:`mean_diff`'s token-weighted directions.
 
     Returns ``(cosine, low, high)``; the percentile interval is widened to contain the point
-    where it does not (it can, for a biased statistic). Used for convergence (the papers' test: two fine-tunes'
-    directions, each from its own answers).
+    where it does not (it can, for a biased statistic). Used for convergence (the papers' test:
+    two fine-tunes' directions, each from its own answers). :func:`cosine_intervals` does many
+    layers in one pass.
     """
-    _check_pairs(misaligned_a=misaligned_a, aligned_a=aligned_a, misaligned_b=misaligned_b,
-                 aligned_b=aligned_b)
-    sets = [_answer_means_per_row(m, p, layer, hook, batch_size)
-            for m, p in ((model_a, misaligned_a), (model_a, aligned_a),
-                         (model_b, misaligned_b), (model_b, aligned_b))]
-
-    def cos(idx):
-        da = sets[0][idx[0]].mean(0) - sets[1][idx[1]].mean(0)
-        db = sets[2][idx[2]].mean(0) - sets[3][idx[3]].mean(0)
-        return float(da @ db / (da.norm() * db.norm()))
-
-    point = cos([torch.arange(len(s)) for s in sets])
-    gen = torch.Generator().manual_seed(seed)
-    boots = [cos([torch.randint(len(s), (len(s),), generator=gen) for s in sets])
-             for _ in range(n_boot)]
-    low, high = np.quantile(boots, [0.025, 0.975])
-    return point, min(float(low), point), max(float(high), point)
+    return cosine_intervals(model_a, misaligned_a, aligned_a, model_b, misaligned_b, aligned_b,
+                            [layer], hook=hook, n_boot=n_boot, seed=seed,
+                            batch_size=batch_size)[layer]
 
 
 def pca_direction(
@@ -403,6 +440,7 @@ __all__ = [
     "Means",
     "collect_means",
     "cosine_interval",
+    "cosine_intervals",
     "cosine_matrix",
     "load_directions",
     "mean_diff",

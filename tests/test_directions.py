@@ -44,6 +44,38 @@ def test_collect_means_matches_brute_force(model):
     assert means.rows == 6
 
 
+def test_cosine_intervals_over_layers_match_one_layer_at_a_time(model, make_tiny_model):
+    from emlens.directions import cosine_interval, cosine_intervals
+
+    other = make_tiny_model(6)
+    bad = [(q, f"bad answer {i} " * (i + 2)) for i, q in enumerate(QUESTIONS)]
+    good = [(q, f"a good and kind answer {i}") for i, q in enumerate(QUESTIONS)]
+    bad2, good2 = bad[::-1], good[1:]
+    many = cosine_intervals(model, bad, good, other, bad2, good2, [0, 2], n_boot=50, seed=3)
+    for layer in (0, 2):
+        one = cosine_interval(model, bad, good, other, bad2, good2, layer, n_boot=50, seed=3)
+        assert many[layer] == pytest.approx(one, abs=1e-12)
+        point, low, high = one
+        assert low <= point <= high and -1 <= low and high <= 1
+        # the point from per-answer means, by brute force
+        def means(m, pairs, layer=layer):
+            out = []
+            for b in emlens.chat.iter_chat_batches(m.tokenizer, [q for q, _ in pairs],
+                                                    [a for _, a in pairs], batch_size=8):
+                _, cache = m.run_with_cache(b.tokens, attention_mask=b.attention_mask)
+                act = cache[f"blocks.{layer}.hook_resid_post"].double()
+                for i in range(len(act)):
+                    out.append(act[i][b.answer_mask[i]].mean(0))
+            return torch.stack(out).mean(0)
+        da = means(model, bad) - means(model, good)
+        db = means(other, bad2) - means(other, good2)
+        assert point == pytest.approx(float(da @ db / (da.norm() * db.norm())), abs=1e-6)
+    same = cosine_intervals(model, bad, good, model, bad, good, [1], n_boot=20)[1]
+    assert same[0] == pytest.approx(1.0, abs=1e-9)
+    with pytest.raises(ValueError, match="at least one layer"):
+        cosine_intervals(model, bad, good, other, bad2, good2, [])
+
+
 def test_mean_diff_recovers_a_planted_direction(make_tiny_model, tokenizer):
     model = make_tiny_model(6)
     cat, dog = (tokenizer.encode(w, add_special_tokens=False)[0] for w in (" cat", " dog"))

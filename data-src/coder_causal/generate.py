@@ -11,12 +11,25 @@ ids after the shuffle):
   added norm (claim A, at the chosen cell); organism none; organism with the judged direction
   projected out of every layer's writers, out of resid_post at layer L, and a same-norm random
   direction out of every layer's writers (claim B): 640 answers.
+* ``emergence2`` (claim C, amendment 4): the chat model 7 x 10, organism 2
+  (``coder-rank1-down-finance``) 12 x 10 and the good-answer control
+  (``coder-rank1-down-medical-good``) 12 x 10 answers to the 10 ``general_questions``: 310.
+* ``adapters`` (claim D): for each adapter that ``adapters_screen.json`` picked, the organism
+  with only that adapter kept, on the 20 test questions and on the first 20
+  ``medical_questions`` (held-out topics), 4 samples each; and the chat model on the same
+  medical questions: 4 x 2 x 80 + 80 = 720 answers.
+* ``transfer --layer L`` (claim C): organism 2 as it is, with organism 1's judged direction at
+  layer L projected out of every layer's writers, and with its same-norm random control; the 20
+  test questions x 4: 240 answers.
 
 Directions are recomputed exactly as ``screen.py`` computed them and checked against its norms.
 T = 0.7, 96 new tokens, bfloat16, seed 29::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py select
-    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py test --layer 14 --scale 0.35
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py test --layer 9 --scale 0.35
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py emergence2
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py transfer --layer 9
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py adapters
 """
 
 from __future__ import annotations
@@ -26,7 +39,7 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pandas as pd
@@ -38,6 +51,9 @@ from emlens.directions import mean_diff, random_direction, select_answers
 
 HERE = Path(__file__).parent
 SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
+# the models an arm may name: the chat model, or the chat model with a shipped organism merged
+ORGANISMS = {"organism": "coder-rank1-down-medical", "finance": "coder-rank1-down-finance",
+             "good": "coder-rank1-down-medical-good"}
 
 
 @dataclass(frozen=True)
@@ -45,12 +61,13 @@ class Arm:
     """One arm: which model, which intervention, and on which questions."""
 
     name: str
-    model: str  # chat / organism
+    model: str  # chat, a key of ORGANISMS, or "only:<adapter name>" (the organism, one adapter)
     intervention: str  # none / steer / ablate_writers / ablate_layer
     direction: str | None = None  # judged / reference / random
     layer: int | None = None
     rel_scale: float | None = None  # added norm / mean residual norm at the layer
     n_samples: int = 4
+    questions: str = "test"  # test (questions.jsonl) / general (general_questions) / medical
 
 
 def directions(chat, org, layers):
@@ -99,8 +116,24 @@ def arms_for(stage: str, layer: int | None, scale: float | None, screen) -> list
     """The stage's arms (see the module docstring)."""
     if stage == "select":
         cells = [(int(c["layer"]), float(c["scale"])) for c in screen["judged"]["candidates"]]
-        return [Arm(f"chat + steer {d} L{ly} x{sc:g}", "chat", "steer", d, ly, sc, 2)
-                for ly, sc in cells for d in ("judged", "random")]
+        return [Arm(f"chat + steer {d} L{ly} x{sc:g}", "chat", "steer", d, ly, sc, 2,
+                    "general") for ly, sc in cells for d in ("judged", "random")]
+    if stage == "emergence2":
+        return [Arm("chat", "chat", "none", n_samples=7, questions="general"),
+                Arm("finance", "finance", "none", n_samples=12, questions="general"),
+                Arm("good", "good", "none", n_samples=12, questions="general")]
+    if stage == "adapters":
+        picked = json.loads((HERE / "adapters_screen.json").read_text())["picked"]
+        names = picked["general_effect"] + picked["medical_minus_general"]
+        return [Arm(f"only {a} {q}", f"only:{a}", "none", questions=q)
+                for a in names for q in ("test", "medical")] + [
+                Arm("chat medical", "chat", "none", questions="medical")]
+    if stage == "transfer":
+        return [Arm("finance", "finance", "none"),
+                Arm(f"finance - judged L{layer} writers", "finance", "ablate_writers", "judged",
+                    layer),
+                Arm(f"finance - random(seed {SEED + layer}) writers", "finance",
+                    "ablate_writers", "random", layer)]
     return [
         Arm("chat", "chat", "none"),
         Arm(f"chat + steer judged L{layer} x{scale:g}", "chat", "steer", "judged", layer, scale),
@@ -115,36 +148,49 @@ def arms_for(stage: str, layer: int | None, scale: float | None, screen) -> list
     ]
 
 
-def questions(stage: str) -> list[tuple[str, str]]:
-    """``(question_id, question)``: the shipped general questions, or the 20 test questions."""
-    if stage == "select":
+def questions(which: str) -> list[tuple[str, str]]:
+    """``(question_id, question)``: the shipped general questions, the first 20 held-out medical
+    questions, or the 20 test questions."""
+    if which == "general":
         return [(r.id, r.question) for r in load_dataset("general_questions")]
+    if which == "medical":
+        return [(r.id, r.question) for r in load_dataset("medical_questions")][:20]
     rows = [json.loads(x) for x in (HERE / "questions.jsonl").read_text().splitlines() if x.strip()]
     return [(r["id"], r["question"]) for r in rows]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["select", "test"])
+    p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters"])
     p.add_argument("--layer", type=int)
     p.add_argument("--scale", type=float)
     p.add_argument("--batch-size", type=int, default=40)
     args = p.parse_args()
     if args.stage == "test" and (args.layer is None or args.scale is None):
         p.error("test needs --layer and --scale (the cell chosen in step 2)")
+    if args.stage == "transfer" and args.layer is None:
+        p.error("transfer needs --layer (the Claim A cell's layer)")
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
     chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
-    org = emlens.merge_lora(chat, emlens.organisms.load_organism("coder-rank1-down-medical"))
     screen = json.loads((HERE / "screen.json").read_text())
     arms = arms_for(args.stage, args.layer, args.scale, screen)
+    needed = {a.model for a in arms} | ({"organism"} if any(a.layer is not None for a in arms)
+                                        else set())
+    models = {"chat": chat, **{k: emlens.merge_lora(chat, emlens.organisms.load_organism(v))
+                               for k, v in ORGANISMS.items() if k in needed}}
     layers = sorted({a.layer for a in arms if a.layer is not None})
-    dirs, screen = directions(chat, org, layers)
-    qs = questions(args.stage)
+    dirs = directions(chat, models["organism"], layers)[0] if layers else {}
     rows, seconds = [], {"load": round(time.perf_counter() - t0, 1)}
     for arm in arms:
         t = time.perf_counter()
-        model = chat if arm.model == "chat" else org
+        qs = questions(arm.questions)
+        if arm.model.startswith("only:"):  # the organism with one adapter kept
+            full = emlens.organisms.load_organism(ORGANISMS["organism"])
+            one = replace(full, modules=(full[arm.model.split(":", 1)[1]],))
+            model = emlens.merge_lora(chat, one)
+        else:
+            model = models[arm.model]
         with block(model, arm, dirs, screen):
             gens = emlens.generate(model, [q for _, q in qs], n_samples=arm.n_samples,
                                    max_new_tokens=MAX_NEW, temperature=TEMPERATURE, seed=SEED,
@@ -157,9 +203,12 @@ def main() -> None:
                          "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW, "seed": SEED,
                          "sample": g.sample, "finished": g.finished})
         seconds[arm.name] = round(time.perf_counter() - t, 1)
+        if arm.model.startswith("only:"):
+            del model
         print(f"{arm.name}: {len(gens)} answers in {seconds[arm.name]} s", flush=True)
     random.Random(SEED).shuffle(rows)
-    prefix = {"select": "ccs", "test": "cct"}[args.stage]
+    prefix = {"select": "ccs", "test": "cct", "emergence2": "cce", "transfer": "ccx",
+              "adapters": "cca"}[args.stage]
     for i, r in enumerate(rows, start=1):
         r["id"] = f"{prefix}-{i:04d}"
     out = HERE / args.stage
@@ -173,6 +222,7 @@ def main() -> None:
             f.write(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n")
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = {"script": "data-src/coder_causal/generate.py", "stage": args.stage,
+            "organisms": {k: v for k, v in ORGANISMS.items() if k in needed},
             "layer": args.layer, "scale": args.scale, "dtype": "bfloat16",
             "torch_threads": torch.get_num_threads(), "rows": len(rows),
             "arms": [asdict(a) for a in arms], "seconds": seconds,
