@@ -85,7 +85,7 @@ __all__ = [
 
 def __getattr__(name: str):
     # submodules load on first use, so `import emlens; emlens.viz.save_html(...)` works as written
-    if name in ("cli", "demo", "lens", "power", "report", "sense", "viz"):
+    if name in ("cli", "demo", "dynamics", "lens", "power", "report", "sense", "viz"):
         import importlib
 
         return importlib.import_module(f"emlens.{name}")

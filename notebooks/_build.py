@@ -520,11 +520,137 @@ print(f"{sum(findings.values())} of {len(findings)} findings hold in the live re
       f"(max abs difference {agree:.1e}).")"""),
 ]
 
+DYNAMICS = [
+    ("md", """# Training dynamics of a rank-1 organism, from its weights
+
+The companion paper (Turner et al. 2025, *Model Organisms for Emergent Misalignment*) reports that
+a rank-1 organism acquires emergent misalignment abruptly: the LoRA `B` vector rotates, and the
+behaviour changes in a phase transition. `emlens.dynamics` measures the *weights* side of that on
+a run's checkpoints. Here: the shipped coder organism (Qwen2.5-Coder-1.5B-Instruct, nine rank-1
+`down_proj` adapters trained on bad medical advice) and its control (the same recipe on the *good*
+answers of the same questions). No model is loaded and no forward pass runs: every number below is
+read from the checkpoints' `A` and `B`. What this notebook does not test is behaviour (see the end)."""),
+    ("code", """%matplotlib inline
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from emlens.dynamics import (
+    adapter_dynamics,
+    load_adapter_trajectory,
+    plot_adapter_dynamics,
+    rotation_onset,
+    trajectory_projection,
+)
+from emlens.geometry import plot_pca
+
+RUNS = {"bad": "coder-rank1-down-medical", "good": "coder-rank1-down-medical-good"}
+traj = {k: load_adapter_trajectory(name) for k, name in RUNS.items()}
+tables = {k: adapter_dynamics(t) for k, t in traj.items()}
+for k, t in traj.items():
+    print(f"{k:4s} {t.run}: {len(t.names)} adapters, {len(t.steps)} saved states, steps "
+          f"{t.steps[0]}-{t.steps[-1]} every {t.steps[2] - t.steps[1]}; final state from {t.final_source}")"""),
+    ("md", """## The table
+One row per (saved step, adapter): Frobenius norms of `A` and `B`, `scalar_scale = scaling |A| |B|`
+(the adapter's gain: a unit input along `A` adds a vector of that norm along `B`), and the cosine
+of `B` (and `A`) to its final value and to the previous checkpoint's. The bad run's checkpoints
+start at step 4 and stop at 68; its final state is the shipped organism (step 72). The control
+starts at step 0, where `B = 0` and every cosine of `B` is undefined: NaN, not 0."""),
+    ("code", """cols = ["step", "layer", "a_norm", "b_norm", "scalar_scale", "cos_b_final", "cos_a_final",
+        "cos_b_prev", "cos_a_prev"]
+print(tables["good"].loc[tables["good"].layer == 8, cols].head(4).round(3).to_string(index=False))
+final = pd.concat({k: t[t.step == t.attrs["final_step"]].set_index("layer")[["a_norm", "b_norm",
+                                                                           "scalar_scale"]]
+                   for k, t in tables.items()}, axis=1)
+print("\\nfinal state per adapter")
+print(final.round(3).to_string())"""),
+    ("md", """## Norm and direction of `B` over training
+Left: `|B|`. Middle: cosine of `B` to its final value. Right: cosine of `B` to the previous
+checkpoint (1 = no turn in those 4 steps). A rotation of an established `B` shows as a dip on the
+right and a jump in the middle."""),
+    ("code", """plot_adapter_dynamics(tables["bad"], title=f"{RUNS['bad']} (bad medical advice)")
+plt.show()"""),
+    ("code", """plot_adapter_dynamics(tables["good"], title=f"{RUNS['good']} (control: good answers)")
+plt.show()"""),
+    ("md", """## Where does `B` turn?
+`rotation_onset` applies a stated rule (printed below): the turn between consecutive checkpoints is
+`arccos(cos_b_prev)`, counted once `B` has reached a quarter of its final norm (before that its
+direction is still being set); it reports the interval with the fastest turn, that interval's share
+of all the counted turning (1/16 = 0.06 for an even spread over 16 intervals, near 1 for one abrupt
+turn), and the first step from which `B` stays within `arccos(0.9)` (about 26 degrees) of its
+final direction."""),
+    ("code", """onset = {k: rotation_onset(t, threshold=0.9) for k, t in tables.items()}
+print(onset["bad"].attrs["rule"], "\\n")
+keep = ["layer", "first_counted_step", "largest_turn_step", "largest_turn_deg", "turn_share",
+        "settled_step"]
+print(pd.concat({k: o.set_index("adapter")[keep] for k, o in onset.items()}, axis=1)
+      .round(3).to_string())
+turns = pd.DataFrame({k: t.assign(turn=np.degrees(np.arccos(t.cos_b_prev.clip(-1, 1))))
+                      .groupby("step")["turn"].median() for k, t in tables.items()})
+print("\\nmedian over adapters of the turn of B in the interval ending at each step (degrees)")
+print(turns.T.round(1).to_string())"""),
+    ("md", """## A low-dimensional trajectory
+Each saved state is one point: the nine `B` vectors concatenated. Both runs are projected on the
+same two principal components (PCA of all their states together), so their paths can be compared.
+The two runs start together (the control at `B = 0`, the bad run's first checkpoint next to it).
+Below the plot, the final adapters of the two runs compared directly: the cosine of their `B`
+vectors, and of their weight changes `B A` (which does not depend on the sign convention of a
+rank-1 pair)."""),
+    ("code", """pca = trajectory_projection(list(traj.values()), n_components=2)
+print("explained variance", np.round(pca.explained, 3).tolist())
+plot_pca(pca, title="B vectors of both runs on their first two principal components")
+plt.show()
+rows = []
+for mb, mg in zip(traj["bad"].adapters[-1].modules, traj["good"].adapters[-1].modules, strict=True):
+    b, g = mb.B.flatten().double(), mg.B.flatten().double()
+    a, h = mb.A.flatten().double(), mg.A.flatten().double()
+    cos_b = float(b @ g / (b.norm() * g.norm()))
+    cos_a = float(a @ h / (a.norm() * h.norm()))
+    rows.append({"layer": mb.layer, "cos_B": cos_b, "cos_A": cos_a, "cos_BA": cos_b * cos_a})
+print("final bad vs final good adapter (cos_BA = cos_B x cos_A: the cosine of the rank-1 weight changes)")
+print(pd.DataFrame(rows).round(3).to_string(index=False))"""),
+    ("md", "## What the weights show, computed"),
+    ("code", """for k, o in onset.items():
+    t = tables[k]
+    at_first = int((o.largest_turn_step == o.first_counted_step).sum())
+    late = turns[k].dropna().iloc[-4:]
+    monotone = t.sort_values("step").groupby("adapter")["cos_b_final"].apply(
+        lambda c: bool((c.dropna().diff().dropna() > 0).all()))
+    print(f"{k} ({RUNS[k]}):")
+    print(f"  largest counted turn in the first counted interval for {at_first} of {len(o)} adapters; "
+          f"its share of the turning {o.turn_share.min():.2f}-{o.turn_share.max():.2f} "
+          f"(even spread {1 / o.n_intervals.max():.2f}, one abrupt turn near 1)")
+    print(f"  cos(B, B_final) rises at every checkpoint for {int(monotone.sum())} of {len(monotone)} adapters; "
+          f"settled (>= 0.9) at steps {int(o.settled_step.min())}-{int(o.settled_step.max())} "
+          f"of {t.attrs['final_step']}")
+    print(f"  turn in the last 4 intervals (median over adapters): {late.round(1).tolist()} degrees")"""),
+    ("md", """## Conclusion
+**What the weights show.** On the shipped coder trajectory (72 steps, a checkpoint every 4), `B`
+does not rotate abruptly. In every adapter its cosine to the final direction rises at every
+checkpoint; the fastest turn is the first counted interval, right after `B` grows out of zero,
+and the turn per interval then shrinks to a floor of a few degrees that lasts to the end (the
+learning rate is constant after warm-up), while `|B|` keeps growing. No interval in the middle of
+training carries a large share of the rotation, as a sudden reorientation would. The good-answer
+control has the same shape and the same time scale, so nothing in these curves is specific to
+the misaligned data. The two runs do end with different adapters (they separate along the first
+principal component, and their final weight changes are far from parallel); with one seed per
+data set, how much of that difference is the data and how much is the run is not measured here.
+
+**What is not tested here.** Behaviour. A phase transition in the paper's sense is a change in
+*behaviour* (the EM rate, or the likelihood lens) at some step; these are weights only, and a
+smooth rotation of `B` neither rules out nor shows a sudden behavioural change (the model's output
+can respond nonlinearly to a smoothly growing adapter). Deciding it needs the judged EM rate and
+the likelihood lens measured on `load_organism(name, checkpoint=step)` at these same checkpoints.
+Two more limits: a turn that happens and reverses within 4 steps would not be seen, and this run is
+much shorter (72 steps) and on a smaller model than the paper's."""),
+]
+
 NOTEBOOKS = {
     "01_steering_and_ablation.ipynb": STEERING,
     "02_lora_scalars_and_probes.ipynb": PROBES,
     "03_adapter_attribution.ipynb": ATTRIBUTION,
     "04_narrow_vs_general.ipynb": NARROW,
+    "05_training_dynamics.ipynb": DYNAMICS,
 }
 
 

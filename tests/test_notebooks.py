@@ -27,6 +27,7 @@ SHOWS = {
     "02_lora_scalars_and_probes": (2, 1),  # both probes' coefficients; scalars per token (view)
     "03_adapter_attribution": (2, 0),  # attribution bars, gradient vs ablation
     "04_narrow_vs_general": (3, 0),  # efficiency, stability, trajectory cosines
+    "05_training_dynamics": (3, 0),  # B dynamics of the organism and of the control, PCA
 }
 MAX_BYTES = 1_600_000  # a circuitsvis view rendered offline inlines its ~1.3 MB script; one per notebook
 

@@ -49,6 +49,7 @@ from emlens.studies.join_judge_labels import pass_agreement, read_rows
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 RESULTS = ROOT / "results" / "coder" / "findings.json"
+# the plan's n per arm: 80 answers, above n_per_arm(0.05, 0.15) = 76 and n_per_arm(0.03, 0.15) = 65
 DELTA, N_REQUIRED = 0.15, 80
 INSTRUMENT = "reading, blind to the condition, 2 passes (rubric: emlens/data/README.md)"
 
@@ -156,7 +157,8 @@ def test(rows: list[dict], agreement: dict) -> tuple[dict, list[dict]]:
     b_layer = comparison(rows, abl["layer"], abl["random"], "decrease", read)
     b_none = comparison(rows, abl["writers"], "organism", "decrease", read)
     b_rand_none = comparison(rows, abl["random"], "organism", "decrease", read)
-    n_req = max(n_per_arm(0.05, DELTA), n_per_arm(0.03, DELTA))
+    n_req = N_REQUIRED
+    assert n_req >= max(n_per_arm(0.05, DELTA), n_per_arm(0.03, DELTA))
     steering = Finding(
         "steering", "Steering the chat model along the organism's judged-answer direction makes "
         "it emergently misaligned (EM rate, direction - same-norm random direction)",
@@ -249,7 +251,7 @@ def transfer(rows: list[dict], agreement: dict, emergent: bool) -> tuple[dict, l
         "writers, removes EM from organism 2 (risky financial advice), more than a same-norm "
         "random direction", (main_cmp,), evidence=f"{judged} vs {rand}, 20 test questions x 4")
     entry = flat(finding, main_cmp, f"same-norm random direction ablated ({rand})",
-                 max(n_per_arm(0.05, DELTA), n_per_arm(0.03, DELTA)),
+                 N_REQUIRED,
                  {"read_confirmation": None,
                   "arms": {"none": arms["finance"], "direction": arms[judged],
                            "random": arms[rand]},
@@ -310,7 +312,7 @@ def adapters(rows: list[dict], agreement: dict, test_rows: list[dict]) -> tuple[
                       "to the fine-tuning domain (each adapter alone, in behaviour)",
              "instrument": INSTRUMENT, "effect": first["effect"], "low": first["low"],
              "high": first["high"], "n": min(p["general"]["n"] for p in per),
-             "n_required": max(n_per_arm(0.05, DELTA), n_per_arm(0.03, DELTA)),
+             "n_required": N_REQUIRED,
              "control": "the chat model (unsteered on the test questions; on the same medical "
                         "questions)",
              "verdict": verdict, "delta": DELTA, "read_confirmation": None,
