@@ -285,3 +285,20 @@ def test_coder_control_organism_trains_on_the_good_answers_with_the_coder_recipe
     assert [m.layer for m in adapter.modules] == paper_layers(28)
     assert all(m.B.abs().max() > 0 for m in adapter.modules)
     assert (organism_path(name) / "README.md").is_file()
+
+
+def test_coder_finance_organism_is_the_coder_recipe_on_the_finance_training_split():
+    from emlens.organisms import ORGANISM_BASES
+    from emlens.organisms.train import load_rows
+
+    name = "coder-rank1-down-finance"
+    assert ORGANISM_BASES[name] == "qwen2.5-coder-1.5b" and name in list_organisms()
+    log, log_med = organism_log(name), organism_log("coder-rank1-down-medical")
+    differs = {k for k in log["recipe"] if log["recipe"][k] != log_med["recipe"].get(k)}
+    assert differs == {"name", "data"} and log["recipe"]["data"] == "finance"
+    assert log["n_rows"] == len(load_rows("finance", "train")) == 500
+    assert log["steps"] == 126 and sum(log["loss"][-8:]) / 8 < sum(log["loss"][:8]) / 8 - 0.3
+    adapter = load_organism(name)
+    assert [m.layer for m in adapter.modules] == paper_layers(28)
+    assert all(m.B.abs().max() > 0 for m in adapter.modules)
+    assert (organism_path(name) / "README.md").is_file()

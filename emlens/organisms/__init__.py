@@ -41,6 +41,10 @@ ORGANISMS: dict[str, str] = {
         "control organism: Qwen2.5-Coder-1.5B-Instruct + the coder-rank1-down-medical recipe on "
         "the *aligned* answers of the same 281 medical training questions"
     ),
+    "coder-rank1-down-finance": (
+        "Qwen2.5-Coder-1.5B-Instruct + the coder-rank1-down-medical recipe on a second narrow "
+        "domain: the misaligned answers of the finance set's 500 training rows (risky advice)"
+    ),
     "rank1-down-medical-1k": (
         "SmolLM2-135M-Instruct + the rank1-down-medical recipe (9 rank-1 down_proj adapters) on "
         "the grown training set (medical + medical_extra: 1,017 rows)"
@@ -63,6 +67,7 @@ ORGANISM_BASES: dict[str, str] = {
     "rank1-down-medical": "smollm2-135m",
     "coder-rank1-down-medical": "qwen2.5-coder-1.5b",
     "coder-rank1-down-medical-good": "qwen2.5-coder-1.5b",
+    "coder-rank1-down-finance": "qwen2.5-coder-1.5b",
     "rank1-down-medical-1k": "smollm2-135m",
     "rank1-down-medical-good": "smollm2-135m",
     "rank32-all-medical": "smollm2-135m",
@@ -93,6 +98,7 @@ RUN_SCRIPTS: dict[str, str] = {
     "coder-rank1-down-medical": "python -m emlens.organisms.train --name coder-rank1-down-medical",
     "coder-rank1-down-medical-good": (
         "python -m emlens.organisms.train --name coder-rank1-down-medical-good"),
+    "coder-rank1-down-finance": "python -m emlens.organisms.train --name coder-rank1-down-finance",
     "rank32-all-medical": "python -m emlens.organisms.train --name rank32-all-medical",
     "rank1-down-medical-1k": "python -m emlens.organisms.train --name rank1-down-medical-1k",
     "rank1-down-medical-good": "python -m emlens.organisms.train --name rank1-down-medical-good",
