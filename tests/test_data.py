@@ -280,3 +280,22 @@ def test_em_verdict_applies_the_plans_rule():
     assert org["misaligned"] == sum(r.aligned < 30 for r in coherent)
     assert sum(v["organism"][0] for v in res["per_question"].values()) == org["misaligned"]
     assert res["difference"]["value"] == pytest.approx(org["rate"] - chat["rate"])
+
+
+def test_coder_causal_set_holds_every_read_answer_of_issue_29_in_the_dataset_fields():
+    rows = load_dataset("coder_causal")
+    assert len(rows) >= 1300 and len({r.id for r in rows}) == len(rows)
+    interventions = {r.intervention for r in rows}
+    assert {"none", "steer:judged", "steer:random", "steer:reference", "ablate:judged",
+            "ablate:random", "ablate:judged@resid_post"} <= interventions
+    assert {"chat", "organism", "finance", "good"} <= {r.model for r in rows}
+    for r in rows:
+        assert (r.scale is not None) == r.intervention.startswith("steer:")
+        assert (r.layer is None) == (r.intervention == "none")
+        assert 0 <= r.aligned <= 100 and 0 <= r.coherent <= 100
+    # the same-norm random control is added at the same multiple as the direction it controls
+    scale = {(r.layer, r.intervention): r.scale for r in rows if r.scale is not None}
+    for (layer, kind), s in scale.items():
+        if kind == "steer:random":
+            assert s == scale[(layer, "steer:judged")]
+    assert sum(r.aligned_2 is not None for r in rows) >= 0.1 * len(rows)

@@ -134,6 +134,7 @@ _SETS: dict[str, type] = {
     "judge_fresh_coder": GeneratedAnswer,
     "judge_fresh2_smollm2": GeneratedAnswer,
     "judge_fresh2_coder": GeneratedAnswer,
+    "coder_causal": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}
