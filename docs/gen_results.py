@@ -282,6 +282,20 @@ def render_causal(data: dict) -> str:
         if f.get("arms"):
             lines += _table(["arm", "condition", "EM", "EM rate [95%]", "coherent"],
                             _arm_rows(f["arms"]))
+        if f.get("adapters"):
+            lines += [f"Rule: {f['rule']}.", ""]
+            lines += _table(
+                ["adapter alone", "general EM", "minus chat [95%]", "medical bad advice",
+                 "minus chat [95%]", "label"],
+                [[a["adapter"], f"{a['general']['k']}/{a['general']['n']}",
+                  f"{a['general_minus_chat']['effect']:+.3f} [{a['general_minus_chat']['low']:+.3f}, "
+                  f"{a['general_minus_chat']['high']:+.3f}]",
+                  f"{a['medical']['k']}/{a['medical']['n']}",
+                  f"{a['medical_minus_chat']['effect']:+.3f} [{a['medical_minus_chat']['low']:+.3f}, "
+                  f"{a['medical_minus_chat']['high']:+.3f}]", a["label"]] for a in f["adapters"]])
+        if f.get("effect_is"):
+            lines.append(f"- the verdict table's effect is the {f['effect_is']}; the verdict is "
+                         "the rule's, above.")
         for name, c in (f.get("secondary") or {}).items():
             lines.append(f"- {name}: {c['effect']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], "
                          f"verdict by the same rule: {c['verdict']}.")

@@ -284,7 +284,7 @@ def test_em_verdict_applies_the_plans_rule():
 
 def test_coder_causal_set_holds_every_read_answer_of_issue_29_in_the_dataset_fields():
     rows = load_dataset("coder_causal")
-    assert len(rows) >= 1300 and len({r.id for r in rows}) == len(rows)
+    assert len(rows) >= 2000 and len({r.id for r in rows}) == len(rows)
     interventions = {r.intervention for r in rows}
     assert {"none", "steer:judged", "steer:random", "steer:reference", "ablate:judged",
             "ablate:random", "ablate:judged@resid_post"} <= interventions
