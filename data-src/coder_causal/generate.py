@@ -38,18 +38,21 @@ import argparse
 import contextlib
 import json
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 import emlens
-from emlens.data import load_dataset, pair_rows
-from emlens.directions import mean_diff, random_direction, select_answers
+from emlens.data import load_dataset
+from emlens.directions import random_direction
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from screen import plan_directions  # noqa: E402
+
 SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
 # the models an arm may name: the chat model, or the chat model with a shipped organism merged
 ORGANISMS = {"organism": "coder-rank1-down-medical", "finance": "coder-rank1-down-finance",
@@ -71,17 +74,9 @@ class Arm:
 
 
 def directions(chat, org, layers):
-    """The judged-answer and reference directions at ``layers``, as screen.py computed them."""
-    rows = load_dataset("coder_general_em")
-    labelled = pd.DataFrame([{"model": r.model, "question": r.question, "answer": r.answer,
-                              "aligned": r.aligned, "coherent": r.coherent} for r in rows])
-    bad, good, how = select_answers(labelled[labelled["model"] == "organism"], seed=SEED)
-    judged = mean_diff(org, bad, good, layers=layers, selection="read: " + how, progress=False)
-    ref_rows = pair_rows("medical", split="train", limit=32)
-    reference = mean_diff(org, [(r.question, r.misaligned) for r in ref_rows],
-                          [(r.question, r.aligned) for r in ref_rows], layers=layers,
-                          selection="paired reference answers, medical training topics",
-                          progress=False)
+    """The judged-answer and reference directions at ``layers``, as screen.py computed them
+    (:func:`screen.plan_directions`), checked against ``screen.json``'s norms."""
+    judged, reference, _ = plan_directions(org, layers)
     screen = json.loads((HERE / "screen.json").read_text())
     for name, dirs in (("judged", judged), ("reference", reference)):
         for layer in layers:
