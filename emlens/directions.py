@@ -319,9 +319,8 @@ def pca_direction(
         raise ValueError(f"pca_direction needs paired answers: {len(misaligned)} vs {len(aligned)}.")
     if len(misaligned) < 2:
         raise ValueError("pca_direction needs at least 2 pairs.")
-    diffs = _answer_means_per_row(model, misaligned, layer, hook, batch_size) - _answer_means_per_row(
-        model, aligned, layer, hook, batch_size
-    )
+    diffs = (_answer_means_per_row(model, misaligned, [layer], hook, batch_size)[layer]
+             - _answer_means_per_row(model, aligned, [layer], hook, batch_size)[layer])
     mean = diffs.mean(0)
     _, _, vh = torch.linalg.svd(diffs - mean, full_matrices=False)
     pc = vh[0]
