@@ -304,6 +304,9 @@ def render_causal(data: dict) -> str:
                          f"{_num(r['value'], 2)} [{_num(r['low'], 2)}, {_num(r['high'], 2)}] "
                          "(bootstrap over answers).")
         if f.get("per_layer"):
+            lines += _table(["layer", "cosine [95%]", "clears the baselines"],
+                            [[r["layer"], f"{r['cosine']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
+                              _num(r["converged"])] for r in f["per_layer"]])
             conv = [r["layer"] for r in f["per_layer"] if r["converged"]]
             lines.append(f"- layers where the interval clears the baselines: {conv or 'none'}.")
         agr = f.get("agreement") or {}
