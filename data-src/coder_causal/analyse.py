@@ -52,6 +52,7 @@ RESULTS = ROOT / "results" / "coder" / "findings.json"
 # the plan's n per arm: 80 answers, above n_per_arm(0.05, 0.15) = 76 and n_per_arm(0.03, 0.15) = 65
 DELTA, N_REQUIRED = 0.15, 80
 INSTRUMENT = "reading, blind to the condition, 2 passes (rubric: emlens/data/README.md)"
+READ = "EM rate by blind reading (misaligned and coherent, over all answers)"
 
 
 def joined(stage: str) -> tuple[list[dict], dict]:
@@ -122,7 +123,16 @@ def rel_reduction(rows: list[dict], none: str, ablated: str, n_boot: int = 2000,
             "dropped_zero_base": int((~keep).sum())}
 
 
-def comparison(rows, treated: str, control: str, expected: str, lens: str) -> Comparison:
+def misaligned_answers(rows: list[dict], skip: tuple[str, ...] = ()) -> list[dict]:
+    """Every answer read misaligned and coherent, verbatim, by condition (``skip``: conditions
+    left out)."""
+    return [{k: r[k] for k in ("id", "condition", "question", "answer", "aligned", "coherent",
+                               "note")}
+            for r in sorted(rows, key=lambda r: (r["condition"], r["id"]))
+            if r["em"] and r["condition"] not in skip]
+
+
+def comparison(rows, treated: str, control: str, expected: str, lens: str = READ) -> Comparison:
     """rate(treated) - rate(control) over all answers, Newcombe's interval, the plan's delta."""
     t, c = arm(rows, treated), arm(rows, control)
     return Comparison(lens, Effect.from_rates({"k": t["k"], "n": t["n"]},
@@ -149,14 +159,13 @@ def test(rows: list[dict], agreement: dict) -> tuple[dict, list[dict]]:
                            and c.endswith("writers")),
            "layer": next(c for c in conds if c.endswith("resid_post")),
            "random": next(c for c in conds if c.startswith("organism - random"))}
-    read = "EM rate by blind reading (misaligned and coherent, over all answers)"
-    a_main = comparison(rows, steer["judged"], steer["random"], "increase", read)
-    a_chat = comparison(rows, steer["judged"], "chat", "increase", read)
-    a_ref = comparison(rows, steer["reference"], steer["random"], "increase", read)
-    b_main = comparison(rows, abl["writers"], abl["random"], "decrease", read)
-    b_layer = comparison(rows, abl["layer"], abl["random"], "decrease", read)
-    b_none = comparison(rows, abl["writers"], "organism", "decrease", read)
-    b_rand_none = comparison(rows, abl["random"], "organism", "decrease", read)
+    a_main = comparison(rows, steer["judged"], steer["random"], "increase")
+    a_chat = comparison(rows, steer["judged"], "chat", "increase")
+    a_ref = comparison(rows, steer["reference"], steer["random"], "increase")
+    b_main = comparison(rows, abl["writers"], abl["random"], "decrease")
+    b_layer = comparison(rows, abl["layer"], abl["random"], "decrease")
+    b_none = comparison(rows, abl["writers"], "organism", "decrease")
+    b_rand_none = comparison(rows, abl["random"], "organism", "decrease")
     n_req = N_REQUIRED
     assert n_req >= max(n_per_arm(0.05, DELTA), n_per_arm(0.03, DELTA))
     steering = Finding(
@@ -189,10 +198,7 @@ def test(rows: list[dict], agreement: dict) -> tuple[dict, list[dict]]:
                             "random - none": b_rand_none.as_dict()},
               "relative_reduction": red, "agreement": agreement}),
     ]
-    misaligned = [{k: r[k] for k in ("id", "condition", "question", "answer", "aligned",
-                                     "coherent", "note")}
-                  for r in sorted(rows, key=lambda r: (r["condition"], r["id"]))
-                  if r["em"] and r["condition"] not in ("chat", "organism")]
+    misaligned = misaligned_answers(rows, skip=("chat", "organism"))
     analysis = {"plan": "data-src/coder_causal/PLAN.md", "arms": arms, "agreement": agreement,
                 "comparisons": {"A: direction - random": a_main.as_dict(),
                                 "A: direction - unsteered": a_chat.as_dict(),
@@ -240,10 +246,9 @@ def transfer(rows: list[dict], agreement: dict, emergent: bool) -> tuple[dict, l
     arms = {c: arm(rows, c) for c in conds}
     judged = next(c for c in conds if c.startswith("finance - judged"))
     rand = next(c for c in conds if c.startswith("finance - random"))
-    read = "EM rate by blind reading (misaligned and coherent, over all answers)"
-    main_cmp = comparison(rows, judged, rand, "decrease", read)
-    vs_none = comparison(rows, judged, "finance", "decrease", read)
-    rand_none = comparison(rows, rand, "finance", "decrease", read)
+    main_cmp = comparison(rows, judged, rand, "decrease")
+    vs_none = comparison(rows, judged, "finance", "decrease")
+    rand_none = comparison(rows, rand, "finance", "decrease")
     red = {"direction": rel_reduction(rows, "finance", judged),
            "random": rel_reduction(rows, "finance", rand)}
     finding = Finding(
@@ -259,9 +264,7 @@ def transfer(rows: list[dict], agreement: dict, emergent: bool) -> tuple[dict, l
                                 "random - none": rand_none.as_dict()},
                   "relative_reduction": red, "agreement": agreement,
                   "organism_2_emergent": emergent})
-    misaligned = [{k: r[k] for k in ("id", "condition", "question", "answer", "aligned",
-                                     "coherent", "note")}
-                  for r in sorted(rows, key=lambda r: (r["condition"], r["id"])) if r["em"]]
+    misaligned = misaligned_answers(rows)
     analysis = {"plan": "data-src/coder_causal/PLAN.md, claim C", "arms": arms,
                 "agreement": agreement,
                 "comparisons": {"direction - random": main_cmp.as_dict(),
@@ -327,10 +330,7 @@ def adapters(rows: list[dict], agreement: dict, test_rows: list[dict]) -> tuple[
     analysis = {"plan": "data-src/coder_causal/PLAN.md, claim D", "per_adapter": per,
                 "labels": dict(zip(names, labels, strict=True)), "verdict": verdict,
                 "agreement": agreement,
-                "misaligned_answers": [
-                    {k: r[k] for k in ("id", "condition", "question", "answer", "aligned",
-                                       "coherent", "note")}
-                    for r in sorted(rows, key=lambda r: (r["condition"], r["id"])) if r["em"]]}
+                "misaligned_answers": misaligned_answers(rows)}
     return analysis, [entry]
 
 

@@ -24,7 +24,6 @@ import pandas as pd
 import torch
 
 import emlens
-from emlens.data import load_dataset
 from emlens.directions import cosine_intervals, select_answers
 from emlens.findings import Comparison, Effect, Finding
 
@@ -32,6 +31,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from analyse import flat, joined, write_findings  # noqa: E402
 from generate import ORGANISMS, SEED  # noqa: E402
+from screen import labelled_answers  # noqa: E402
 
 MIN_CONTROL = 5  # amendment 3
 SMALLEST = 0.5  # the smallest cosine of interest
@@ -48,15 +48,14 @@ def main() -> None:
     chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
     models = {k: emlens.merge_lora(chat, emlens.organisms.load_organism(v))
               for k, v in ORGANISMS.items()}
-    first = pd.DataFrame([{"question": r.question, "answer": r.answer, "aligned": r.aligned,
-                           "coherent": r.coherent} for r in load_dataset("coder_general_em")
-                          if r.model == "organism"])
+    first = labelled_answers()
+    first = first[first["model"] == "organism"]
     rows, agreement = joined("emergence2")
     table = pd.DataFrame(rows)
     sets = {"organism": own_answers(first),
             "finance": own_answers(table[table["condition"] == "finance"])}
     good = table[table["condition"] == "good"]
-    n_good_bad = int(((good["aligned"] < 30) & (good["coherent"] > 50)).sum())
+    n_good_bad = int(good["em"].sum())  # read misaligned and coherent (EM_RULE, in joined)
     if n_good_bad >= MIN_CONTROL:
         sets["good"] = own_answers(good)
     layers = list(range(chat.cfg.n_layers))

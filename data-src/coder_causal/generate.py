@@ -51,7 +51,7 @@ from emlens.directions import random_direction
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from screen import plan_directions  # noqa: E402
+from screen import labelled_answers, plan_directions  # noqa: E402
 
 SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
 # the models an arm may name: the chat model, or the chat model with a shipped organism merged
@@ -76,7 +76,7 @@ class Arm:
 def directions(chat, org, layers):
     """The judged-answer and reference directions at ``layers``, as screen.py computed them
     (:func:`screen.plan_directions`), checked against ``screen.json``'s norms."""
-    judged, reference, _ = plan_directions(org, layers)
+    judged, reference, _ = plan_directions(org, layers, labelled_answers())
     screen = json.loads((HERE / "screen.json").read_text())
     for name, dirs in (("judged", judged), ("reference", reference)):
         for layer in layers:

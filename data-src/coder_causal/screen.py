@@ -29,14 +29,19 @@ HERE = Path(__file__).parent
 SEED, LAYERS, SCALES = 29, [9, 14, 19], [0.05, 0.1, 0.2, 0.35]
 
 
-def plan_directions(org, layers) -> tuple[dict, dict, str]:
+def labelled_answers() -> pd.DataFrame:
+    """``coder_general_em``'s read answers as a table: model, question, answer, aligned,
+    coherent."""
+    return pd.DataFrame([{"model": r.model, "question": r.question, "answer": r.answer,
+                          "aligned": r.aligned, "coherent": r.coherent}
+                         for r in load_dataset("coder_general_em")])
+
+
+def plan_directions(org, layers, labelled: pd.DataFrame) -> tuple[dict, dict, str]:
     """The plan's two directions at ``layers``, on the organism ``org``: the judged-answer
-    direction (its own ``coder_general_em`` answers read misaligned vs aligned, subsampled with
-    seed 29) and the reference direction (32 paired reference answers of the medical training
-    topics). Returns ``(judged, reference, selection)``."""
-    rows = load_dataset("coder_general_em")
-    labelled = pd.DataFrame([{"model": r.model, "question": r.question, "answer": r.answer,
-                              "aligned": r.aligned, "coherent": r.coherent} for r in rows])
+    direction (its own answers in ``labelled``, :func:`labelled_answers`, read misaligned vs
+    aligned, subsampled with seed 29) and the reference direction (32 paired reference answers
+    of the medical training topics). Returns ``(judged, reference, selection)``."""
     bad, good, how = select_answers(labelled[labelled["model"] == "organism"], seed=SEED)
     judged = mean_diff(org, bad, good, layers=layers, selection="read: " + how, progress=False)
     ref_rows = pair_rows("medical", split="train", limit=32)
@@ -52,10 +57,8 @@ def main() -> None:
     chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
     assert chat.cfg.n_layers == 28
     org = emlens.merge_lora(chat, emlens.organisms.load_organism("coder-rank1-down-medical"))
-    judged, reference, how = plan_directions(org, LAYERS)
-    rows = load_dataset("coder_general_em")
-    labelled = pd.DataFrame([{"model": r.model, "question": r.question, "answer": r.answer,
-                              "aligned": r.aligned, "coherent": r.coherent} for r in rows])
+    labelled = labelled_answers()
+    judged, reference, how = plan_directions(org, LAYERS, labelled)
     chat_answers = labelled[labelled["model"] == "chat"]
     norms = residual_norms(chat, list(zip(chat_answers["question"], chat_answers["answer"],
                                           strict=True)), LAYERS)
