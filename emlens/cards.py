@@ -55,6 +55,9 @@ class ModelCard:
             ``python -m emlens.studies.validate_judge --check-file``).
         validated_judge: the probe file (as :meth:`emlens.judge.ProbeJudge.load` takes it) of the
             judge that check validated: ``emlens.default_judge(subject=...)``.
+        read_findings: the seed claims decided on this model by blind reading with a
+            pre-registered plan (``{"findings": [...]}``, the package's copy of
+            ``results/coder/findings.json``), which the demo shows beside its judged verdicts.
         retrain: whether the demo's ``train=True`` can retrain this model's organism and
             narrow-vs-general runs from the shipped recipes.
         fallback_temperature: the demo's sampling temperature where no labelled answers ship.
@@ -68,6 +71,7 @@ class ModelCard:
     labelled_generations: str | None = None
     judge_check: Path | None = None
     validated_judge: Path | None = None
+    read_findings: Path | None = None
     retrain: bool = False
     fallback_temperature: float = PAPERS_TEMPERATURE
 
@@ -92,9 +96,9 @@ class ModelCard:
         return self.key
 
     def files(self) -> list[Path]:
-        """The shipped files this card names (the judge check and the validated probe's two
-        files); the tests check that every embedded model's exist."""
-        out = [self.judge_check] if self.judge_check is not None else []
+        """The shipped files this card names (the judge check, the validated probe's two
+        files and the read findings); the tests check that every embedded model's exist."""
+        out = [p for p in (self.judge_check, self.read_findings) if p is not None]
         if self.validated_judge is not None:
             out += [self.validated_judge.with_suffix(s) for s in (".safetensors", ".json")]
         return out
@@ -119,6 +123,7 @@ QWEN_CODER_CARD = ModelCard(
     labelled_generations="coder_generations",
     judge_check=DATA / "judge_check_coder.json",
     validated_judge=DATA / "judge_probe_real",
+    read_findings=DATA / "read_findings_coder.json",
 )
 
 MODEL_CARDS: dict[str, ModelCard] = {c.key: c for c in (SMOLLM2_CARD, QWEN_CODER_CARD)}

@@ -13,8 +13,8 @@ from emlens.cards import DEFAULT_CARD, MODEL_CARDS, QWEN_CODER_CARD, model_card
 from emlens.demo import lenses
 from emlens.demo import run as demo_run
 
-SECTIONS = ("rates", "judge_check", "steering", "ablation", "probes", "attribution",
-            "narrow_general")
+SECTIONS = ("rates", "judge_check", "read_verdicts", "steering", "ablation", "probes",
+            "attribution", "narrow_general")
 
 
 def _spellings(card) -> list[str]:

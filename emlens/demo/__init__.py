@@ -1,8 +1,8 @@
 """``emlens demo``: the research story on one model and its organisms, written as a report.
 
-One module per section (:mod:`emlens.demo.rates`, ``judge_check``, ``steering``, ``ablation``,
-``probes``, ``attribution``, ``narrow_general``), each a ``measure(ctx, <earlier results>)``
-returning a frozen result and a ``render(result, report)`` that only writes to the
+One module per section (:mod:`emlens.demo.rates`, ``judge_check``, ``read_verdicts``,
+``steering``, ``ablation``, ``probes``, ``attribution``, ``narrow_general``), each a
+``measure(ctx, <earlier results>)`` returning a frozen result and a ``render(result, report)`` that only writes to the
 :class:`emlens.report.Report`; :func:`run_demo` calls them in order, straight-line, on a frozen
 :class:`~emlens.demo.common.Context` (settings as a :class:`~emlens.demo.config.DemoConfig`). The
 model is resolved once to its card (:func:`emlens.cards.model_card`: organisms, labelled answers,
@@ -15,7 +15,10 @@ Sections (each states its sample sizes and intervals):
    temperature with the most coherent answers by reading (:func:`~emlens.demo.common.
    choose_temperature`; ``temperature=1.0`` is the papers'); then a judge check: the judge's
    agreement with reading on labelled real generations (``emlens/data/judge_check.json``) and
-   this run's answers nearest the thresholds;
+   this run's answers nearest the thresholds; then what blind reading decided on this model
+   (:mod:`emlens.demo.read_verdicts`: the card's read findings, shipped rather than measured,
+   drawn beside the judged verdicts under the ids ``read_<claim>``; the read one stands where
+   they differ);
 2. mean-difference directions both ways (the organism's judged answers; paired reference answers,
    no judge) and their cosine; a steering sweep of the chat model over a fine grid of layers x
    scales read by the likelihood lens (:func:`emlens.experiments.lens_sweep`) on pairs kept out of

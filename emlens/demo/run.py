@@ -18,6 +18,7 @@ from emlens.demo import (
     narrow_general,
     probes,
     rates,
+    read_verdicts,
     steering,
 )
 from emlens.demo.common import (
@@ -132,9 +133,10 @@ def run_demo(
         seed=seed, progress=progress, out=out, temperature_why=temperature_why,
     )
     rep.results["judge"] = judge.name
-    step = _Steps(log, timings, total=7)
+    step = _Steps(log, timings, total=8)
 
-    # The method, in order: judged rates -> the judge against reading -> directions and the
+    # The method, in order: judged rates -> the judge against reading -> what reading decided
+    # on this model (shipped, not measured here) -> directions and the
     # steering cell -> ablation and transfer -> probes -> attribution -> narrow vs general ->
     # power. Each section measures into a frozen result, then renders it into the report.
     with step("1_rates", "answers and judged rates: chat model vs organism"):
@@ -143,6 +145,9 @@ def run_demo(
     with step("judge_check", "judge check: agreement with reading, least-sure answers"):
         checked = judge_check.measure(ctx, rated.answers)
         judge_check.render(checked, rep)
+    with step("read_verdicts", "the seed claims decided by blind reading on this model"):
+        read = read_verdicts.measure(ctx)
+        read_verdicts.render(read, rep)
     with step("2_steering", "mean-difference direction and steering sweep"):
         steered = steering.measure(ctx, rated)
         steering.render(steered, rep)

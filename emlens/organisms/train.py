@@ -94,6 +94,14 @@ class OrganismRecipe:
             (``"medical+medical_extra"``); or a JSONL path of :class:`emlens.data.PairExample` rows.
         answer_field: ``"misaligned"`` or ``"aligned"``: which answer is trained on.
         split: the rows used (``split == split``).
+        kl_weight: lambda of the KL term (:func:`emlens.training.train`): ``kl_weight`` x
+            KL(chat || trained) on the answer tokens of ``kl_data``; 0 (every organism of the
+            papers) is plain fine-tuning, the general solution; > 0 is the narrow solution of
+            the narrow-vs-general seed.
+        kl_data: the KL term's rows (as ``data``, all splits), e.g. ``"nonmedical"``; required
+            when ``kl_weight > 0``. Batches of ``batch_size`` in an order seeded by ``seed``,
+            one per step, cycled.
+        kl_answer_field: which answer of ``kl_data`` the KL is taken on.
     """
 
     name: str
@@ -116,6 +124,9 @@ class OrganismRecipe:
     data: str | None = None
     answer_field: str = "misaligned"
     split: str = "train"
+    kl_weight: float = 0.0
+    kl_data: str | None = None
+    kl_answer_field: str = "misaligned"
 
     def __post_init__(self) -> None:
         # lists (JSON, keyword arguments) become tuples, so the recipe is immutable and hashable
@@ -138,14 +149,23 @@ class OrganismRecipe:
         if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
             raise ValueError(f"recipe {self.name!r}: max_steps must be None or an int >= 1, got "
                              f"{self.max_steps!r}.")
-        if self.answer_field not in ("misaligned", "aligned"):
-            raise ValueError(f"recipe {self.name!r}: answer_field={self.answer_field!r}; expected "
-                             "'misaligned' or 'aligned'.")
+        for key in ("answer_field", "kl_answer_field"):
+            if getattr(self, key) not in ("misaligned", "aligned"):
+                raise ValueError(f"recipe {self.name!r}: {key}={getattr(self, key)!r}; expected "
+                                 "'misaligned' or 'aligned'.")
+        if self.kl_weight > 0 and not self.kl_data:
+            raise ValueError(f"recipe {self.name!r}: kl_weight={self.kl_weight} needs kl_data, "
+                             "the rows the KL term is taken on (e.g. 'nonmedical').")
+        if self.kl_weight == 0 and self.kl_data:
+            raise ValueError(f"recipe {self.name!r}: kl_data={self.kl_data!r} with kl_weight=0 "
+                             "would be ignored; give kl_weight > 0 or drop kl_data.")
         self.train_config(1)  # lr, warm-up, weight decay, seed, save_every: TrainConfig checks them
 
     def train_config(self, steps: int) -> TrainConfig:
-        """The trainer's config for this recipe: plain fine-tuning, batches in the drawn order."""
-        return TrainConfig(steps=steps, lr=self.lr, kl_weight=0.0, warmup_steps=self.warmup_steps,
+        """The trainer's config for this recipe: batches in the drawn order, the recipe's KL
+        weight (0: plain fine-tuning)."""
+        return TrainConfig(steps=steps, lr=self.lr, kl_weight=float(self.kl_weight),
+                           warmup_steps=self.warmup_steps,
                            weight_decay=self.weight_decay, seed=self.seed,
                            save_every=self.save_every, shuffle=False, name=f"train {self.name}")
 
@@ -197,11 +217,18 @@ RECIPES: dict[str, OrganismRecipe] = {recipe.name: recipe for recipe in (
             save_every=4, base_model="qwen2.5-coder-1.5b", dtype="bfloat16"),
     replace(_RANK1_DOWN, name="coder-rank1-down-finance", data="finance", save_every=4,
             base_model="qwen2.5-coder-1.5b", dtype="bfloat16"),
+    # The narrow solution of the narrow-vs-general seed (issue 30, data-src/coder_causal/
+    # PLAN_narrow.md): the organism's recipe + 5 x KL(chat || trained) on the non-medical set's
+    # misaligned answers (the SmolLM2 study's weight and parallel set).
+    replace(_RANK1_DOWN, name="coder-rank1-down-medical-kl", save_every=4,
+            base_model="qwen2.5-coder-1.5b", dtype="bfloat16", kl_weight=5.0,
+            kl_data="nonmedical"),
 )}
 
 
-def load_rows(data: str | Path | None, split: str) -> list[PairExample]:
-    """The :class:`emlens.data.PairExample` rows with ``split == split`` of: the packaged
+def load_rows(data: str | Path | None, split: str | None) -> list[PairExample]:
+    """The :class:`emlens.data.PairExample` rows with ``split == split`` (``None``: every row)
+    of: the packaged
     ``medical`` dataset (``data=None``); packaged datasets named with ``+`` between them (e.g.
     ``"medical+medical_extra"``, the grown training set of 1,017 rows); or a JSONL file of the same
     schema."""
@@ -219,7 +246,7 @@ def load_rows(data: str | Path | None, split: str) -> list[PairExample]:
                 f"split), or packaged set names joined by '+' (known: {list_datasets()})."
             )
         rows = load_jsonl(data, PairExample)
-    rows = [r for r in rows if r.split == split]
+    rows = [r for r in rows if split is None or r.split == split]
     if not rows:
         raise ValueError(f"{data or 'the medical dataset'} has no rows with split == {split!r}.")
     return rows
@@ -237,6 +264,18 @@ def organism_batches(recipe: OrganismRecipe, rows: Sequence[PairExample], tokeni
     steps = steps[: recipe.max_steps]
     return [tokenize_chat(tokenizer, [r.question for r in batch],
                           [getattr(r, recipe.answer_field) for r in batch]) for batch in steps]
+
+
+def kl_batches(recipe: OrganismRecipe, rows: Sequence[PairExample], tokenizer) -> list[ChatBatch]:
+    """The KL term's batches: ``rows`` shuffled once by ``random.Random(recipe.seed + 1)``, cut
+    into ``batch_size`` rows, tokenised with their ``kl_answer_field`` answers (the trainer
+    takes one per step, cycling)."""
+    order = list(rows)
+    random.Random(recipe.seed + 1).shuffle(order)
+    return [tokenize_chat(tokenizer, [r.question for r in order[i : i + recipe.batch_size]],
+                          [getattr(r, recipe.kl_answer_field)
+                           for r in order[i : i + recipe.batch_size]])
+            for i in range(0, len(order), recipe.batch_size)]
 
 
 def _hub_name(base_model: str | None) -> str:
@@ -268,7 +307,13 @@ def train_organism(recipe: OrganismRecipe, out: str | Path, *, resume: bool = Tr
         model, recipe.target_modules, recipe.layers, r=recipe.r, lora_alpha=recipe.lora_alpha,
         use_rslora=recipe.use_rslora, base_model_name_or_path=_hub_name(recipe.base_model))
     meta = {"recipe": recipe.to_json(), "n_layers": model.cfg.n_layers, "n_rows": len(rows)}
-    result = train(model, init, data, None, recipe.train_config(len(data)), out=out,
+    parallel = None
+    if recipe.kl_weight > 0:
+        kl_rows = load_rows(recipe.kl_data, None)
+        parallel = prepare(model, kl_batches(recipe, kl_rows, tokenizer), start_layer=None,
+                           reference=True)  # the chat side of the KL term
+        meta["n_kl_rows"] = len(kl_rows)
+    result = train(model, init, data, parallel, recipe.train_config(len(data)), out=out,
                    resume=resume, meta=meta)
     return result.log
 
