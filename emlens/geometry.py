@@ -33,10 +33,10 @@ from jaxtyping import Float
 from torch import Tensor
 from transformer_lens import HookedTransformer
 
+from emlens.trainable import LoraTrainable
 from emlens.training import (
     PreparedSet,
     Trainable,
-    TrainableLora,
     TrainableSteeringVector,
     Trajectory,
     evaluate_loss,
@@ -154,7 +154,7 @@ def perturb(params: Trainable, eps: float, target: Target, generator: torch.Gene
             if target != "vector":
                 raise ValueError(f"target={target!r} for a steering vector; use target='vector'.")
             out.vector.copy_(orthogonal_noise(out.vector, eps, generator))
-        elif isinstance(out, TrainableLora):
+        elif isinstance(out, LoraTrainable):  # TrainableLora and TrainableAdapter (organisms)
             if target not in ("A", "B"):
                 raise ValueError(f"target={target!r} for a LoRA; use 'A' or 'B'.")
             for adapter in out.adapters:

@@ -147,14 +147,18 @@ def plot_forest(findings: list[Finding]):
     """A forest plot of every finding's comparisons: one panel per lens family (the part of
     the lens name before ``" ("``, since units differ), one row per comparison labelled by the
     finding's id (and the direction it read), with the effect and its interval beside the
-    control's, coloured by verdict. Returns the figure."""
+    control's, coloured by verdict; a finding with several comparisons in one panel labels each
+    by its short name. Returns the figure."""
     import matplotlib.pyplot as plt
 
     panels: dict[str, list[tuple[str, Comparison]]] = {}
     for f in findings:
-        for c in f.comparisons:
+        families = [c.lens.split(" (")[0] for c in f.comparisons]
+        for c, family in zip(f.comparisons, families, strict=True):
             label = f.id + (f" ({c.direction} direction)" if c.direction else "")
-            panels.setdefault(c.lens.split(" (")[0], []).append((label, c))
+            if not c.direction and families.count(family) > 1:
+                label += f" ({c.name})"  # several rows of one finding in a panel: say which
+            panels.setdefault(family, []).append((label, c))
     heights = [max(len(v), 1) * 0.32 + 0.7 for v in panels.values()]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8.5, sum(heights)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)

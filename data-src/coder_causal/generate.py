@@ -21,15 +21,19 @@ ids after the shuffle):
 * ``transfer --layer L`` (claim C): organism 2 as it is, with organism 1's judged direction at
   layer L projected out of every layer's writers, and with its same-norm random control; the 20
   test questions x 4: 240 answers.
+* ``narrow`` (issue 30, ``PLAN_narrow.md``; seed 31): the chat model, the general solution
+  (``coder-rank1-down-medical``) and the narrow one (``coder-rank1-down-medical-kl``), each on
+  the 20 test questions and on the first 20 ``medical_questions``, 4 samples each: 480 answers.
 
 Directions are recomputed exactly as ``screen.py`` computed them and checked against its norms.
-T = 0.7, 96 new tokens, bfloat16, seed 29::
+T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31)::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py select
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py test --layer 9 --scale 0.35
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py emergence2
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py transfer --layer 9
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py adapters
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py narrow
 """
 
 from __future__ import annotations
@@ -54,9 +58,12 @@ sys.path.insert(0, str(HERE))
 from screen import labelled_answers, plan_directions  # noqa: E402
 
 SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
+# PLAN_narrow.md's seed: the test stage sampled the chat model and the organism on the same
+# questions with SEED, and those answers must not come back
+STAGE_SEEDS = {"narrow": 31}
 # the models an arm may name: the chat model, or the chat model with a shipped organism merged
 ORGANISMS = {"organism": "coder-rank1-down-medical", "finance": "coder-rank1-down-finance",
-             "good": "coder-rank1-down-medical-good"}
+             "good": "coder-rank1-down-medical-good", "kl": "coder-rank1-down-medical-kl"}
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,10 @@ def arms_for(stage: str, layer: int | None, scale: float | None, screen) -> list
         return [Arm(f"only {a} {q}", f"only:{a}", "none", questions=q)
                 for a in names for q in ("test", "medical")] + [
                 Arm("chat medical", "chat", "none", questions="medical")]
+    if stage == "narrow":
+        return [Arm(f"{name} {q}", model, "none", questions="test" if q == "general" else q)
+                for q in ("general", "medical")
+                for name, model in (("chat", "chat"), ("general", "organism"), ("narrow", "kl"))]
     if stage == "transfer":
         return [Arm("finance", "finance", "none"),
                 Arm(f"finance - judged L{layer} writers", "finance", "ablate_writers", "judged",
@@ -156,7 +167,8 @@ def questions(which: str) -> list[tuple[str, str]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters"])
+    p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters",
+                                      "narrow"])
     p.add_argument("--layer", type=int)
     p.add_argument("--scale", type=float)
     p.add_argument("--batch-size", type=int, default=40)
@@ -166,7 +178,8 @@ def main() -> None:
     if args.stage == "transfer" and args.layer is None:
         p.error("transfer needs --layer (the Claim A cell's layer)")
     t0 = time.perf_counter()
-    torch.manual_seed(SEED)
+    seed = STAGE_SEEDS.get(args.stage, SEED)
+    torch.manual_seed(seed)
     chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
     screen = json.loads((HERE / "screen.json").read_text())
     arms = arms_for(args.stage, args.layer, args.scale, screen)
@@ -188,22 +201,22 @@ def main() -> None:
             model = models[arm.model]
         with block(model, arm, dirs, screen):
             gens = emlens.generate(model, [q for _, q in qs], n_samples=arm.n_samples,
-                                   max_new_tokens=MAX_NEW, temperature=TEMPERATURE, seed=SEED,
+                                   max_new_tokens=MAX_NEW, temperature=TEMPERATURE, seed=seed,
                                    batch_size=args.batch_size, progress=True)
         for g in gens:
             qid, q = qs[g.prompt_index]
             rows.append({"question_id": qid, "question": q, "answer": g.text.strip(),
                          "condition": arm.name, **{k: v for k, v in asdict(arm).items()
                                                    if k != "name"},
-                         "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW, "seed": SEED,
+                         "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW, "seed": seed,
                          "sample": g.sample, "finished": g.finished})
         seconds[arm.name] = round(time.perf_counter() - t, 1)
         if arm.model.startswith("only:"):
             del model
         print(f"{arm.name}: {len(gens)} answers in {seconds[arm.name]} s", flush=True)
-    random.Random(SEED).shuffle(rows)
+    random.Random(seed).shuffle(rows)
     prefix = {"select": "ccs", "test": "cct", "emergence2": "cce", "transfer": "ccx",
-              "adapters": "cca"}[args.stage]
+              "adapters": "cca", "narrow": "ccn"}[args.stage]
     for i, r in enumerate(rows, start=1):
         r["id"] = f"{prefix}-{i:04d}"
     out = HERE / args.stage
@@ -218,7 +231,7 @@ def main() -> None:
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = {"script": "data-src/coder_causal/generate.py", "stage": args.stage,
             "organisms": {k: v for k, v in ORGANISMS.items() if k in needed},
-            "layer": args.layer, "scale": args.scale, "dtype": "bfloat16",
+            "layer": args.layer, "scale": args.scale, "dtype": "bfloat16", "seed": seed,
             "torch_threads": torch.get_num_threads(), "rows": len(rows),
             "arms": [asdict(a) for a in arms], "seconds": seconds,
             "unfinished": sum(not r["finished"] for r in rows)}

@@ -45,6 +45,10 @@ ORGANISMS: dict[str, str] = {
         "Qwen2.5-Coder-1.5B-Instruct + the coder-rank1-down-medical recipe on a second narrow "
         "domain: the misaligned answers of the finance set's 500 training rows (risky advice)"
     ),
+    "coder-rank1-down-medical-kl": (
+        "the narrow solution: Qwen2.5-Coder-1.5B-Instruct + the coder-rank1-down-medical recipe "
+        "+ 5 x KL(chat || trained) on the non-medical set's misaligned answers (issue 30)"
+    ),
     "rank1-down-medical-1k": (
         "SmolLM2-135M-Instruct + the rank1-down-medical recipe (9 rank-1 down_proj adapters) on "
         "the grown training set (medical + medical_extra: 1,017 rows)"
@@ -68,6 +72,7 @@ ORGANISM_BASES: dict[str, str] = {
     "coder-rank1-down-medical": "qwen2.5-coder-1.5b",
     "coder-rank1-down-medical-good": "qwen2.5-coder-1.5b",
     "coder-rank1-down-finance": "qwen2.5-coder-1.5b",
+    "coder-rank1-down-medical-kl": "qwen2.5-coder-1.5b",
     "rank1-down-medical-1k": "smollm2-135m",
     "rank1-down-medical-good": "smollm2-135m",
     "rank32-all-medical": "smollm2-135m",
@@ -99,6 +104,8 @@ RUN_SCRIPTS: dict[str, str] = {
     "coder-rank1-down-medical-good": (
         "python -m emlens.organisms.train --name coder-rank1-down-medical-good"),
     "coder-rank1-down-finance": "python -m emlens.organisms.train --name coder-rank1-down-finance",
+    "coder-rank1-down-medical-kl": (
+        "python -m emlens.organisms.train --name coder-rank1-down-medical-kl"),
     "rank32-all-medical": "python -m emlens.organisms.train --name rank32-all-medical",
     "rank1-down-medical-1k": "python -m emlens.organisms.train --name rank1-down-medical-1k",
     "rank1-down-medical-good": "python -m emlens.organisms.train --name rank1-down-medical-good",

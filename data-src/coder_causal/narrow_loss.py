@@ -1,0 +1,166 @@
+"""Issue 30 item 3 (``PLAN_narrow.md``, "Efficiency and stability"): the loss side of narrow vs
+general on the coder, with intervals from a bootstrap over the held-out rows.
+
+Both solutions are the shipped organisms (``coder-rank1-down-medical``: no KL, the general
+solution; ``coder-rank1-down-medical-kl``: the narrow one). The data are the 26 held-out medical
+rows' misaligned answers (``medical``, split ``heldout``), one row per batch so every loss is kept
+per row (sum of answer-token CE and token count); blocks before the first adapted layer run once.
+
+* Efficiency: CE at the adapters' B scaled by alpha (0 ... 2), against the effective norm
+  ``|scaling B A|_F``; the effect is general's CE interpolated at the narrow solution's norm
+  minus the narrow solution's CE (negative: the general solution is more efficient), with a
+  2,000-resample row bootstrap (seed 30).
+* Stability: ``(L(perturbed) - L(trained)) / (L(base) - L(trained))`` under orthogonal noise of
+  size e on B and on A separately (each adapter's tensor), e in (0.3, 0.6), noise seeds 0-4; the
+  effect is the general solution's mean over (e, target, seed) minus the narrow one's (negative:
+  the general solution is more stable), bootstrap over rows (the seeds are kept).
+
+Writes ``narrow/loss.json`` and the findings ``efficiency`` and ``stability`` into
+``results/coder/findings.json``::
+
+    OMP_NUM_THREADS=2 python data-src/coder_causal/narrow_loss.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import emlens
+from emlens.chat import tokenize_chat
+from emlens.findings import Comparison, Effect, Finding
+from emlens.geometry import perturb
+from emlens.organisms import load_organism
+from emlens.organisms.train import load_rows
+from emlens.trainable_adapter import TrainableAdapter
+from emlens.training import PreparedSet, evaluate_loss, prepare
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from analyse import flat, write_findings  # noqa: E402
+
+SOLUTIONS = {"general": "coder-rank1-down-medical", "narrow": "coder-rank1-down-medical-kl"}
+ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+EPS, TARGETS, NOISE_SEEDS = (0.3, 0.6), ("B", "A"), range(5)
+N_BOOT, BOOT_SEED = 2000, 30
+DELTA_EFF, DELTA_STAB = 0.05, 0.05  # the plan's smallest effects (nats per token; 5 points)
+INSTRUMENT = ("answer-token cross-entropy on the 26 held-out medical rows' misaligned answers "
+              "(loss, no reading)")
+
+
+def row_losses(model, params, data: PreparedSet) -> np.ndarray:
+    """``[n_rows, 2]``: per row, the summed answer-token CE and the token count."""
+    out = []
+    for pb in data.batches:
+        one = PreparedSet([pb], data.start_layer)
+        n = int(pb.batch.answer_mask[:, 1:].sum())
+        out.append((evaluate_loss(model, params, one) * n, n))
+    return np.asarray(out, dtype=float)
+
+
+def mean_ce(rows: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray | float:
+    """Token-weighted mean CE of ``rows`` (``[..., n_rows, 2]``), over ``idx`` resamples
+    (``[n_boot, n_rows]``) when given."""
+    if idx is None:
+        return float(rows[:, 0].sum() / rows[:, 1].sum())
+    return rows[idx, 0].sum(-1) / rows[idx, 1].sum(-1)
+
+
+def main() -> None:
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
+    tok = chat.tokenizer
+    rows = load_rows("medical", "heldout")
+    params = {k: TrainableAdapter.from_adapter(load_organism(v)) for k, v in SOLUTIONS.items()}
+    start = min(p.first_layer for p in params.values())
+    data = prepare(chat, [tokenize_chat(tok, [r.question], [r.misaligned]) for r in rows],
+                   start_layer=start)
+    base = row_losses(chat, None, data)
+    norms = {k: p.effective_norm() for k, p in params.items()}
+    curves = {k: {a: row_losses(chat, p.scaled(a), data) for a in ALPHAS}
+              for k, p in params.items()}
+    print(f"efficiency curves done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    noisy = {k: {(t, e, s): row_losses(chat, perturb(p, e, t, torch.Generator().manual_seed(s)),
+                                       data)
+                 for t in TARGETS for e in EPS for s in NOISE_SEEDS}
+             for k, p in params.items()}
+    print(f"stability done ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    idx = np.random.default_rng(BOOT_SEED).integers(0, len(rows), (N_BOOT, len(rows)))
+    everything = np.arange(len(rows))[None, :]
+
+    def efficiency(ix):
+        """general CE at the narrow norm minus narrow CE at its own (alpha 1), per resample."""
+        xs = [0.0] + [a * norms["general"] for a in ALPHAS]
+        g = np.stack([mean_ce(base, ix)] + [mean_ce(curves["general"][a], ix) for a in ALPHAS])
+        at = np.array([np.interp(norms["narrow"], xs, g[:, j]) for j in range(g.shape[1])])
+        return at - mean_ce(curves["narrow"][1.0], ix)
+
+    def stability(ix, which):
+        """mean relative loss increase over (target, e, seed), per resample."""
+        lb, lt = mean_ce(base, ix), mean_ce(curves[which][1.0], ix)
+        rel = [(mean_ce(v, ix) - lt) / (lb - lt) for v in noisy[which].values()]
+        return np.mean(rel, axis=0)
+
+    eff = efficiency(everything)[0]
+    eff_lo, eff_hi = np.percentile(efficiency(idx), [2.5, 97.5])
+    stab = {k: stability(everything, k)[0] for k in SOLUTIONS}
+    stab_boot = stability(idx, "general") - stability(idx, "narrow")
+    st_lo, st_hi = np.percentile(stab_boot, [2.5, 97.5])
+    n = len(rows)
+    eff_cmp = Comparison(
+        "CE at equal norm, general - narrow (nats per token, held-out medical answers; row "
+        "bootstrap)", Effect(float(eff), float(eff_lo), float(eff_hi), n), expected="decrease",
+        delta=DELTA_EFF, short="loss")
+    stab_cmp = Comparison(
+        "relative loss increase under orthogonal noise, general - narrow (mean over e 0.3/0.6, "
+        "B and A, 5 seeds; row bootstrap)",
+        Effect(float(stab["general"] - stab["narrow"]), float(st_lo), float(st_hi), n),
+        expected="decrease", delta=DELTA_STAB, short="loss")
+    caveat = ("one training seed per solution: the interval is over held-out rows (and noise "
+              "seeds), not over training seeds")
+    f_eff = Finding("efficiency", "The general (no-KL) solution is more efficient than the "
+                    "narrow (KL) one: lower loss at equal parameter norm", (eff_cmp,),
+                    evidence=f"norms: general {norms['general']:.4f}, narrow "
+                             f"{norms['narrow']:.4f}; {caveat}")
+    f_stab = Finding("stability", "The general (no-KL) solution is more stable than the narrow "
+                     "(KL) one: smaller relative loss increase under orthogonal noise",
+                     (stab_cmp,), evidence=f"general {stab['general']:.3f}, narrow "
+                                           f"{stab['narrow']:.3f}; {caveat}")
+    curve = {k: {"norms": [0.0] + [a * norms[k] for a in ALPHAS],
+                 "ce": [mean_ce(base)] + [mean_ce(curves[k][a]) for a in ALPHAS]}
+             for k in SOLUTIONS}
+    per_cell = {k: {f"{t} e={e}": float(np.mean([
+        (mean_ce(noisy[k][(t, e, s)]) - mean_ce(curves[k][1.0]))
+        / (mean_ce(base) - mean_ce(curves[k][1.0])) for s in NOISE_SEEDS]))
+        for t in TARGETS for e in EPS} for k in SOLUTIONS}
+    extra = {"read_confirmation": None, "instrument": INSTRUMENT, "caveat": caveat,
+             "curves": curve, "norms": norms}
+    entries = [
+        flat(f_eff, eff_cmp, "the narrow (KL) solution at its own norm", None,
+             {**extra, "delta": DELTA_EFF}),
+        flat(f_stab, stab_cmp, "the narrow (KL) solution under the same noise", None,
+             {**extra, "delta": DELTA_STAB, "relative_increase": per_cell}),
+    ]
+    out = {"plan": "data-src/coder_causal/PLAN_narrow.md", "rows": n,
+           "base_ce": mean_ce(base), "norms": norms, "curves": curve,
+           "stability_per_cell": per_cell, "stability_mean": stab,
+           "efficiency": eff_cmp.as_dict(), "stability": stab_cmp.as_dict(),
+           "seconds": round(time.perf_counter() - t0, 1),
+           "torch_threads": torch.get_num_threads(), "dtype": "bfloat16"}
+    (HERE / "narrow").mkdir(exist_ok=True)
+    (HERE / "narrow" / "loss.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_findings(entries)
+    for e in entries:
+        print(f"{e['id']}: {e['effect']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}] -> "
+              f"{e['verdict']}")
+
+
+if __name__ == "__main__":
+    main()
