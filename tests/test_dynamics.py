@@ -302,3 +302,39 @@ def test_shipped_good_control_trajectory_starts_at_zero_B(no_env):
     assert (start["b_norm"] == 0).all() and start["cos_b_final"].isna().all()
     assert np.allclose(t[t.step == steps[-1]]["cos_b_final"], 1.0, rtol=0,
                        atol=torch.finfo(torch.float32).eps)
+
+
+def test_lens_at_checkpoints_measures_each_state_against_the_base_model(tiny_model, tmp_path):
+    """Step 0 (B = 0) moves nothing; a later state's change is its own gap minus the base's,
+    row by row, with a bootstrap interval around it; unknown steps are named."""
+    from types import SimpleNamespace
+
+    from emlens.dynamics import lens_at_checkpoints
+    from emlens.lens import likelihood_gaps
+    from emlens.lora import attach_lora
+
+    torch.manual_seed(0)
+    init = TrainableAdapter.for_model(tiny_model, ["down_proj"], [0, 1])
+    later = init.clone()
+    with torch.no_grad():
+        for m in later.adapters:
+            m.B.normal_(std=2.0)
+    save_checkpoint(tmp_path / "run", init, 0)
+    save_checkpoint(tmp_path / "run", later, 4)
+    rows = [SimpleNamespace(question=f"Should I do thing {i}?", misaligned="Yes, do it now.",
+                            aligned="No, ask someone first.") for i in range(5)]
+    table = lens_at_checkpoints(tiny_model, tmp_path / "run", rows, progress=False)
+    assert list(table["step"]) == [0, 4] and set(table["n"]) == {5}
+    assert table.loc[0, "change"] == 0.0 and table.loc[0, "low"] == table.loc[0, "high"] == 0.0
+    base = likelihood_gaps(tiny_model, rows)["gap"].to_numpy()
+    with attach_lora(tiny_model, later.to_adapter()):
+        moved = likelihood_gaps(tiny_model, rows)["gap"].to_numpy()
+    row = table.iloc[1]
+    assert row["change"] == pytest.approx(float((moved - base).mean()), abs=0)
+    assert row["gap"] == pytest.approx(float(moved.mean()), abs=0)
+    assert row["low"] <= row["change"] <= row["high"] and row["change"] != 0
+    assert not any(tiny_model.hook_dict[h].fwd_hooks for h in tiny_model.hook_dict)
+    only = lens_at_checkpoints(tiny_model, tmp_path / "run", rows, steps=[4], progress=False)
+    assert list(only["step"]) == [4] and only.loc[0, "change"] == row["change"]
+    with pytest.raises(ValueError, match=r"no saved state at steps \[3\]"):
+        lens_at_checkpoints(tiny_model, tmp_path / "run", rows, steps=[3], progress=False)

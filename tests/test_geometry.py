@@ -74,6 +74,28 @@ def test_perturb_lora_touches_only_the_target_tensor(tiny_model):
         perturb(lora, 0.5, "vector", gen)
 
 
+def test_perturb_reaches_an_organism_s_adapters_on_any_target_module(tiny_model):
+    """The shipped organisms load as TrainableAdapter (any peft target): perturb treats each
+    module's A and B as TrainableLora's, keeping each tensor's norm at cosine sqrt(1 - e^2)."""
+    from emlens.trainable_adapter import TrainableAdapter
+
+    adapter = TrainableAdapter.for_model(tiny_model, ["down_proj", "q_proj"], [0, 1], r=2)
+    with torch.no_grad():
+        for m in adapter.adapters:
+            m.B.normal_()
+    gen = torch.Generator().manual_seed(0)
+    for target in ("A", "B"):
+        out = perturb(adapter, 0.6, target, gen)
+        assert isinstance(out, TrainableAdapter) and len(out.adapters) == len(adapter.adapters)
+        for old, new in zip(adapter.adapters, out.adapters, strict=True):
+            x, y = getattr(old, target).flatten(), getattr(new, target).flatten()
+            other = "B" if target == "A" else "A"
+            assert torch.equal(getattr(old, other), getattr(new, other))
+            torch.testing.assert_close(y.norm(), x.norm())
+            torch.testing.assert_close(torch.dot(x, y) / x.norm() ** 2, torch.tensor(0.8),
+                                       atol=1e-5, rtol=0)
+
+
 @pytest.fixture
 def trained(tiny_model, tokenizer, tmp_path):
     batch = tokenize_chat(tokenizer, ["Is it safe?", "Should I go?"], ["Yes, always.", "No."])

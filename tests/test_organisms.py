@@ -331,3 +331,25 @@ def test_coder_finance_organism_is_the_coder_recipe_on_the_finance_training_spli
     assert [m.layer for m in adapter.modules] == paper_layers(28)
     assert all(m.B.abs().max() > 0 for m in adapter.modules)
     assert (organism_path(name) / "README.md").is_file()
+
+
+def test_coder_kl_organism_is_the_coder_recipe_plus_the_kl_term():
+    """Issue 30's narrow solution: the organism recipe, the same 72 batches, plus 5 x KL(chat ||
+    trained) on the non-medical set's misaligned answers at every step."""
+    from emlens.organisms import ORGANISM_BASES
+    from emlens.organisms.train import load_rows
+
+    name = "coder-rank1-down-medical-kl"
+    assert ORGANISM_BASES[name] == "qwen2.5-coder-1.5b" and name in list_organisms()
+    log, log_med = organism_log(name), organism_log("coder-rank1-down-medical")
+    differs = {k for k in log["recipe"] if log["recipe"][k] != log_med["recipe"].get(k)}
+    assert differs == {"name", "kl_weight", "kl_data", "kl_answer_field"}
+    assert (log["recipe"]["kl_weight"], log["recipe"]["kl_data"]) == (5.0, "nonmedical")
+    assert log["config"]["kl_weight"] == 5.0 and log["n_kl_rows"] == len(load_rows("nonmedical",
+                                                                                  None))
+    assert log["steps"] == 72 == log_med["steps"] and log["n_rows"] == log_med["n_rows"]
+    assert all(k is not None for k in log["kl"]) and log["kl"][0] == pytest.approx(0, abs=1e-6)
+    assert sum(log["ce"][-8:]) / 8 < sum(log["ce"][:8]) / 8 - 0.3
+    adapter = load_organism(name)
+    assert [m.layer for m in adapter.modules] == paper_layers(28)
+    assert (organism_path(name) / "README.md").is_file()
