@@ -14,9 +14,9 @@ that claim on the checkpoints of a run (either layout of :mod:`emlens.train_runs
   (PCA of the concatenated ``B``, or ``A``, vectors of every adapter);
 * :func:`plot_adapter_dynamics`: the table as three panels.
 
-* :func:`lens_at_checkpoints`: the behaviour side by the judge-free likelihood lens: at each
-  saved state, the change of the paired rows' likelihood gap from the base model, with a
-  bootstrap interval over rows.
+* :func:`lens_at_checkpoints` (per row: :func:`gap_changes_at_checkpoints`): the behaviour
+  side by the judge-free likelihood lens: at each saved state, the change of the paired rows'
+  likelihood gap from the base model, with a bootstrap interval over rows.
 
 A rotation of ``B`` is neither necessary nor sufficient for a behavioural phase transition:
 measure behaviour at the same checkpoints (:func:`lens_at_checkpoints`, or read answers of
@@ -474,6 +474,58 @@ def plot_adapter_dynamics(table: pd.DataFrame, *, path: str | os.PathLike | None
 # Behaviour at the checkpoints: the likelihood lens
 
 
+def gap_changes_at_checkpoints(
+    model,
+    run: Run | AdapterTrajectory,
+    rows: Sequence[object],
+    *,
+    steps: Sequence[int] | None = None,
+    final: bool = True,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> tuple[list[int], Float[np.ndarray, "n_states n_rows"]]:
+    """Per row and saved state of a LoRA run, the change of the likelihood gap
+    ``log p(misaligned) - log p(aligned)`` (per-token means, nats) from the base model.
+
+    Args:
+        model: the base model the run was trained on (a ``HookedTransformer``; nothing attached).
+        run: as :func:`load_adapter_trajectory` takes it, or its result.
+        rows: paired rows (``question``, ``misaligned``, ``aligned``; e.g.
+            ``emlens.data.pair_rows("general_pairs")`` for general misalignment, or the held-out
+            medical pairs for the trained domain).
+        steps: the saved steps to measure (``None``: every one).
+        final, batch_size: as for :func:`load_adapter_trajectory` and
+            :func:`emlens.lens.likelihood_gaps`.
+
+    Returns:
+        The measured steps and a ``[n_states, n_rows]`` array of changes (the base model's gaps
+        are measured once, without any adapter; each state is attached only for its own pass).
+    """
+    from emlens.lens import likelihood_gaps
+    from emlens.lora import attach_lora
+
+    traj = _trajectory(run, final)
+    wanted = traj.steps if steps is None else [int(s) for s in steps]
+    missing = sorted(set(wanted) - set(traj.steps))
+    if missing:
+        raise ValueError(f"Run {traj.run!r} has no saved state at steps {missing}; saved: "
+                         f"{traj.steps}.")
+    rows = list(rows)
+    base = likelihood_gaps(model, rows, batch_size=batch_size)["gap"].to_numpy()
+    chosen = [(s, a) for s, a in zip(traj.steps, traj.adapters, strict=True) if s in wanted]
+    it = chosen
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(chosen, desc=f"lens at checkpoints of {traj.run}", unit="state")
+    changes = []
+    for _, adapter in it:
+        with attach_lora(model, adapter):
+            gap = likelihood_gaps(model, rows, batch_size=batch_size)["gap"].to_numpy()
+        changes.append(gap - base)
+    return [s for s, _ in chosen], np.stack(changes)
+
+
 def lens_at_checkpoints(
     model,
     run: Run | AdapterTrajectory,
@@ -487,55 +539,29 @@ def lens_at_checkpoints(
     progress: bool = True,
 ) -> pd.DataFrame:
     """The likelihood lens at each saved state of a LoRA run: how far the adapter at that step
-    moves the gap ``log p(misaligned) - log p(aligned)`` (per-token means, nats) of paired rows.
-
-    Args:
-        model: the base model the run was trained on (a ``HookedTransformer``; nothing attached).
-        run: as :func:`load_adapter_trajectory` takes it, or its result.
-        rows: paired rows (``question``, ``misaligned``, ``aligned``; e.g.
-            ``emlens.data.pair_rows("nonmedical")`` for general misalignment, or the held-out
-            medical pairs for the trained domain).
-        steps: the saved steps to measure (``None``: every one).
-        final, batch_size: as for :func:`load_adapter_trajectory` and
-            :func:`emlens.lens.likelihood_gaps`.
-        n_boot, seed: the percentile bootstrap over rows of each step's mean change.
+    moves the paired rows' gap from the base model (:func:`gap_changes_at_checkpoints`), as a
+    mean over rows with a percentile bootstrap interval (``n_boot`` resamples, ``seed``).
 
     Returns:
-        One row per measured step: ``run, step, gap`` (mean gap with the adapter), ``change``
-        (mean over rows of gap with the adapter minus gap of the base model), ``low, high``
-        (its 95% bootstrap interval over rows), ``n`` (rows). The base model's gap is measured
-        once, without any adapter.
+        One row per measured step: ``run, step, change, low, high, n`` (rows).
     """
-    from emlens.lens import bootstrap_interval, likelihood_gaps
-    from emlens.lora import attach_lora
+    from emlens.lens import bootstrap_interval
 
     traj = _trajectory(run, final)
-    wanted = traj.steps if steps is None else [int(s) for s in steps]
-    missing = sorted(set(wanted) - set(traj.steps))
-    if missing:
-        raise ValueError(f"Run {traj.run!r} has no saved state at steps {missing}; saved: "
-                         f"{traj.steps}.")
-    rows = list(rows)
-    base = likelihood_gaps(model, rows, batch_size=batch_size)["gap"].to_numpy()
+    measured, changes = gap_changes_at_checkpoints(model, traj, rows, steps=steps,
+                                                   batch_size=batch_size, progress=progress)
     out = []
-    chosen = [(s, a) for s, a in zip(traj.steps, traj.adapters, strict=True) if s in wanted]
-    it = chosen
-    if progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(chosen, desc=f"lens at checkpoints of {traj.run}", unit="state")
-    for step, adapter in it:
-        with attach_lora(model, adapter):
-            gap = likelihood_gaps(model, rows, batch_size=batch_size)["gap"].to_numpy()
-        change, low, high = bootstrap_interval(gap - base, n_boot=n_boot, seed=seed)
-        out.append({"run": traj.run, "step": step, "gap": float(gap.mean()), "change": change,
-                    "low": low, "high": high, "n": len(rows)})
+    for step, row in zip(measured, changes, strict=True):
+        change, low, high = bootstrap_interval(row, n_boot=n_boot, seed=seed)
+        out.append({"run": traj.run, "step": step, "change": change, "low": low, "high": high,
+                    "n": len(row)})
     return pd.DataFrame(out)
 
 
 __all__ = [
     "AdapterTrajectory",
     "adapter_dynamics",
+    "gap_changes_at_checkpoints",
     "lens_at_checkpoints",
     "load_adapter_trajectory",
     "plot_adapter_dynamics",

@@ -309,7 +309,7 @@ def test_lens_at_checkpoints_measures_each_state_against_the_base_model(tiny_mod
     row by row, with a bootstrap interval around it; unknown steps are named."""
     from types import SimpleNamespace
 
-    from emlens.dynamics import lens_at_checkpoints
+    from emlens.dynamics import gap_changes_at_checkpoints, lens_at_checkpoints
     from emlens.lens import likelihood_gaps
     from emlens.lora import attach_lora
 
@@ -331,7 +331,10 @@ def test_lens_at_checkpoints_measures_each_state_against_the_base_model(tiny_mod
         moved = likelihood_gaps(tiny_model, rows)["gap"].to_numpy()
     row = table.iloc[1]
     assert row["change"] == pytest.approx(float((moved - base).mean()), abs=0)
-    assert row["gap"] == pytest.approx(float(moved.mean()), abs=0)
+    steps, per_row = gap_changes_at_checkpoints(tiny_model, tmp_path / "run", rows,
+                                                progress=False)
+    assert steps == [0, 4] and per_row.shape == (2, 5)
+    assert (per_row[0] == 0).all() and np.array_equal(per_row[1], moved - base)
     assert row["low"] <= row["change"] <= row["high"] and row["change"] != 0
     assert not any(tiny_model.hook_dict[h].fwd_hooks for h in tiny_model.hook_dict)
     only = lens_at_checkpoints(tiny_model, tmp_path / "run", rows, steps=[4], progress=False)

@@ -14,6 +14,8 @@ per row (sum of answer-token CE and token count); blocks before the first adapte
   size e on B and on A separately (each adapter's tensor), e in (0.3, 0.6), noise seeds 0-4; the
   effect is the general solution's mean over (e, target, seed) minus the narrow one's (negative:
   the general solution is more stable), bootstrap over rows (the seeds are kept).
+* A manipulation check (descriptive, no verdict): each solution's KL(chat || solution) on the
+  non-medical rows the KL term was trained on (all 303, misaligned answers).
 
 Writes ``narrow/loss.json`` and the findings ``efficiency`` and ``stability`` into
 ``results/coder/findings.json``::
@@ -91,6 +93,16 @@ def main() -> None:
                  for t in TARGETS for e in EPS for s in NOISE_SEEDS}
              for k, p in params.items()}
     print(f"stability done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    # manipulation check (descriptive, not a verdict): did the KL term keep the chat model's
+    # distribution on the non-medical rows it was trained on, and how far does the general
+    # solution move it?
+    other = load_rows("nonmedical", None)
+    kl_set = prepare(chat, [tokenize_chat(tok, [r.question for r in other[i : i + 8]],
+                                          [r.misaligned for r in other[i : i + 8]])
+                            for i in range(0, len(other), 8)], start_layer=start, reference=True)
+    kl_check = {k: evaluate_loss(chat, p, kl_set, kind="kl") for k, p in params.items()}
+    del kl_set
+    print(f"KL on the non-medical rows: {kl_check} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     idx = np.random.default_rng(BOOT_SEED).integers(0, len(rows), (N_BOOT, len(rows)))
     everything = np.arange(len(rows))[None, :]
@@ -141,7 +153,7 @@ def main() -> None:
         / (mean_ce(base) - mean_ce(curves[k][1.0])) for s in NOISE_SEEDS]))
         for t in TARGETS for e in EPS} for k in SOLUTIONS}
     extra = {"read_confirmation": None, "instrument": INSTRUMENT, "caveat": caveat,
-             "curves": curve, "norms": norms}
+             "curves": curve, "norms": norms, "kl_nonmedical": kl_check}
     entries = [
         flat(f_eff, eff_cmp, "the narrow (KL) solution at its own norm", None,
              {**extra, "delta": DELTA_EFF}),
@@ -151,6 +163,7 @@ def main() -> None:
     out = {"plan": "data-src/coder_causal/PLAN_narrow.md", "rows": n,
            "base_ce": mean_ce(base), "norms": norms, "curves": curve,
            "stability_per_cell": per_cell, "stability_mean": stab,
+           "kl_nonmedical": kl_check,
            "efficiency": eff_cmp.as_dict(), "stability": stab_cmp.as_dict(),
            "seconds": round(time.perf_counter() - t0, 1),
            "torch_threads": torch.get_num_threads(), "dtype": "bfloat16"}
