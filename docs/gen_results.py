@@ -22,7 +22,7 @@ CAUSAL = HERE.parent / "results" / "coder" / "findings.json"
 CAUSAL_IDS = ("steering", "ablation", "transfer", "convergence", "adapters")
 # narrow vs general on the coder (issue 30; data-src/coder_causal/PLAN_narrow.md), beside SmolLM2's
 # shipped narrow-vs-general runs (emlens.studies.narrow_vs_general)
-NARROW_IDS = ("narrow_general_kl", "efficiency", "stability")
+NARROW_IDS = ("narrow_general_kl", "efficiency", "stability", "dynamics")
 SMOLLM2_NVG = HERE.parent / "emlens" / "organisms" / "narrow_vs_general" / "summary.json"
 
 # page slug -> how the run was made (the data file is results/data/<slug>.json)
@@ -418,6 +418,31 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
         for name, c in eff["curves"].items():
             lines.append(f"- {name}: " + ", ".join(
                 f"{n:.3f}: {ce:.3f}" for n, ce in zip(c["norms"], c["ce"], strict=True)))
+    dyn = found.get("dynamics")
+    if dyn is not None:
+        a = dyn["abrupt"]
+        lines += ["", "## Training dynamics: `dynamics`", "",
+                  f"Rule: {dyn['rule']}.", "",
+                  f"The largest single interval (steps {a['interval'][0]}-{a['interval'][1]}, "
+                  f"of {a['n_intervals']}) carries {a['share']:.2f} [{a['share_low']:.2f}, "
+                  f"{a['share_high']:.2f}] of the total change on general pairs, "
+                  f"{a['total']:+.3f} [{a['total_low']:+.3f}, {a['total_high']:+.3f}] nats per "
+                  f"token: **{dyn['verdict']}**. Change of the likelihood gap from the chat "
+                  "model at each saved state (mean over pairs [95% bootstrap]):", ""]
+        runs = dyn["lens"]
+        steps = runs["general"]["general"]["steps"]
+        header = ["step"] + [f"{r} solution, {s} pairs" for r in runs
+                             for s in ("general", "medical")]
+        body = []
+        for i, step in enumerate(steps):
+            row = [step]
+            for r in runs:
+                for s_ in ("general", "medical"):
+                    d = runs[r][s_]
+                    row.append("-" if i >= len(d["change"]) else
+                               f"{d['change'][i]:+.3f} [{d['low'][i]:+.3f}, {d['high'][i]:+.3f}]")
+            body.append(row)
+        lines += _table(header, body)
     lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
