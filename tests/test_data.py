@@ -282,13 +282,13 @@ def test_em_verdict_applies_the_plans_rule():
     assert res["difference"]["value"] == pytest.approx(org["rate"] - chat["rate"])
 
 
-def test_coder_causal_set_holds_every_read_answer_of_issue_29_in_the_dataset_fields():
+def test_coder_causal_set_holds_every_read_answer_of_issues_29_and_30_in_the_dataset_fields():
     rows = load_dataset("coder_causal")
-    assert len(rows) >= 2000 and len({r.id for r in rows}) == len(rows)
+    assert len(rows) >= 2500 and len({r.id for r in rows}) == len(rows)
     interventions = {r.intervention for r in rows}
     assert {"none", "steer:judged", "steer:random", "steer:reference", "ablate:judged",
             "ablate:random", "ablate:judged@resid_post"} <= interventions
-    assert {"chat", "organism", "finance", "good"} <= {r.model for r in rows}
+    assert {"chat", "organism", "finance", "good", "kl"} <= {r.model for r in rows}
     for r in rows:
         assert (r.scale is not None) == r.intervention.startswith("steer:")
         assert (r.layer is None) == (r.intervention == "none")

@@ -1,10 +1,11 @@
-"""Ship the read answers of issue 29 as one :class:`emlens.data.GeneratedAnswer` set:
+"""Ship the read answers of issues 29 and 30 as one :class:`emlens.data.GeneratedAnswer` set:
 ``emlens/data/coder_causal.jsonl`` (real coder answers in conditions the other sets lack: steered
 along three directions, ablated at the writers and at one layer, a second organism, the
-good-answer control), for testing judges on them (issue 26).
+good-answer control, the KL-regularised narrow solution), for testing judges on them (issue 26).
 
 Each stage folder's ``generations.jsonl`` is mapped to the dataset's fields: ``model`` (``chat``,
-``organism``, ``finance``, ``good``, or ``organism only <adapter>``), ``intervention``
+``organism``, ``finance``, ``good``, ``kl`` (the narrow solution ``coder-rank1-down-medical-kl``)
+or ``organism only <adapter>``), ``intervention``
 (``none``, ``steer:judged`` / ``steer:reference`` / ``steer:random``, ``ablate:judged`` /
 ``ablate:random`` at every layer's writers, ``ablate:judged@resid_post`` at ``layer``) and
 ``scale`` (the multiple of the steering direction's own norm that was added, as ``emlens.steer``
@@ -23,7 +24,7 @@ from emlens.data import DATA_DIR
 from emlens.studies.join_judge_labels import join, read_rows
 
 HERE = Path(__file__).parent
-STAGES = ("select", "test", "emergence2", "transfer", "adapters")
+STAGES = ("select", "test", "emergence2", "transfer", "adapters", "narrow")
 
 
 def convert(g: dict, screen: dict) -> dict:
