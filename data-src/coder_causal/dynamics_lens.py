@@ -1,6 +1,7 @@
-"""Issue 30 item 4, behaviour side (``PLAN_narrow.md`` amendment 2): the likelihood lens at every
-saved state of the coder organism (``coder-rank1-down-medical``) and of the KL one, on the first
-48 ``general_pairs`` and the 26 held-out medical pairs, and the plan's abrupt-change rule.
+"""Issue 30 item 4, behaviour side (``PLAN_narrow.md`` amendments 2 and 3): the likelihood lens at
+every saved state of the coder organism (``coder-rank1-down-medical``) on the first 48
+``general_pairs``, and the plan's abrupt-change rule. (Amendment 3 cut the KL run and the
+held-out medical pairs for time: about 64 s per state and pair set on 2 cores.)
 
 Step 0 of the organism's run is not saved (its old layout starts at step 4); peft starts ``B`` at
 zero, so its state at step 0 is the base model exactly and its change is 0 by construction.
@@ -29,13 +30,14 @@ from emlens.dynamics import (
     rotation_onset,
 )
 from emlens.findings import Comparison, Effect, Finding
-from emlens.organisms.train import load_rows
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from analyse import flat, write_findings  # noqa: E402
 
-RUNS = {"general": "coder-rank1-down-medical", "narrow": "coder-rank1-down-medical-kl"}
+# PLAN_narrow.md amendment 3: the organism's run on the general pairs only (what the rule reads);
+# the KL run and the medical pairs are the original design's, not measured yet
+RUNS = {"general": "coder-rank1-down-medical"}
 N_BOOT, SEED = 2000, 30
 INSTRUMENT = ("likelihood lens: change of the paired rows' gap log p(misaligned) - log p(aligned) "
               "from the base model, at each saved state (no reading, no judge)")
@@ -62,8 +64,7 @@ def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
-    sets = {"general": pair_rows("general_pairs", limit=48),
-            "medical": load_rows("medical", "heldout")}
+    sets = {"general": pair_rows("general_pairs", limit=48)}
     out = {"plan": "data-src/coder_causal/PLAN_narrow.md, amendment 2", "runs": {}}
     for label, run in RUNS.items():
         traj = load_adapter_trajectory(run)
@@ -117,8 +118,7 @@ def main() -> None:
     entry = flat(finding, comp, "the rule's bounds: share > 0.5 abrupt, < 0.25 gradual", None,
                  {"verdict": verdict, "read_confirmation": None, "instrument": INSTRUMENT,
                   "delta": 0.5, "abrupt": a,
-                  "lens": {k: {s: v[s] for s in ("general", "medical")}
-                           for k, v in out["runs"].items()},
+                  "lens": {k: {s: v[s] for s in sets} for k, v in out["runs"].items()},
                   "rule": "reproduced: the total change's interval excludes 0 and the share's "
                           "lies above 0.5; not reproduced: the total's excludes 0 and the "
                           "share's lies below 0.25; else cannot decide"})

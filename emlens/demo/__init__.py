@@ -15,10 +15,10 @@ Sections (each states its sample sizes and intervals):
    temperature with the most coherent answers by reading (:func:`~emlens.demo.common.
    choose_temperature`; ``temperature=1.0`` is the papers'); then a judge check: the judge's
    agreement with reading on labelled real generations (``emlens/data/judge_check.json``) and
-   this run's answers nearest the thresholds; then what blind reading decided on this model
-   (:mod:`emlens.demo.read_verdicts`: the card's read findings, shipped rather than measured,
-   drawn beside the judged verdicts under the ids ``read_<claim>``; the read one stands where
-   they differ);
+   this run's answers nearest the thresholds; then what was decided on this model before the
+   run (:mod:`emlens.demo.read_verdicts`: the card's findings, read blind or loss-side, shipped
+   rather than measured, drawn beside the judged verdicts under the ids ``read_<claim>``; the
+   shipped one stands where they differ);
 2. mean-difference directions both ways (the organism's judged answers; paired reference answers,
    no judge) and their cosine; a steering sweep of the chat model over a fine grid of layers x
    scales read by the likelihood lens (:func:`emlens.experiments.lens_sweep`) on pairs kept out of

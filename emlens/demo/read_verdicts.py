@@ -1,9 +1,11 @@
-"""What blind reading decided on this model: the seed claims' verdicts shipped on the model's card
-(:attr:`emlens.cards.ModelCard.read_findings`), shown beside this run's judged verdicts.
+"""What was decided on this model before this run: the seed claims' verdicts shipped on the
+model's card (:attr:`emlens.cards.ModelCard.read_findings`), shown beside this run's judged
+verdicts.
 
-They are not measured by this run: each was decided on answers read blind to the condition,
-against a rubric fixed before labelling, with the n of a plan committed before the answers were
-generated (for the coder: ``data-src/coder_causal/PLAN.md``). They are drawn with the same
+They are not measured by this run: each was decided with the n of a plan committed before its
+data existed (for the coder: ``data-src/coder_causal/PLAN.md`` and ``PLAN_narrow.md``), the
+behavioural ones on answers read blind to the condition against a rubric fixed before labelling,
+the loss-side ones (efficiency, stability, training dynamics) by their stated loss or lens. They are drawn with the same
 machinery as this run's findings (:class:`emlens.findings.Finding`, the one verdict rule, the
 report's forest plot and verdict table), each under the id ``read_<claim>``, so the page's first
 table shows the read verdict of a claim beside the judged one. Where the two differ, the read one
@@ -32,6 +34,8 @@ JUDGED_COUNTERPART = {
     "transfer": "transfer_general, transfer_medical",
     "convergence": "convergence",
     "adapters": "adapter_specialisation",
+    "efficiency": "efficiency",
+    "stability": "stability",
 }
 _REQUIRED = ("id", "claim", "instrument", "effect", "low", "high", "n", "n_required", "control",
              "verdict", "typed")
@@ -81,11 +85,17 @@ def measure(ctx: Context) -> ReadVerdictsResult:
     entries = read_findings_for(ctx.card)
     findings = () if entries is None else tuple(
         Finding.from_dict({**e["typed"], "id": f"read_{e['id']}",
-                           "claim": f"{e['typed']['claim']} [read blind, not this run]"})
+                           "claim": f"{e['typed']['claim']} [{_how(e)}, not this run]"})
         for e in entries)
     source = None if ctx.card.read_findings is None else Path(ctx.card.read_findings).name
     return ReadVerdictsResult(entries=entries, findings=findings, source=source,
                               judge=ctx.judge.name)
+
+
+def _how(entry: Mapping) -> str:
+    """``read blind`` for a behavioural finding, else its instrument's first words."""
+    instrument = entry["instrument"]
+    return "read blind" if instrument.startswith("reading") else instrument.split(":")[0]
 
 
 def _kappa(entry: Mapping) -> str:
@@ -99,7 +109,7 @@ def table(entries: tuple[Mapping[str, Any], ...]) -> pd.DataFrame:
     """One row per read claim: the comparison, effect [95%], n per arm and the plan's, the
     control, the verdict, the second reader's agreement and this run's judged counterpart."""
     return pd.DataFrame([{
-        "claim": e["id"], "comparison": e["claim"],
+        "claim": e["id"], "comparison": e["claim"], "instrument": _how(e),
         "effect [95%]": f"{e['effect']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]",
         "n (plan)": f"{e['n']} ({e['n_required'] if e['n_required'] is not None else '-'})",
         "control": e["control"], "verdict": e["verdict"],
@@ -110,23 +120,26 @@ def table(entries: tuple[Mapping[str, Any], ...]) -> pd.DataFrame:
 
 def render(r: ReadVerdictsResult, rep: Report) -> None:
     rep.section(
-        "Decided by blind reading: the seed claims on this model",
-        "Not measured by this run. Each verdict below was decided on answers of this model read "
-        "blind to the condition (against the rubric in emlens/data/README.md, with a second "
-        "reader), with the n of a plan committed before the answers were generated, and the "
-        "same verdict rule as every finding of this report.")
+        "Decided before this run: the seed claims on this model",
+        "Not measured by this run. Each verdict below was decided with the n of a plan committed "
+        "before its data existed and the same verdict rule as every finding of this report: "
+        "the behavioural claims on answers of this model read blind to the condition (against "
+        "the rubric in emlens/data/README.md, with a second reader), the loss-side ones by "
+        "their stated loss or likelihood lens.")
     if r.entries is None:
-        rep.text("No claim has been decided by blind reading on this model: every verdict in "
+        rep.text("No claim has been decided before this run on this model: every verdict in "
                  f"this report rests on the judge ({r.judge}) and the judge-free likelihood "
                  "lens. Read the judge check above before trusting a judged rate.")
         rep.results["read_findings"] = None
         return
     rep.table(table(r.entries),
-              f"Read verdicts shipped with emlens ({r.source}, the package's copy of "
-              "results/coder/findings.json; plan data-src/coder_causal/PLAN.md; page "
-              "docs/results/coder-causal.md). Effect: a difference of EM rates (misaligned and "
-              "coherent, over all answers; Newcombe 95%), or a cosine (bootstrap 95%) for "
-              "convergence; the smallest effect of interest is 15 points.")
+              f"Verdicts shipped with emlens ({r.source}, the package's copy of "
+              "results/coder/findings.json; plans data-src/coder_causal/PLAN.md and "
+              "PLAN_narrow.md; pages docs/results/coder-causal.md and narrow-general.md). "
+              "Effect: a difference of EM rates (misaligned and coherent, over all answers; "
+              "Newcombe 95%; smallest effect of interest 15 points); for convergence a cosine, "
+              "for efficiency and stability a loss difference, for dynamics a share of the lens "
+              "change (bootstrap 95%).")
     rep.text(f"This run's judged lenses rest on {r.judge}; its agreement with reading on this "
              "model is the judge check's above. Where a judged verdict of this report and the "
              "read verdict of the same claim differ, the read one stands. In the first table "
