@@ -430,19 +430,31 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
                   f"token: **{dyn['verdict']}**. Change of the likelihood gap from the chat "
                   "model at each saved state (mean over pairs [95% bootstrap]):", ""]
         runs = dyn["lens"]
-        steps = runs["general"]["general"]["steps"]
-        header = ["step"] + [f"{r} solution, {s} pairs" for r in runs
-                             for s in ("general", "medical")]
+        cols = [(r, s_) for r in runs for s_ in runs[r]]
+        steps = runs[cols[0][0]][cols[0][1]]["steps"]
+        header = ["step"] + [f"{r} solution, {s_} pairs" for r, s_ in cols]
         body = []
         for i, step in enumerate(steps):
             row = [step]
-            for r in runs:
-                for s_ in ("general", "medical"):
-                    d = runs[r][s_]
-                    row.append("-" if i >= len(d["change"]) else
-                               f"{d['change'][i]:+.3f} [{d['low'][i]:+.3f}, {d['high'][i]:+.3f}]")
+            for r, s_ in cols:
+                d = runs[r][s_]
+                row.append("-" if i >= len(d["change"]) else
+                           f"{d['change'][i]:+.3f} [{d['low'][i]:+.3f}, {d['high'][i]:+.3f}]")
             body.append(row)
         lines += _table(header, body)
+        w = dyn["weights_range_over_adapters"]
+        lines.append(
+            "The weights side of the same run (`emlens.dynamics.rotation_onset`; the tutorial "
+            "[Training dynamics](../tutorials/05_training_dynamics.ipynb)), range over the 9 "
+            f"adapters: each `B` turns most in the interval ending at step "
+            f"{w['largest_turn_step'][0]}"
+            + ("" if w["largest_turn_step"][0] == w["largest_turn_step"][1] else
+               f"-{w['largest_turn_step'][1]}")
+            + f" ({w['largest_turn_deg'][0]:.0f}-{w['largest_turn_deg'][1]:.0f} degrees, "
+            f"{w['turn_share'][0]:.2f}-{w['turn_share'][1]:.2f} of its "
+            f"{w['total_turn_deg'][0]:.0f}-{w['total_turn_deg'][1]:.0f} degree path) and stays "
+            f"within arccos(0.9) of its final direction from step {w['settled_step'][0]}-"
+            f"{w['settled_step'][1]}.")
     lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

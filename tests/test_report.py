@@ -10,6 +10,7 @@ import pytest
 from emlens.cli import main
 
 SECTIONS = ("Which seed findings reproduced", "1. Judged answers", "Judge check",
+            "Decided before this run",
             "2. A mean-difference",
             "3. Ablating the direction", "4. Probes on the organism", "5. Which adapters",
             "6. Narrow vs general")
@@ -37,8 +38,10 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
 
     assert results["settings"]["quick"] is True
     assert set(results["seconds_by_section"]) == {
-        "load", "1_rates", "judge_check", "2_steering", "3_ablation", "4_probes",
-        "5_attribution", "6_narrow_vs_general"}
+        "load", "1_rates", "judge_check", "read_verdicts", "2_steering", "3_ablation",
+        "4_probes", "5_attribution", "6_narrow_vs_general"}
+    # SmolLM2 ships no verdict decided before the run: the section says so
+    assert results["read_findings"] is None and "No claim has been decided before this run" in page
     check = results["judge_check"]
     assert check["shipped"]["n"] >= 600 and 0 <= check["shipped"]["coherence_auc"] <= 1
     assert {r["model_role"] for r in check["least_sure"]} == {"chat", "organism"}

@@ -6,9 +6,11 @@ held-out medical pairs for time: about 64 s per state and pair set on 2 cores.)
 Step 0 of the organism's run is not saved (its old layout starts at step 4); peft starts ``B`` at
 zero, so its state at step 0 is the base model exactly and its change is 0 by construction.
 
-Writes ``narrow/dynamics_lens.json`` and the ``dynamics`` finding::
+Writes ``narrow/dynamics_lens.json`` and the ``dynamics`` finding (``--decide``: the rule again
+on the saved measurement, no model)::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/dynamics_lens.py
+    python data-src/coder_causal/dynamics_lens.py --decide
 """
 
 from __future__ import annotations
@@ -94,6 +96,15 @@ def main() -> None:
         res["weights"] = weights.to_dict(orient="records")
         out["runs"][label] = {"run": run, **res}
         print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    (HERE / "narrow").mkdir(exist_ok=True)
+    (HERE / "narrow" / "dynamics_lens.json").write_text(json.dumps(out, indent=1) + "\n")
+    decide(out)
+
+
+def decide(out: dict) -> None:
+    """The plan's rule on the measured lens (``dynamics_lens.json``), with the weights side
+    summarised beside it; writes the ``dynamics`` finding."""
     a = out["runs"]["general"]["abrupt"]
     total_clear = a["total_low"] > 0 or a["total_high"] < 0
     if total_clear and a["share_low"] > 0.5:
@@ -115,21 +126,25 @@ def main() -> None:
                           f"{a['n_intervals']}; total change {a['total']:+.3f} "
                           f"[{a['total_low']:+.3f}, {a['total_high']:+.3f}] nats/token; rule of "
                           f"PLAN_narrow.md amendment 2: {verdict}")
+    w = out["runs"]["general"]["weights"]
+    weights = {k: [min(r[k] for r in w), max(r[k] for r in w)]
+               for k in ("largest_turn_step", "largest_turn_deg", "turn_share", "total_turn_deg",
+                         "settled_step")}
     entry = flat(finding, comp, "the rule's bounds: share > 0.5 abrupt, < 0.25 gradual", None,
                  {"verdict": verdict, "read_confirmation": None, "instrument": INSTRUMENT,
-                  "delta": 0.5, "abrupt": a,
-                  "lens": {k: {s: v[s] for s in sets} for k, v in out["runs"].items()},
+                  "delta": 0.5, "abrupt": a, "weights_range_over_adapters": weights,
+                  "lens": {k: {s_: v[s_] for s_ in v if s_ not in ("run", "abrupt", "weights")}
+                           for k, v in out["runs"].items()},
                   "rule": "reproduced: the total change's interval excludes 0 and the share's "
                           "lies above 0.5; not reproduced: the total's excludes 0 and the "
                           "share's lies below 0.25; else cannot decide"})
-    out["verdict"] = verdict
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    (HERE / "narrow").mkdir(exist_ok=True)
-    (HERE / "narrow" / "dynamics_lens.json").write_text(json.dumps(out, indent=1) + "\n")
     write_findings([entry])
     print(f"dynamics: share {a['share']:.3f} [{a['share_low']:.3f}, {a['share_high']:.3f}], "
           f"total {a['total']:+.3f} -> {verdict}")
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--decide"]:  # the rule again on the saved measurement
+        decide(json.loads((HERE / "narrow" / "dynamics_lens.json").read_text()))
+    else:
+        main()
