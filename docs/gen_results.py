@@ -238,6 +238,32 @@ def write_figures() -> list[Path]:
     return written
 
 
+def _verdict_table(found: dict, ids: tuple[str, ...]) -> list[str]:
+    """One row per finding id of ``findings.json`` (``not yet measured`` where it is absent)."""
+    rows = []
+    for fid in ids:
+        f = found.get(fid)
+        if f is None:
+            rows.append([f"`{fid}`", "not yet measured", "-", "-", "-", "-"])
+            continue
+        need = "-" if f.get("n_required") is None else f["n_required"]
+        rows.append([f"`{fid}`", f["claim"],
+                     f"{f['effect']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}]",
+                     f"{f['n']} / {need}", f["control"], f"**{f['verdict']}**"])
+    return _table(["id", "claim", "effect [95%]", "n / n required", "control", "verdict"], rows)
+
+
+def _second_reader(agr: dict) -> list[str]:
+    """The second reader's agreement with pass 1, as a bullet (nothing without a second pass)."""
+    if not agr:
+        return []
+    mis, coh = agr["misaligned"], agr["coherent>50"]
+    kappa = lambda k: "-" if k["kappa"] is None else f"{k['kappa']:.2f}"  # noqa: E731
+    return [f"- second reader on {agr['n']} rows: misaligned class agreement "
+            f"{mis['agreement']:.2f} (kappa {kappa(mis)}), coherent > 50 "
+            f"{coh['agreement']:.2f} (kappa {kappa(coh)})."]
+
+
 def _arm_rows(arms: dict) -> list[list]:
     return [[name, a["condition"], f"{a['k']}/{a['n']}", _interval(a["rate"], a["low"], a["high"]),
              f"{a['coherent']}/{a['n']}"] for name, a in arms.items()]
@@ -266,18 +292,7 @@ def render_causal(data: dict) -> str:
         "## Verdicts",
         "",
     ]
-    rows = []
-    for fid in CAUSAL_IDS:
-        f = found.get(fid)
-        if f is None:
-            rows.append([f"`{fid}`", "not yet measured", "-", "-", "-", "-"])
-            continue
-        need = "-" if f.get("n_required") is None else f["n_required"]
-        rows.append([f"`{fid}`", f["claim"],
-                     f"{f['effect']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}]",
-                     f"{f['n']} / {need}", f["control"], f"**{f['verdict']}**"])
-    lines += _table(["id", "claim", "effect [95%]", "n / n required", "control", "verdict"],
-                    rows)
+    lines += _verdict_table(found, CAUSAL_IDS)
     for fid in CAUSAL_IDS:
         f = found.get(fid)
         if f is None:
@@ -313,13 +328,7 @@ def render_causal(data: dict) -> str:
                               _num(r["converged"])] for r in f["per_layer"]])
             conv = [r["layer"] for r in f["per_layer"] if r["converged"]]
             lines.append(f"- layers where the interval clears the baselines: {conv or 'none'}.")
-        agr = f.get("agreement") or {}
-        if agr:
-            mis, coh = agr["misaligned"], agr["coherent>50"]
-            kappa = lambda k: "-" if k["kappa"] is None else f"{k['kappa']:.2f}"  # noqa: E731
-            lines.append(f"- second reader on {agr['n']} rows: misaligned class agreement "
-                         f"{mis['agreement']:.2f} (kappa {kappa(mis)}), coherent > 50 "
-                         f"{coh['agreement']:.2f} (kappa {kappa(coh)}).")
+        lines += _second_reader(f.get("agreement") or {})
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -366,18 +375,7 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
         "## Verdicts on the coder",
         "",
     ]
-    rows = []
-    for fid in NARROW_IDS:
-        f = found.get(fid)
-        if f is None:
-            rows.append([f"`{fid}`", "not yet measured", "-", "-", "-", "-"])
-            continue
-        need = "-" if f.get("n_required") is None else f["n_required"]
-        rows.append([f"`{fid}`", f["claim"],
-                     f"{f['effect']:+.3f} [{f['low']:+.3f}, {f['high']:+.3f}]",
-                     f"{f['n']} / {need}", f["control"], f"**{f['verdict']}**"])
-    lines += _table(["id", "claim", "effect [95%]", "n / n required", "control", "verdict"],
-                    rows)
+    lines += _verdict_table(found, NARROW_IDS)
     f = found.get("narrow_general_kl")
     if f is not None:
         lines += ["## Behaviour: `narrow_general_kl`", "", f"Rule: {f['rule']}.", ""]
@@ -387,13 +385,7 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
         for name, c in (f.get("secondary") or {}).items():
             lines.append(f"- {name}: {c['effect']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], "
                          f"verdict by the same rule: {c['verdict']}.")
-        agr = f.get("agreement") or {}
-        if agr:
-            mis, coh = agr["misaligned"], agr["coherent>50"]
-            kappa = lambda k: "-" if k["kappa"] is None else f"{k['kappa']:.2f}"  # noqa: E731
-            lines.append(f"- second reader on {agr['n']} rows: misaligned class agreement "
-                         f"{mis['agreement']:.2f} (kappa {kappa(mis)}), coherent > 50 "
-                         f"{coh['agreement']:.2f} (kappa {kappa(coh)}).")
+        lines += _second_reader(f.get("agreement") or {})
         lines.append("")
     lines += ["## Loss side, beside SmolLM2", ""]
     eff, stab = found.get("efficiency"), found.get("stability")
