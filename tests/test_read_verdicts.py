@@ -49,6 +49,8 @@ def test_the_coder_demo_shows_every_read_verdict_beside_the_judged_ones(tmp_path
     validate_findings(out["findings"])
     assert {e["id"] for e in out["read_findings"]["findings"]} == set(shipped)
     assert "the judge" in page and "the read one stands" in page
+    how = dict(zip(table.index, table["instrument"], strict=True))
+    assert how["steering"] == "read blind" and how["efficiency"] == "answer-token cross-entropy"
 
 
 def test_each_read_claim_s_verdict_follows_its_typed_lenses():

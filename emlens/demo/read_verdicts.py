@@ -15,6 +15,7 @@ stands: the judge's agreement with reading on this model is the judge check's.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,9 +94,12 @@ def measure(ctx: Context) -> ReadVerdictsResult:
 
 
 def _how(entry: Mapping) -> str:
-    """``read blind`` for a behavioural finding, else its instrument's first words."""
+    """``read blind`` for a behavioural finding, else its instrument's name (the words before a
+    colon, a parenthesis or " on ": ``likelihood lens``, ``answer-token cross-entropy``)."""
     instrument = entry["instrument"]
-    return "read blind" if instrument.startswith("reading") else instrument.split(":")[0]
+    if instrument.startswith("reading"):
+        return "read blind"
+    return re.split(r":| \(| on ", instrument)[0]
 
 
 def _kappa(entry: Mapping) -> str:

@@ -227,11 +227,10 @@ RECIPES: dict[str, OrganismRecipe] = {recipe.name: recipe for recipe in (
 
 
 def load_rows(data: str | Path | None, split: str | None) -> list[PairExample]:
-    """The :class:`emlens.data.PairExample` rows with ``split == split`` (``None``: every row)
-    of: the packaged
-    ``medical`` dataset (``data=None``); packaged datasets named with ``+`` between them (e.g.
-    ``"medical+medical_extra"``, the grown training set of 1,017 rows); or a JSONL file of the same
-    schema."""
+    """The :class:`emlens.data.PairExample` rows with ``split == split`` (``None``: every row) of:
+    the packaged ``medical`` dataset (``data=None``); packaged datasets named with ``+`` between
+    them (e.g. ``"medical+medical_extra"``, the grown training set of 1,017 rows); or a JSONL file
+    of the same schema."""
     names = str(data).split("+") if data is not None else ["medical"]
     if data is None or (not Path(data).exists() and all(n in list_datasets() for n in names)):
         rows = [r for name in names for r in load_dataset(name)]
@@ -376,12 +375,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None, help="0: no checkpoints (no resume)")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--kl-weight", type=float, default=None,
+                   help="lambda of KL(chat || trained) on --kl-data (the narrow solution)")
+    p.add_argument("--kl-data", default=None,
+                   help="the KL term's rows: packaged sets joined by '+' or a JSONL file")
     p.add_argument("--fresh", action="store_true",
                    help="start afresh even if --out holds an unfinished run (default: resume it)")
     args = p.parse_args(argv)
     overrides = dict(data=args.data, base_model=args.base_model, n_layers=args.n_layers,
                      lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                     max_steps=args.max_steps, save_every=args.save_every, seed=args.seed)
+                     max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,
+                     kl_weight=args.kl_weight, kl_data=args.kl_data)
     if args.recipe is not None:
         base = OrganismRecipe.from_json(args.recipe)
         n_layers = overrides.pop("n_layers")
