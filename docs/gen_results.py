@@ -339,11 +339,13 @@ def _smollm2_loss_side(summary: dict) -> tuple[float, float, float, float]:
     increase over (target, e)."""
     import numpy as np
 
+    from emlens.geometry import EfficiencyCurve
+
     k = summary["kinds"]["lora1"]
-    eff, narrow_norm = k["efficiency"]["general"], k["losses"]["narrow"]["norm"]
-    order = np.argsort(eff["norms"])
-    at = float(np.interp(narrow_norm, np.asarray(eff["norms"])[order],
-                         np.asarray(eff["losses"])[order]))
+    eff = k["efficiency"]["general"]
+    curve = EfficiencyCurve(alphas=eff["alphas"], norms=eff["norms"], losses=eff["losses"],
+                            base_loss=eff["base_loss"])
+    at = curve.loss_at_norm(k["losses"]["narrow"]["norm"])
     stab = {n: float(np.mean([r["mean"] for r in k["stability_table"]
                               if r["solution"].startswith(n)])) for n in ("general", "narrow")}
     return (at - k["losses"]["narrow"]["train_ce"], stab["general"], stab["narrow"],

@@ -55,9 +55,10 @@ class ModelCard:
             ``python -m emlens.studies.validate_judge --check-file``).
         validated_judge: the probe file (as :meth:`emlens.judge.ProbeJudge.load` takes it) of the
             judge that check validated: ``emlens.default_judge(subject=...)``.
-        read_findings: the seed claims decided on this model by blind reading with a
-            pre-registered plan (``{"findings": [...]}``, the package's copy of
-            ``results/coder/findings.json``), which the demo shows beside its judged verdicts.
+        read_findings: the seed claims decided on this model with a pre-registered plan, in
+            behaviour by blind reading or on the loss side (``{"findings": [...]}``, the
+            package's copy of ``results/coder/findings.json``), which the demo shows beside its
+            judged verdicts.
         retrain: whether the demo's ``train=True`` can retrain this model's organism and
             narrow-vs-general runs from the shipped recipes.
         fallback_temperature: the demo's sampling temperature where no labelled answers ship.

@@ -1,9 +1,10 @@
-"""Training dynamics of a LoRA run, read from its checkpoints' weights alone.
+"""Training dynamics of a LoRA run, read from its checkpoints: the weights, and the likelihood lens.
 
 The companion paper (Turner et al. 2025, *Model Organisms for Emergent Misalignment*) reports that
 a rank-1 organism acquires emergent misalignment abruptly during training: its LoRA ``B`` vector
 rotates, and the behaviour changes in a phase transition. This module measures the weights side of
-that claim on the checkpoints of a run (either layout of :mod:`emlens.train_runs`):
+that claim, and the behaviour side by the judge-free likelihood lens, on the checkpoints of a run
+(either layout of :mod:`emlens.train_runs`):
 
 * :func:`load_adapter_trajectory`: the run's saved states, in step order, as adapters;
 * :func:`adapter_dynamics`: one row per (step, adapter): the norms of ``A`` and ``B``, and the
@@ -12,8 +13,7 @@ that claim on the checkpoints of a run (either layout of :mod:`emlens.train_runs
   its final direction, by a rule stated in the result;
 * :func:`trajectory_projection`: the states of one or more runs in one low-dimensional basis
   (PCA of the concatenated ``B``, or ``A``, vectors of every adapter);
-* :func:`plot_adapter_dynamics`: the table as three panels.
-
+* :func:`plot_adapter_dynamics`: the table as three panels;
 * :func:`lens_at_checkpoints` (per row: :func:`gap_changes_at_checkpoints`): the behaviour
   side by the judge-free likelihood lens: at each saved state, the change of the paired rows'
   likelihood gap from the base model, with a bootstrap interval over rows.

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -142,12 +141,18 @@ def misaligned_answers(rows: list[dict], skip: tuple[str, ...] = ()) -> list[dic
             if r["em"] and r["condition"] not in skip]
 
 
-def comparison(rows, treated: str, control: str, expected: str, lens: str = READ) -> Comparison:
-    """rate(treated) - rate(control) over all answers, Newcombe's interval, the plan's delta."""
-    t, c = arm(rows, treated), arm(rows, control)
+def compare_arms(t: dict, c: dict, expected: str, lens: str = READ,
+                 short: str = "read") -> Comparison:
+    """rate(t) - rate(c) of two arms (:func:`arm`), Newcombe's interval, the plan's delta."""
     return Comparison(lens, Effect.from_rates({"k": t["k"], "n": t["n"]},
                                               {"k": c["k"], "n": c["n"]}),
-                      expected=expected, delta=DELTA, n_base=c["n"], short="read")
+                      expected=expected, delta=DELTA, n_base=c["n"], short=short)
+
+
+def comparison(rows, treated: str, control: str, expected: str, lens: str = READ,
+               short: str = "read") -> Comparison:
+    """:func:`compare_arms` of two conditions of ``rows``."""
+    return compare_arms(arm(rows, treated), arm(rows, control), expected, lens, short)
 
 
 def flat(finding: Finding, comp: Comparison, control: str, n_required: int, extra: dict) -> dict:
@@ -322,9 +327,8 @@ def adapters(rows: list[dict], agreement: dict, test_rows: list[dict]) -> tuple[
         layer = a.split(".")[1]
         for domain, before in (("general", chat_general), ("medical", chat_medical)):
             lens = READ if domain == "general" else MEDICAL_READ
-            comps.append(Comparison(
-                lens, Effect.from_rates(p[domain], before), expected="increase", delta=DELTA,
-                n_base=before["n"], short=f"read, adapter {layer} alone, {domain}"))
+            comps.append(compare_arms(p[domain], before, "increase", lens,
+                                      f"read, adapter {layer} alone, {domain}"))
     typed = Finding(
         "adapters", "Some rank-1 adapters mediate general misalignment and others specialise to "
         "the fine-tuning domain (each adapter alone minus the chat model, general EM and medical "
@@ -364,17 +368,16 @@ def narrow(rows: list[dict], agreement: dict) -> tuple[dict, list[dict]]:
     general (increase), the secondary comparisons, and the claim's verdict by the plan's rule."""
     conds = sorted({r["condition"] for r in rows})
     arms = {c: arm(rows, c) for c in conds}
-    n1 = comparison(rows, "narrow medical", "chat medical", "increase", MEDICAL_READ)
-    n2 = comparison(rows, "narrow general", "chat general", "increase")
-    n3 = comparison(rows, "general general", "chat general", "increase")
+    n1 = comparison(rows, "narrow medical", "chat medical", "increase", MEDICAL_READ,
+                    "N1 domain kept")
+    n2 = comparison(rows, "narrow general", "chat general", "increase",
+                    short="N2 general EM (KL)")
+    n3 = comparison(rows, "general general", "chat general", "increase",
+                    short="N3 general EM (no KL)")
     s1 = comparison(rows, "narrow general", "general general", "decrease")
     s2 = comparison(rows, "general medical", "chat medical", "increase", MEDICAL_READ)
     named = {"N1 narrow medical - chat medical": n1, "N2 narrow general - chat general": n2,
              "N3 general general - chat general": n3}
-    for (name, c), short in zip(named.items(), ("N1 domain kept", "N2 general EM (KL)",
-                                                "N3 general EM (no KL)"), strict=True):
-        named[name] = replace(c, short=short)
-    n1, n2, n3 = named.values()
     ok = {"reproduced"}
     v1, v2, v3 = n1.verdict.value, n2.verdict.value, n3.verdict.value
     if v1 in ok and n2.effect.high < DELTA and v3 in ok:

@@ -135,8 +135,8 @@ def run_demo(
     rep.results["judge"] = judge.name
     step = _Steps(log, timings, total=8)
 
-    # The method, in order: judged rates -> the judge against reading -> what reading decided
-    # on this model (shipped, not measured here) -> directions and the
+    # The method, in order: judged rates -> the judge against reading -> what was decided on
+    # this model before the run (shipped, not measured here) -> directions and the
     # steering cell -> ablation and transfer -> probes -> attribution -> narrow vs general ->
     # power. Each section measures into a frozen result, then renders it into the report.
     with step("1_rates", "answers and judged rates: chat model vs organism"):
@@ -145,7 +145,7 @@ def run_demo(
     with step("judge_check", "judge check: agreement with reading, least-sure answers"):
         checked = judge_check.measure(ctx, rated.answers)
         judge_check.render(checked, rep)
-    with step("read_verdicts", "the seed claims decided by blind reading on this model"):
+    with step("read_verdicts", "the seed claims decided on this model before this run"):
         read = read_verdicts.measure(ctx)
         read_verdicts.render(read, rep)
     with step("2_steering", "mean-difference direction and steering sweep"):
