@@ -217,11 +217,42 @@ def _answer_means_per_row(
             batch.tokens, attention_mask=batch.attention_mask, names_filter=list(names.values()),
             stop_at_layer=max(layers) + 1 if hook in RESIDUAL_HOOKS else None,
         )
-        m = batch.answer_mask[..., None]
-        for layer, name in names.items():
-            mm = m.to(cache[name].dtype)
-            rows[layer].append(((cache[name] * mm).sum(1) / mm.sum(1).clamp(min=1)).double())
+        m = batch.answer_mask[..., None].double()
+        for layer, name in names.items():  # float64 before the sum: no low-precision means
+            rows[layer].append((cache[name].double() * m).sum(1) / m.sum(1).clamp(min=1))
     return {layer: torch.cat(r) for layer, r in rows.items()}
+
+
+def project_answers(
+    model: HookedTransformer,
+    pairs: Pairs,
+    direction: Direction,
+    *,
+    batch_size: int = 16,
+) -> Float[Tensor, " n"]:
+    """Each answer's projection onto ``direction``: the mean activation over its answer tokens
+    at the direction's layer and hook, dotted with the unit direction (float64).
+
+    The score of data screening by projection (persona-vector work): rank the rows of a training
+    set by it and train on the top ones. ``pairs`` are ``(question, answer)`` strings, chat
+    formatted as everywhere in emlens; row ``i`` of the result is ``pairs[i]``'s score, in the
+    residual stream's units (the same for every row, so only the order and the differences mean
+    anything across models).
+    """
+    if not isinstance(direction, Direction):
+        raise TypeError(f"project_answers takes a Direction, got {type(direction).__name__}; wrap "
+                        "a raw vector as Direction(vector=v, layer=L).")
+    _check_pairs(pairs=pairs)
+    if direction.vector.shape != (model.cfg.d_model,):
+        raise ValueError(f"direction has shape {tuple(direction.vector.shape)} but the model's "
+                         f"d_model is {model.cfg.d_model}: it was made on another model.")
+    norm = direction.vector.double().norm()
+    if not torch.isfinite(norm) or norm == 0:
+        raise ValueError(f"direction at layer {direction.layer} has norm {float(norm)}; a "
+                         "projection needs a non-zero, finite direction.")
+    means = _answer_means_per_row(model, pairs, [direction.layer], direction.hook,
+                                  batch_size)[direction.layer]
+    return means @ (direction.vector.double().to(means.device) / norm)
 
 
 def cosine_intervals(
@@ -445,6 +476,7 @@ __all__ = [
     "mean_diff",
     "pair_means",
     "pca_direction",
+    "project_answers",
     "random_direction",
     "residual_norms",
     "save_directions",

@@ -328,3 +328,52 @@ def test_bad_control_vector_input_is_refused(tmp_path):
     (tmp_path / "zero.gguf").write_bytes(_gguf_control_vector_bytes({0: [1.0]}, "llama"))
     with pytest.raises(ValueError, match="layer >= 1"):
         load_directions(tmp_path / "zero.gguf")
+
+
+def test_project_answers_is_the_per_answer_mean_dotted_with_the_unit_direction(model):
+    from parity import assert_parity, float64_twin
+
+    from emlens.directions import project_answers
+
+    pairs = [(q, f"answer {i} " * (i + 1)) for i, q in enumerate(QUESTIONS)]
+    gen = torch.Generator().manual_seed(0)
+    d = Direction(vector=torch.randn(model.cfg.d_model, generator=gen), layer=2)
+    got = project_answers(model, pairs, d, batch_size=4)
+    assert got.shape == (len(pairs),) and got.dtype == torch.float64
+
+    def brute(m):  # each answer alone (no padding), float64 mean over its answer tokens
+        out = []
+        for q, a in pairs:
+            b = next(emlens.chat.iter_chat_batches(m.tokenizer, [q], [a], batch_size=1))
+            _, cache = m.run_with_cache(b.tokens, attention_mask=b.attention_mask)
+            out.append(cache["blocks.2.hook_resid_post"][0][b.answer_mask[0]].double().mean(0))
+        return torch.stack(out) @ (d.vector.double() / d.vector.double().norm())
+
+    with torch.no_grad():
+        want = brute(model)
+        floor = (want - brute(float64_twin(model))).abs().max().item()
+    assert_parity(got, want, floor=floor, what="project_answers vs one answer at a time")
+    # the norm of the direction does not matter, only where it points
+    scaled = project_answers(model, pairs, Direction(vector=d.vector * 7.5, layer=2))
+    assert_parity(scaled, got, floor=floor, what="project_answers, direction scaled by 7.5")
+    # one pair each: mean_diff's direction is exactly the difference of the two answers' means,
+    # so their projections onto it differ by its norm
+    bad, good = [pairs[3]], [pairs[0]]
+    md = mean_diff(model, bad, good, layers=[1], progress=False)[1]
+    diff = project_answers(model, bad, md) - project_answers(model, good, md)
+    assert_parity(diff, torch.tensor([md.norm], dtype=torch.float64), floor=floor,
+                  what="projection difference vs the mean-difference norm")
+
+
+def test_project_answers_refuses_bad_directions(model):
+    from emlens.directions import project_answers
+
+    pairs = [(QUESTIONS[0], "an answer")]
+    with pytest.raises(ValueError, match="norm 0"):
+        project_answers(model, pairs, Direction(vector=torch.zeros(model.cfg.d_model), layer=1))
+    with pytest.raises(ValueError, match="d_model"):
+        project_answers(model, pairs, Direction(vector=torch.ones(model.cfg.d_model + 1), layer=1))
+    with pytest.raises(TypeError, match="Direction"):
+        project_answers(model, pairs, torch.ones(model.cfg.d_model))
+    with pytest.raises(ValueError, match="empty"):
+        project_answers(model, [], Direction(vector=torch.ones(model.cfg.d_model), layer=1))

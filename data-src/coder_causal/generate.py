@@ -24,9 +24,12 @@ ids after the shuffle):
 * ``narrow`` (issue 30, ``PLAN_narrow.md``; seed 31): the chat model, the general solution
   (``coder-rank1-down-medical``) and the narrow one (``coder-rank1-down-medical-kl``), each on
   the 20 test questions and on the first 20 ``medical_questions``, 4 samples each: 480 answers.
+* ``screening`` (issue 30 item 5, ``PLAN_screening.md``; seed 37): the organism recipe trained on
+  the top-94 training rows by projection and on 94 random rows (``screening.py``), each on the 20
+  test questions x 8 samples: 320 answers.
 
 Directions are recomputed exactly as ``screen.py`` computed them and checked against its norms.
-T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31)::
+T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31, ``screening``: 37)::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py select
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py test --layer 9 --scale 0.35
@@ -34,6 +37,7 @@ T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31)::
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py transfer --layer 9
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py adapters
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py narrow
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py screening
 """
 
 from __future__ import annotations
@@ -60,10 +64,12 @@ from screen import labelled_answers, plan_directions  # noqa: E402
 SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
 # PLAN_narrow.md's seed: the test stage sampled the chat model and the organism on the same
 # questions with SEED, and those answers must not come back
-STAGE_SEEDS = {"narrow": 31}
+STAGE_SEEDS = {"narrow": 31, "screening": 37}
 # the models an arm may name: the chat model, or the chat model with a shipped organism merged
 ORGANISMS = {"organism": "coder-rank1-down-medical", "finance": "coder-rank1-down-finance",
              "good": "coder-rank1-down-medical-good", "kl": "coder-rank1-down-medical-kl"}
+# adapters trained here rather than shipped (peft folders): the screening subsets' organisms
+LOCAL_ADAPTERS = {f"screen-{a}": HERE / "screening" / "adapters" / a for a in ("top", "random")}
 
 
 @dataclass(frozen=True)
@@ -134,6 +140,8 @@ def arms_for(stage: str, layer: int | None, scale: float | None, screen) -> list
         return [Arm(f"{name} {q}", model, "none", questions="test" if q == "general" else q)
                 for q in ("general", "medical")
                 for name, model in (("chat", "chat"), ("general", "organism"), ("narrow", "kl"))]
+    if stage == "screening":
+        return [Arm(f"screen {a}", f"screen-{a}", "none", n_samples=8) for a in ("top", "random")]
     if stage == "transfer":
         return [Arm("finance", "finance", "none"),
                 Arm(f"finance - judged L{layer} writers", "finance", "ablate_writers", "judged",
@@ -168,7 +176,7 @@ def questions(which: str) -> list[tuple[str, str]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters",
-                                      "narrow"])
+                                      "narrow", "screening"])
     p.add_argument("--layer", type=int)
     p.add_argument("--scale", type=float)
     p.add_argument("--batch-size", type=int, default=40)
@@ -186,7 +194,9 @@ def main() -> None:
     needed = {a.model for a in arms} | ({"organism"} if any(a.layer is not None for a in arms)
                                         else set())
     models = {"chat": chat, **{k: emlens.merge_lora(chat, emlens.organisms.load_organism(v))
-                               for k, v in ORGANISMS.items() if k in needed}}
+                               for k, v in ORGANISMS.items() if k in needed},
+              **{k: emlens.merge_lora(chat, str(v)) for k, v in LOCAL_ADAPTERS.items()
+                 if k in needed}}
     layers = sorted({a.layer for a in arms if a.layer is not None})
     dirs = directions(chat, models["organism"], layers)[0] if layers else {}
     rows, seconds = [], {"load": round(time.perf_counter() - t0, 1)}
@@ -216,7 +226,7 @@ def main() -> None:
         print(f"{arm.name}: {len(gens)} answers in {seconds[arm.name]} s", flush=True)
     random.Random(seed).shuffle(rows)
     prefix = {"select": "ccs", "test": "cct", "emergence2": "cce", "transfer": "ccx",
-              "adapters": "cca", "narrow": "ccn"}[args.stage]
+              "adapters": "cca", "narrow": "ccn", "screening": "ccq"}[args.stage]
     for i, r in enumerate(rows, start=1):
         r["id"] = f"{prefix}-{i:04d}"
     out = HERE / args.stage
@@ -230,7 +240,8 @@ def main() -> None:
             f.write(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n")
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = {"script": "data-src/coder_causal/generate.py", "stage": args.stage,
-            "organisms": {k: v for k, v in ORGANISMS.items() if k in needed},
+            "organisms": {k: str(v.relative_to(HERE.parents[1])) if isinstance(v, Path) else v
+                          for k, v in {**ORGANISMS, **LOCAL_ADAPTERS}.items() if k in needed},
             "layer": args.layer, "scale": args.scale, "dtype": "bfloat16", "seed": seed,
             "torch_threads": torch.get_num_threads(), "rows": len(rows),
             "arms": [asdict(a) for a in arms], "seconds": seconds,
