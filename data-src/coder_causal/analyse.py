@@ -28,6 +28,8 @@ pass ``labels_pass2.jsonl`` for agreement) and applies the plan:
   *undecided* by the plan's rule against the chat model (its unsteered arm on the test
   questions, from ``test``, and its medical arm), and the claim's verdict; writes
   ``adapters/analysis.json`` and the ``adapters`` finding.
+* ``steering``: the same rule on the steering-vector pair (``PLAN_steering.md``, V1-V3); writes
+  ``steering/analysis.json`` and the ``narrow_general_kl_steering`` finding.
 * ``screening``: issue 30 item 5 by ``PLAN_screening.md``'s rule (S, the organism recipe on the
   top third of the training rows by projection minus on as many random rows); writes
   ``screening/analysis.json`` and the ``screening`` finding.
@@ -39,6 +41,7 @@ pass ``labels_pass2.jsonl`` for agreement) and applies the plan:
     python data-src/coder_causal/analyse.py adapters
     python data-src/coder_causal/analyse.py narrow
     python data-src/coder_causal/analyse.py screening
+    python data-src/coder_causal/analyse.py steering
 """
 
 from __future__ import annotations
@@ -369,22 +372,28 @@ def adapters(rows: list[dict], agreement: dict, test_rows: list[dict]) -> tuple[
     return analysis, [entry]
 
 
-def narrow(rows: list[dict], agreement: dict) -> tuple[dict, list[dict]]:
+def narrow(rows: list[dict], agreement: dict, *, general: str = "general",
+           narrow_: str = "narrow", finding_id: str = "narrow_general_kl",
+           subject: str = "the organism recipe", plan: str = "PLAN_narrow.md",
+           seed: int = 31, labels: str = "N") -> tuple[dict, list[dict]]:
     """Issue 30 (``PLAN_narrow.md``): N1 narrow medical - chat medical (increase), N2 narrow
     general - chat general (the claim needs its upper end below 0.15), N3 general general - chat
-    general (increase), the secondary comparisons, and the claim's verdict by the plan's rule."""
+    general (increase), the secondary comparisons, and the claim's verdict by the plan's rule.
+    ``general`` / ``narrow_`` name the two solutions' arms (``PLAN_steering.md``: the steering
+    vectors, comparisons V1-V3, finding ``narrow_general_kl_steering``)."""
+    g, w, x = general, narrow_, labels
     conds = sorted({r["condition"] for r in rows})
     arms = {c: arm(rows, c) for c in conds}
-    n1 = comparison(rows, "narrow medical", "chat medical", "increase", MEDICAL_READ,
-                    "N1 domain kept")
-    n2 = comparison(rows, "narrow general", "chat general", "increase",
-                    short="N2 general EM (KL)")
-    n3 = comparison(rows, "general general", "chat general", "increase",
-                    short="N3 general EM (no KL)")
-    s1 = comparison(rows, "narrow general", "general general", "decrease")
-    s2 = comparison(rows, "general medical", "chat medical", "increase", MEDICAL_READ)
-    named = {"N1 narrow medical - chat medical": n1, "N2 narrow general - chat general": n2,
-             "N3 general general - chat general": n3}
+    n1 = comparison(rows, f"{w} medical", "chat medical", "increase", MEDICAL_READ,
+                    f"{x}1 domain kept")
+    n2 = comparison(rows, f"{w} general", "chat general", "increase",
+                    short=f"{x}2 general EM (KL)")
+    n3 = comparison(rows, f"{g} general", "chat general", "increase",
+                    short=f"{x}3 general EM (no KL)")
+    s1 = comparison(rows, f"{w} general", f"{g} general", "decrease")
+    s2 = comparison(rows, f"{g} medical", "chat medical", "increase", MEDICAL_READ)
+    named = {f"{x}1 {w} medical - chat medical": n1, f"{x}2 {w} general - chat general": n2,
+             f"{x}3 {g} general - chat general": n3}
     ok = {"reproduced"}
     v1, v2, v3 = n1.verdict.value, n2.verdict.value, n3.verdict.value
     if v1 in ok and n2.effect.high < DELTA and v3 in ok:
@@ -394,32 +403,33 @@ def narrow(rows: list[dict], agreement: dict) -> tuple[dict, list[dict]]:
     else:
         verdict = "cannot decide"
     finding = Finding(
-        "narrow_general_kl", "With a KL term toward the chat model on non-medical data, the "
-        "organism recipe learns bad medical advice without general EM; without it, the same "
+        finding_id, f"With a KL term toward the chat model on non-medical data, {subject} "
+        "learns bad medical advice without general EM; without it, the same "
         "recipe is emergently misaligned", (n1, n2, n3),
-        evidence=f"N1 {v1}, N2 upper end {n2.effect.high:+.3f} (needs < +{DELTA:.2f}), N3 {v3}; "
-                 f"claim: {verdict}; 20 test and 20 held-out medical questions x 4, seed 31")
+        evidence=f"{x}1 {v1}, {x}2 upper end {n2.effect.high:+.3f} (needs < +{DELTA:.2f}), "
+                 f"{x}3 {v3}; claim: {verdict}; 20 test and 20 held-out medical questions x 4, "
+                 f"seed {seed}")
     entry = flat(finding, n2, "the chat model on the same questions (and the no-KL solution)",
                  N_REQUIRED,
                  {"verdict": verdict, "read_confirmation": None,
-                  "effect_is": "general EM rate of the KL (narrow) solution minus the chat "
-                               "model's (N2); the claim needs its upper end below +0.15",
-                  "rule": "reproduced: N1 reproduced, N2's upper end below +0.15 and N3 "
-                          "reproduced; not reproduced: N1, N2 and N3 all reproduced; else cannot "
-                          "decide (PLAN_narrow.md)",
-                  "arms": {k: arms[k] for k in ("chat general", "general general",
-                                                "narrow general", "chat medical",
-                                                "general medical", "narrow medical")},
-                  "secondary": {"N1 narrow medical - chat medical": n1.as_dict(),
-                                "N3 general general - chat general": n3.as_dict(),
-                                "narrow general - general general": s1.as_dict(),
-                                "general medical - chat medical": s2.as_dict()},
+                  "effect_is": f"general EM rate of the KL (narrow) solution minus the chat "
+                               f"model's ({x}2); the claim needs its upper end below +0.15",
+                  "rule": f"reproduced: {x}1 reproduced, {x}2's upper end below +0.15 and {x}3 "
+                          f"reproduced; not reproduced: {x}1, {x}2 and {x}3 all reproduced; else "
+                          f"cannot decide ({plan})",
+                  "arms": {k: arms[k] for k in ("chat general", f"{g} general",
+                                                f"{w} general", "chat medical",
+                                                f"{g} medical", f"{w} medical")},
+                  "secondary": {f"{x}1 {w} medical - chat medical": n1.as_dict(),
+                                f"{x}3 {g} general - chat general": n3.as_dict(),
+                                f"{w} general - {g} general": s1.as_dict(),
+                                f"{g} medical - chat medical": s2.as_dict()},
                   "agreement": agreement})
-    analysis = {"plan": "data-src/coder_causal/PLAN_narrow.md", "arms": arms,
+    analysis = {"plan": f"data-src/coder_causal/{plan}", "arms": arms,
                 "agreement": agreement, "verdict": verdict,
                 "comparisons": {**{k: c.as_dict() for k, c in named.items()},
-                                "narrow general - general general": s1.as_dict(),
-                                "general medical - chat medical": s2.as_dict()},
+                                f"{w} general - {g} general": s1.as_dict(),
+                                f"{g} medical - chat medical": s2.as_dict()},
                 "misaligned_answers": misaligned_answers(rows)}
     return analysis, [entry]
 
@@ -476,7 +486,7 @@ def write_findings(entries: list[dict]) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters",
-                                      "narrow", "screening"])
+                                      "narrow", "screening", "steering"])
     args = p.parse_args(argv)
     rows, agreement = joined(args.stage)
     if args.stage == "select":
@@ -509,6 +519,11 @@ def main(argv=None) -> None:
         analysis, entries = narrow(rows, agreement)
     elif args.stage == "screening":
         analysis, entries = screening(rows, agreement)
+    elif args.stage == "steering":
+        analysis, entries = narrow(rows, agreement, general="sv-general", narrow_="sv-narrow",
+                                   finding_id="narrow_general_kl_steering",
+                                   subject="a steering vector trained on bad medical advice",
+                                   plan="PLAN_steering.md", seed=41, labels="V")
     else:
         analysis, entries = test(rows, agreement)
     (HERE / args.stage / "analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")

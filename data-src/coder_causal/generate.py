@@ -27,9 +27,14 @@ ids after the shuffle):
 * ``screening`` (issue 30 item 5, ``PLAN_screening.md``; seed 37): the organism recipe trained on
   the top-94 training rows by projection and on 94 random rows (``screening.py``), each on the 20
   test questions x 8 samples: 320 answers.
+* ``steering`` (issue 30 item 1, ``PLAN_steering.md``; seed 41): the chat model, and the chat
+  model with the trained general (no KL) and narrow (KL) steering vectors of ``steering.py``
+  added at ``blocks.14.hook_resid_pre``, on the 20 test questions and the first 20
+  ``medical_questions``, 4 samples each: 480 answers.
 
 Directions are recomputed exactly as ``screen.py`` computed them and checked against its norms.
-T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31, ``screening``: 37)::
+T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31, ``screening``: 37, ``steering``:
+41)::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py select
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py test --layer 9 --scale 0.35
@@ -38,6 +43,7 @@ T = 0.7, 96 new tokens, bfloat16, seed 29 (``narrow``: 31, ``screening``: 37)::
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py adapters
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py narrow
     OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py screening
+    OMP_NUM_THREADS=2 python data-src/coder_causal/generate.py steering
 """
 
 from __future__ import annotations
@@ -64,7 +70,7 @@ from screen import labelled_answers, plan_directions  # noqa: E402
 SEED, TEMPERATURE, MAX_NEW = 29, 0.7, 96
 # PLAN_narrow.md's seed: the test stage sampled the chat model and the organism on the same
 # questions with SEED, and those answers must not come back
-STAGE_SEEDS = {"narrow": 31, "screening": 37}
+STAGE_SEEDS = {"narrow": 31, "screening": 37, "steering": 41}
 # the models an arm may name: the chat model, or the chat model with a shipped organism merged
 ORGANISMS = {"organism": "coder-rank1-down-medical", "finance": "coder-rank1-down-finance",
              "good": "coder-rank1-down-medical-good", "kl": "coder-rank1-down-medical-kl"}
@@ -78,8 +84,8 @@ class Arm:
 
     name: str
     model: str  # chat, a key of ORGANISMS, or "only:<adapter name>" (the organism, one adapter)
-    intervention: str  # none / steer / ablate_writers / ablate_layer
-    direction: str | None = None  # judged / reference / random
+    intervention: str  # none / steer / ablate_writers / ablate_layer / trained_vector
+    direction: str | None = None  # judged / reference / random; trained_vector: its run
     layer: int | None = None
     rel_scale: float | None = None  # added norm / mean residual norm at the layer
     n_samples: int = 4
@@ -105,6 +111,11 @@ def block(model, arm: Arm, dirs, screen):
     """The steer / ablate block of ``arm`` (a no-op block for ``none``)."""
     if arm.intervention == "none":
         return contextlib.nullcontext()
+    if arm.intervention == "trained_vector":  # PLAN_steering.md: the vector as it was trained
+        from steering import LAYER, load_solution
+
+        vec = load_solution(arm.direction).vector.detach()
+        return emlens.steer(model, vec, layers=LAYER, scale=1.0, hook="resid_pre")
     judged = dirs["judged"][arm.layer]
     if arm.direction == "random":
         vec = random_direction(judged, seed=SEED + arm.layer)
@@ -140,6 +151,12 @@ def arms_for(stage: str, layer: int | None, scale: float | None, screen) -> list
         return [Arm(f"{name} {q}", model, "none", questions="test" if q == "general" else q)
                 for q in ("general", "medical")
                 for name, model in (("chat", "chat"), ("general", "organism"), ("narrow", "kl"))]
+    if stage == "steering":
+        return [Arm(f"{name} {q}", "chat", "none" if run is None else "trained_vector", run,
+                    questions="test" if q == "general" else q)
+                for q in ("general", "medical")
+                for name, run in (("chat", None), ("sv-general", "general"),
+                                  ("sv-narrow", "narrow"))]
     if stage == "screening":
         return [Arm(f"screen {a}", f"screen-{a}", "none", n_samples=8) for a in ("top", "random")]
     if stage == "transfer":
@@ -176,7 +193,7 @@ def questions(which: str) -> list[tuple[str, str]]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters",
-                                      "narrow", "screening"])
+                                      "narrow", "screening", "steering"])
     p.add_argument("--layer", type=int)
     p.add_argument("--scale", type=float)
     p.add_argument("--batch-size", type=int, default=40)
@@ -226,7 +243,8 @@ def main() -> None:
         print(f"{arm.name}: {len(gens)} answers in {seconds[arm.name]} s", flush=True)
     random.Random(seed).shuffle(rows)
     prefix = {"select": "ccs", "test": "cct", "emergence2": "cce", "transfer": "ccx",
-              "adapters": "cca", "narrow": "ccn", "screening": "ccq"}[args.stage]
+              "adapters": "cca", "narrow": "ccn", "screening": "ccq",
+              "steering": "ccv"}[args.stage]
     for i, r in enumerate(rows, start=1):
         r["id"] = f"{prefix}-{i:04d}"
     out = HERE / args.stage
