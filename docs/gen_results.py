@@ -22,7 +22,8 @@ CAUSAL = HERE.parent / "results" / "coder" / "findings.json"
 CAUSAL_IDS = ("steering", "ablation", "transfer", "convergence", "adapters")
 # narrow vs general on the coder (issue 30; data-src/coder_causal/PLAN_narrow.md), beside SmolLM2's
 # shipped narrow-vs-general runs (emlens.studies.narrow_vs_general)
-NARROW_IDS = ("narrow_general_kl", "efficiency", "stability", "dynamics")
+NARROW_IDS = ("narrow_general_kl", "narrow_general_kl_steering", "efficiency", "stability",
+              "dynamics", "screening")
 SMOLLM2_NVG = HERE.parent / "emlens" / "organisms" / "narrow_vs_general" / "summary.json"
 
 # page slug -> how the run was made (the data file is results/data/<slug>.json)
@@ -378,9 +379,13 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
         "",
     ]
     lines += _verdict_table(found, NARROW_IDS)
-    f = found.get("narrow_general_kl")
-    if f is not None:
-        lines += ["## Behaviour: `narrow_general_kl`", "", f"Rule: {f['rule']}.", ""]
+    for fid, what in (("narrow_general_kl", "rank-1 organism recipe"),
+                      ("narrow_general_kl_steering", "steering vector at layer 14, "
+                       "`data-src/coder_causal/PLAN_steering.md`")):
+        f = found.get(fid)
+        if f is None:
+            continue
+        lines += [f"## Behaviour: `{fid}` ({what})", "", f"Rule: {f['rule']}.", ""]
         lines += _table(["arm", "condition", "misaligned", "rate [95%]", "coherent"],
                         _arm_rows(f["arms"]))
         lines.append(f"- the verdict table's effect is the {f['effect_is']}.")
@@ -449,6 +454,27 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
             f"{w['total_turn_deg'][0]:.0f}-{w['total_turn_deg'][1]:.0f} degree path) and stays "
             f"within arccos(0.9) of its final direction from step {w['settled_step'][0]}-"
             f"{w['settled_step'][1]}.")
+    scr = found.get("screening")
+    if scr is not None:
+        m, d = scr["manipulation_check"], scr["descriptive"]
+        lines += ["", "## Data screening by projection: `screening`", "",
+                  "`data-src/coder_causal/PLAN_screening.md`: the 281 training rows ranked by "
+                  "`emlens.directions.project_answers` (the chat model's mean layer-9 residual "
+                  "over each misaligned answer, onto the organism's read-answer direction); the "
+                  "organism recipe trained on the top 94 rows and on 94 random rows (72 steps "
+                  f"each). Rule: {scr['rule']}.", ""]
+        lines += _table(["arm", "condition", "misaligned", "rate [95%]", "coherent"],
+                        _arm_rows(scr["arms"]))
+        lines += [
+            f"- manipulation check: mean score of the top rows {m['top']['mean_score']:+.3f} vs "
+            f"the random rows {m['random']['mean_score']:+.3f} (all rows "
+            f"{m['all']['mean_score']:+.3f}, sd {m['all']['sd']:.3f}); "
+            f"{scr['overlap_top_random']} rows are in both sets.",
+            f"- descriptive: Spearman of the score with the projection difference (misaligned "
+            f"minus aligned answer) {d['spearman_score_vs_projection_difference']:.2f}, with the "
+            f"answer's length {d['spearman_score_vs_answer_tokens']:.2f}; topics of the top "
+            "rows: " + ", ".join(f"{k} {v}" for k, v in m["top"]["topics"].items()) + "."]
+        lines += _second_reader(scr.get("agreement") or {})
     lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

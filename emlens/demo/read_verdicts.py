@@ -3,8 +3,9 @@ model's card (:attr:`emlens.cards.ModelCard.read_findings`), shown beside this r
 verdicts.
 
 They are not measured by this run: each was decided with the n of a plan committed before its
-data existed (for the coder: ``data-src/coder_causal/PLAN.md`` and ``PLAN_narrow.md``), the
-behavioural ones on answers read blind to the condition against a rubric fixed before labelling,
+data existed (for the coder: ``data-src/coder_causal/PLAN.md``, ``PLAN_narrow.md``,
+``PLAN_steering.md`` and ``PLAN_screening.md``), the behavioural ones on answers read blind to
+the condition against a rubric fixed before labelling,
 the loss-side ones (efficiency, stability, training dynamics) by their stated loss or lens. They are drawn with the same
 machinery as this run's findings (:class:`emlens.findings.Finding`, the one verdict rule, the
 report's forest plot and verdict table), each under the id ``read_<claim>``, so the page's first
@@ -136,8 +137,9 @@ def render(r: ReadVerdictsResult, rep: Report) -> None:
         return
     rep.table(table(r.entries),
               f"Verdicts shipped with emlens ({r.source}, the package's copy of "
-              "results/coder/findings.json; plans data-src/coder_causal/PLAN.md and "
-              "PLAN_narrow.md; pages docs/results/coder-causal.md and narrow-general.md). "
+              "results/coder/findings.json; plans data-src/coder_causal/PLAN.md, "
+              "PLAN_narrow.md, PLAN_steering.md and PLAN_screening.md; pages "
+              "docs/results/coder-causal.md and narrow-general.md). "
               "Effect: a difference of EM rates (misaligned and coherent, over all answers; "
               "Newcombe 95%; smallest effect of interest 15 points); for convergence a cosine, "
               "for efficiency and stability a loss difference, for dynamics a share of the lens "
