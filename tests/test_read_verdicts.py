@@ -16,7 +16,7 @@ from emlens.report import Report
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "results" / "coder" / "findings.json"
-CLAIMS = {"steering", "ablation", "transfer", "convergence", "adapters", "narrow_general_kl",
+CLAIMS = {"steering", "ablation", "transfer", "convergence", "adapters", "narrow_general_kl", "screening",
           "efficiency", "stability"}
 
 
