@@ -1,12 +1,15 @@
 """Ship the read answers of issues 29 and 30 as one :class:`emlens.data.GeneratedAnswer` set:
 ``emlens/data/coder_causal.jsonl`` (real coder answers in conditions the other sets lack: steered
 along three directions, ablated at the writers and at one layer, a second organism, the
-good-answer control, the KL-regularised narrow solution), for testing judges on them (issue 26).
+good-answer control, the KL-regularised narrow solution, the two trained steering vectors, the
+organism recipe on the two screening subsets), for testing judges on them (issue 26).
 
 Each stage folder's ``generations.jsonl`` is mapped to the dataset's fields: ``model`` (``chat``,
-``organism``, ``finance``, ``good``, ``kl`` (the narrow solution ``coder-rank1-down-medical-kl``)
-or ``organism only <adapter>``), ``intervention``
-(``none``, ``steer:judged`` / ``steer:reference`` / ``steer:random``, ``ablate:judged`` /
+``organism``, ``finance``, ``good``, ``kl`` (the narrow solution ``coder-rank1-down-medical-kl``),
+``screen-top`` / ``screen-random`` (the organism recipe on the screening subsets) or ``organism
+only <adapter>``), ``intervention``
+(``none``, ``steer:judged`` / ``steer:reference`` / ``steer:random``, ``steer:trained-general`` /
+``steer:trained-narrow`` (the trained steering vectors at layer 14, scale 1), ``ablate:judged`` /
 ``ablate:random`` at every layer's writers, ``ablate:judged@resid_post`` at ``layer``) and
 ``scale`` (the multiple of the steering direction's own norm that was added, as ``emlens.steer``
 takes it); then joined with both readings by :func:`emlens.studies.join_judge_labels.join`::
@@ -17,6 +20,7 @@ takes it); then joined with both readings by :func:`emlens.studies.join_judge_la
 from __future__ import annotations
 
 import json
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,7 +28,9 @@ from emlens.data import DATA_DIR
 from emlens.studies.join_judge_labels import join, read_rows
 
 HERE = Path(__file__).parent
-STAGES = ("select", "test", "emergence2", "transfer", "adapters", "narrow")
+sys.path.insert(0, str(HERE))
+STAGES = ("select", "test", "emergence2", "transfer", "adapters", "narrow", "steering",
+          "screening")
 
 
 def convert(g: dict, screen: dict) -> dict:
@@ -40,6 +46,10 @@ def convert(g: dict, screen: dict) -> dict:
         intervention = f"steer:{direction}"
         norm = screen["judged" if direction == "random" else direction]["norms"][str(g["layer"])]
         scale = round(g["rel_scale"] * screen["resid_norms"][str(g["layer"])] / norm, 4)
+    elif kind == "trained_vector":  # steering.py's vectors, added as trained (scale 1)
+        from steering import LAYER
+
+        intervention, scale, g = f"steer:trained-{direction}", 1.0, {**g, "layer": LAYER}
     elif kind == "ablate_writers":
         intervention = f"ablate:{direction}"
     else:
