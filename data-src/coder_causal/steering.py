@@ -90,7 +90,7 @@ def run_check() -> None:
            "resid_norm_layer14_resid_post": resid[str(LAYER)],
            "heldout_medical_ce_chat": evaluate_loss(chat, None, ce_set)}
     for k, v in vecs.items():
-        norm = float(v.vector.norm())
+        norm = float(v.vector.detach().norm())
         out[k] = {"norm": norm, "norm_over_resid": norm / resid[str(LAYER)],
                   "kl_nonmedical": evaluate_loss(chat, v, kl_set, kind="kl"),
                   "heldout_medical_ce": evaluate_loss(chat, v, ce_set)}
