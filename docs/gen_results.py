@@ -23,7 +23,7 @@ CAUSAL_IDS = ("steering", "ablation", "transfer", "convergence", "adapters")
 # narrow vs general on the coder (issue 30; data-src/coder_causal/PLAN_narrow.md), beside SmolLM2's
 # shipped narrow-vs-general runs (emlens.studies.narrow_vs_general)
 NARROW_IDS = ("narrow_general_kl", "narrow_general_kl_steering", "efficiency", "stability",
-              "dynamics", "screening")
+              "drift", "dynamics", "screening")
 SMOLLM2_NVG = HERE.parent / "emlens" / "organisms" / "narrow_vs_general" / "summary.json"
 
 # page slug -> how the run was made (the data file is results/data/<slug>.json)
@@ -330,6 +330,16 @@ def render_causal(data: dict) -> str:
             conv = [r["layer"] for r in f["per_layer"] if r["converged"]]
             lines.append(f"- layers where the interval clears the baselines: {conv or 'none'}.")
         lines += _second_reader(f.get("agreement") or {})
+        c = f.get("check")
+        if c:
+            lines.append(
+                "- the vectors (descriptive): " + "; ".join(
+                    f"{k} norm {c[k]['norm']:.2f} ({c[k]['norm_over_resid']:.2f} of the layer-14 "
+                    f"residual norm), KL(chat || steered) on the non-medical rows "
+                    f"{c[k]['kl_nonmedical']:.3f}, held-out medical CE {c[k]['heldout_medical_ce']:.2f}"
+                    for k in ("general", "narrow"))
+                + f" (chat {c['heldout_medical_ce_chat']:.2f}); cosine between them "
+                f"{c['cosine_general_narrow']:.2f}.")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
@@ -351,6 +361,15 @@ def _smollm2_loss_side(summary: dict) -> tuple[float, float, float, float]:
                               if r["solution"].startswith(n)])) for n in ("general", "narrow")}
     return (at - k["losses"]["narrow"]["train_ce"], stab["general"], stab["narrow"],
             stab["general"] - stab["narrow"])
+
+
+def _smollm2_drift(summary: dict) -> tuple[float, float]:
+    """SmolLM2's rank-1 LoRA runs: the KL on the KL term's rows of the narrow solution trained on
+    without it, minus the narrow solution's, and that as a share of the way to the general
+    solution's."""
+    k = summary["kinds"]["lora1"]["losses"]
+    g, w, c = (k[n]["parallel_kl"] for n in ("general", "narrow", "continued"))
+    return c - w, (c - w) / (g - w)
 
 
 def render_narrow(data: dict, smollm2: dict | None) -> str:
@@ -396,6 +415,16 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
             lines.append(f"- {name}: {c['effect']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}], "
                          f"verdict by the same rule: {c['verdict']}.")
         lines += _second_reader(f.get("agreement") or {})
+        c = f.get("check")
+        if c:
+            lines.append(
+                "- the vectors (descriptive): " + "; ".join(
+                    f"{k} norm {c[k]['norm']:.2f} ({c[k]['norm_over_resid']:.2f} of the layer-14 "
+                    f"residual norm), KL(chat || steered) on the non-medical rows "
+                    f"{c[k]['kl_nonmedical']:.3f}, held-out medical CE {c[k]['heldout_medical_ce']:.2f}"
+                    for k in ("general", "narrow"))
+                + f" (chat {c['heldout_medical_ce_chat']:.2f}); cosine between them "
+                f"{c['cosine_general_narrow']:.2f}.")
         lines.append("")
     lines += ["## Loss side, beside SmolLM2", ""]
     eff, stab = found.get("efficiency"), found.get("stability")
@@ -411,7 +440,21 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
           "-" if small is None else f"{small[0]:+.3f}"],
          ["mean relative loss increase under orthogonal noise (e 0.3, 0.6; A and B)", coder_stab,
           "-" if small is None else f"{small[3]:+.3f} ({small[1]:.3f} vs {small[2]:.3f})"]])
-    for g in (eff, stab):
+    drift = found.get("drift")
+    if drift is not None:
+        sd = _smollm2_drift(smollm2) if smollm2 is not None else None
+        b = drift["share_back"]
+        lines += _table(
+            ["drift back without the KL term (continued - narrow; positive: back toward general)",
+             "Qwen2.5-Coder-1.5B (24 steps, 303 non-medical rows, row bootstrap)",
+             "SmolLM2-135M (20 steps, the KL term's rows, one run, no interval)"],
+            [["KL(chat || solution) per answer token",
+              f"{drift['effect']:+.3f} [{drift['low']:+.3f}, {drift['high']:+.3f}]",
+              "-" if sd is None else f"{sd[0]:+.3f}"],
+             ["share of the way back to the general solution's KL",
+              f"{b['value']:.2f} [{b['low']:.2f}, {b['high']:.2f}]",
+              "-" if sd is None else f"{sd[1]:.2f}"]])
+    for g in (eff, stab, drift):
         if g is not None:
             lines.append(f"- `{g['id']}`: {g['typed']['evidence']}; verdict {g['verdict']}.")
     if eff is not None:

@@ -524,6 +524,11 @@ def main(argv=None) -> None:
                                    finding_id="narrow_general_kl_steering",
                                    subject="a steering vector trained on bad medical advice",
                                    plan="PLAN_steering.md", seed=41, labels="V")
+        # the plan's descriptive numbers (steering.py check): norms, KL, held-out CE
+        check = json.loads((HERE / "steering" / "check.json").read_text())
+        entries[0]["check"] = analysis["check"] = {k: check[k] for k in (
+            "general", "narrow", "cosine_general_narrow", "heldout_medical_ce_chat",
+            "resid_norm_layer14_resid_post")}
     else:
         analysis, entries = test(rows, agreement)
     (HERE / args.stage / "analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")

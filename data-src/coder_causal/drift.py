@@ -30,8 +30,7 @@ from emlens.chat import tokenize_chat
 from emlens.findings import Comparison, Effect, Finding
 from emlens.organisms import load_organism
 from emlens.organisms.train import load_rows, organism_batches, recipe_for
-from emlens.train_runs import checkpoint_steps
-from emlens.trainable import load_trainable
+from emlens.train_runs import checkpoint_steps, load_trainable
 from emlens.trainable_adapter import TrainableAdapter
 from emlens.training import PreparedSet, TrainConfig, evaluate_loss, prepare, train
 
@@ -81,12 +80,18 @@ def main() -> None:
     batches = organism_batches(recipe, load_rows(recipe.data, recipe.split), tok)[72:72 + STEPS]
     cfg = TrainConfig(steps=STEPS, lr=LR, kl_weight=0.0, warmup_steps=0, seed=0,
                       save_every=SAVE_EVERY, shuffle=False, name="kl solution continued")
-    res = train(chat, narrow, prepare(chat, batches, start_layer=None), None, cfg, out=OUT,
-                meta={"plan": "data-src/coder_causal/PLAN_narrow.md, amendment 4",
-                      "from": "coder-rank1-down-medical-kl",
-                      "batches": "organism_batches(epochs=3)[72:96]"})
-    continued = res.params
-    print(f"continued: {res.log['seconds']} s", flush=True)
+    if (OUT / "train_log.json").is_file():  # a finished run (train() would start it afresh)
+        log = json.loads((OUT / "train_log.json").read_text())
+        if log["config"] != {**cfg.__dict__}:
+            raise SystemExit(f"{OUT} holds a run of another config: {log['config']}")
+        continued = load_trainable(OUT / "final.safetensors")
+    else:
+        res = train(chat, narrow, prepare(chat, batches, start_layer=None), None, cfg, out=OUT,
+                    meta={"plan": "data-src/coder_causal/PLAN_narrow.md, amendment 4",
+                          "from": "coder-rank1-down-medical-kl",
+                          "batches": "organism_batches(epochs=3)[72:96]"})
+        continued, log = res.params, res.log
+    print(f"continued: {log['seconds']} s", flush=True)
     other = load_rows("nonmedical", None)
     rows = prepare(chat, [tokenize_chat(tok, [r.question], [r.misaligned]) for r in other],
                    start_layer=start, reference=True)
@@ -131,7 +136,7 @@ def main() -> None:
                   "curve": curve, "cosine_b": cos})
     out = {"plan": "data-src/coder_causal/PLAN_narrow.md, amendment 4", "rows": n, "kl": mean,
            "effect": comp.as_dict(), "share_back": entry["share_back"], "curve": curve,
-           "cosine_b": cos, "train_seconds": res.log["seconds"],
+           "cosine_b": cos, "train_seconds": log["seconds"],
            "seconds": round(time.perf_counter() - t0, 1), "dtype": "bfloat16",
            "torch_threads": torch.get_num_threads()}
     (HERE / "narrow" / "drift.json").write_text(json.dumps(out, indent=1) + "\n")

@@ -114,7 +114,8 @@ def block(model, arm: Arm, dirs, screen):
     if arm.intervention == "trained_vector":  # PLAN_steering.md: the vector as it was trained
         from steering import LAYER, load_solution
 
-        vec = load_solution(arm.direction).vector.detach()
+        # cast as the trainer's hook cast it (TrainableSteeringVector adds it in the stream's dtype)
+        vec = load_solution(arm.direction).vector.detach().to(model.cfg.dtype)
         return emlens.steer(model, vec, layers=LAYER, scale=1.0, hook="resid_pre")
     judged = dirs["judged"][arm.layer]
     if arm.direction == "random":
