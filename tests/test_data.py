@@ -284,11 +284,13 @@ def test_em_verdict_applies_the_plans_rule():
 
 def test_coder_causal_set_holds_every_read_answer_of_issues_29_and_30_in_the_dataset_fields():
     rows = load_dataset("coder_causal")
-    assert len(rows) >= 2500 and len({r.id for r in rows}) == len(rows)
+    assert len(rows) >= 3300 and len({r.id for r in rows}) == len(rows)
     interventions = {r.intervention for r in rows}
     assert {"none", "steer:judged", "steer:random", "steer:reference", "ablate:judged",
             "ablate:random", "ablate:judged@resid_post"} <= interventions
-    assert {"chat", "organism", "finance", "good", "kl"} <= {r.model for r in rows}
+    assert {"chat", "organism", "finance", "good", "kl", "screen-top", "screen-random"} <= {
+        r.model for r in rows}
+    assert {"steer:trained-general", "steer:trained-narrow"} <= interventions
     for r in rows:
         assert (r.scale is not None) == r.intervention.startswith("steer:")
         assert (r.layer is None) == (r.intervention == "none")

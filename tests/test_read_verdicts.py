@@ -16,8 +16,8 @@ from emlens.report import Report
 
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "results" / "coder" / "findings.json"
-CLAIMS = {"steering", "ablation", "transfer", "convergence", "adapters", "narrow_general_kl", "screening",
-          "efficiency", "stability"}
+CLAIMS = {"steering", "ablation", "transfer", "convergence", "adapters", "narrow_general_kl",
+          "narrow_general_kl_steering", "screening", "efficiency", "stability", "dynamics"}
 
 
 def _ctx(card):
