@@ -17,7 +17,8 @@ from emlens.report import Report
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "results" / "coder" / "findings.json"
 CLAIMS = {"steering", "ablation", "transfer", "convergence", "adapters", "narrow_general_kl",
-          "narrow_general_kl_steering", "screening", "efficiency", "stability", "dynamics"}
+          "narrow_general_kl_steering", "screening", "efficiency", "stability", "drift",
+          "dynamics"}
 
 
 def _ctx(card):
