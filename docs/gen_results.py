@@ -330,16 +330,6 @@ def render_causal(data: dict) -> str:
             conv = [r["layer"] for r in f["per_layer"] if r["converged"]]
             lines.append(f"- layers where the interval clears the baselines: {conv or 'none'}.")
         lines += _second_reader(f.get("agreement") or {})
-        c = f.get("check")
-        if c:
-            lines.append(
-                "- the vectors (descriptive): " + "; ".join(
-                    f"{k} norm {c[k]['norm']:.2f} ({c[k]['norm_over_resid']:.2f} of the layer-14 "
-                    f"residual norm), KL(chat || steered) on the non-medical rows "
-                    f"{c[k]['kl_nonmedical']:.3f}, held-out medical CE {c[k]['heldout_medical_ce']:.2f}"
-                    for k in ("general", "narrow"))
-                + f" (chat {c['heldout_medical_ce_chat']:.2f}); cosine between them "
-                f"{c['cosine_general_narrow']:.2f}.")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
