@@ -236,8 +236,8 @@ def project_answers(
     The score of data screening by projection (persona-vector work): rank the rows of a training
     set by it and train on the top ones. ``pairs`` are ``(question, answer)`` strings, chat
     formatted as everywhere in emlens; row ``i`` of the result is ``pairs[i]``'s score, in the
-    residual stream's units (the same for every row, so only the order and the differences mean
-    anything across models).
+    residual stream's units. Scores compare within one model and direction; across models only
+    their order does.
     """
     if not isinstance(direction, Direction):
         raise TypeError(f"project_answers takes a Direction, got {type(direction).__name__}; wrap "

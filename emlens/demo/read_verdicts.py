@@ -5,8 +5,8 @@ verdicts.
 They are not measured by this run: each was decided with the n of a plan committed before its
 data existed (for the coder: ``data-src/coder_causal/PLAN.md``, ``PLAN_narrow.md``,
 ``PLAN_steering.md`` and ``PLAN_screening.md``), the behavioural ones on answers read blind to
-the condition against a rubric fixed before labelling,
-the loss-side ones (efficiency, stability, training dynamics) by their stated loss or lens. They are drawn with the same
+the condition against a rubric fixed before labelling, the loss-side ones (efficiency,
+stability, drift, training dynamics) by their stated loss or lens. They are drawn with the same
 machinery as this run's findings (:class:`emlens.findings.Finding`, the one verdict rule, the
 report's forest plot and verdict table), each under the id ``read_<claim>``, so the page's first
 table shows the read verdict of a claim beside the judged one. Where the two differ, the read one
