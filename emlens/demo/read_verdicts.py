@@ -142,8 +142,8 @@ def render(r: ReadVerdictsResult, rep: Report) -> None:
               "docs/results/coder-causal.md and narrow-general.md). "
               "Effect: a difference of EM rates (misaligned and coherent, over all answers; "
               "Newcombe 95%; smallest effect of interest 15 points); for convergence a cosine, "
-              "for efficiency and stability a loss difference, for dynamics a share of the lens "
-              "change (bootstrap 95%).")
+              "for efficiency and stability a loss difference, for drift a KL difference, "
+              "for dynamics a share of the lens change (bootstrap 95%).")
     rep.text(f"This run's judged lenses rest on {r.judge}; its agreement with reading on this "
              "model is the judge check's above. Where a judged verdict of this report and the "
              "read verdict of the same claim differ, the read one stands. In the first table "
