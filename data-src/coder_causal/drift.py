@@ -19,24 +19,24 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 import emlens
-from emlens.chat import tokenize_chat
 from emlens.findings import Comparison, Effect, Finding
 from emlens.organisms import load_organism
 from emlens.organisms.train import load_rows, organism_batches, recipe_for
 from emlens.train_runs import checkpoint_steps, load_trainable
 from emlens.trainable_adapter import TrainableAdapter
-from emlens.training import PreparedSet, TrainConfig, evaluate_loss, prepare, train
+from emlens.training import TrainConfig, evaluate_loss, prepare, train
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from analyse import flat, write_findings  # noqa: E402
+from narrow_loss import mean_ce, misaligned_batches, row_losses  # noqa: E402
 
 ROOT = HERE.parents[1]
 OUT = ROOT / "runs" / "coder-rank1-down-medical-kl-continued"
@@ -44,21 +44,6 @@ STEPS, LR, SAVE_EVERY = 24, 2e-3, 4
 N_BOOT, BOOT_SEED = 2000, 30
 INSTRUMENT = ("KL(chat || solution) per answer token on the 303 non-medical rows' misaligned "
               "answers (loss, no reading)")
-
-
-def row_kl(model, params, data: PreparedSet) -> np.ndarray:
-    """``[n_rows, 2]``: per row (one-row batches), the summed answer-token KL and the count."""
-    out = []
-    for pb in data.batches:
-        n = int(pb.batch.answer_mask[:, 1:].sum())
-        out.append((evaluate_loss(model, params, PreparedSet([pb], data.start_layer),
-                                  kind="kl") * n, n))
-    return np.asarray(out, dtype=float)
-
-
-def weighted(rows: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """Token-weighted mean of ``rows`` over each resample of ``idx`` (``[n_boot, n_rows]``)."""
-    return rows[idx, 0].sum(-1) / rows[idx, 1].sum(-1)
 
 
 def cosines_b(a: TrainableAdapter, b: TrainableAdapter) -> list[float]:
@@ -82,7 +67,7 @@ def main() -> None:
                       save_every=SAVE_EVERY, shuffle=False, name="kl solution continued")
     if (OUT / "train_log.json").is_file():  # a finished run (train() would start it afresh)
         log = json.loads((OUT / "train_log.json").read_text())
-        if log["config"] != {**cfg.__dict__}:
+        if log["config"] != asdict(cfg):
             raise SystemExit(f"{OUT} holds a run of another config: {log['config']}")
         continued = load_trainable(OUT / "final.safetensors")
     else:
@@ -93,25 +78,22 @@ def main() -> None:
         continued, log = res.params, res.log
     print(f"continued: {log['seconds']} s", flush=True)
     other = load_rows("nonmedical", None)
-    rows = prepare(chat, [tokenize_chat(tok, [r.question], [r.misaligned]) for r in other],
-                   start_layer=start, reference=True)
-    kl = {k: row_kl(chat, p, rows) for k, p in (("narrow", narrow), ("continued", continued),
+    rows = prepare(chat, misaligned_batches(tok, other, 1), start_layer=start, reference=True)
+    kl = {k: row_losses(chat, p, rows, kind="kl") for k, p in (("narrow", narrow), ("continued", continued),
                                                  ("general", general))}
     print(f"per-row KL done ({time.perf_counter() - t0:.0f} s)", flush=True)
     del rows
-    batched = prepare(chat, [tokenize_chat(tok, [r.question for r in other[i : i + 8]],
-                                           [r.misaligned for r in other[i : i + 8]])
-                             for i in range(0, len(other), 8)], start_layer=start, reference=True)
+    batched = prepare(chat, misaligned_batches(tok, other, 8), start_layer=start,
+                      reference=True)
     curve = {step: evaluate_loss(chat, load_trainable(OUT / "checkpoints"
                                                       / f"step-{step:05d}.safetensors"),
                                  batched, kind="kl")
              for step in checkpoint_steps(OUT)}
     n = len(other)
-    everything = np.arange(n)[None, :]
     idx = np.random.default_rng(BOOT_SEED).integers(0, n, (N_BOOT, n))
-    mean = {k: float(weighted(v, everything)[0]) for k, v in kl.items()}
-    diff = weighted(kl["continued"], idx) - weighted(kl["narrow"], idx)
-    share = diff / (weighted(kl["general"], idx) - weighted(kl["narrow"], idx))
+    mean = {k: mean_ce(v) for k, v in kl.items()}  # token-weighted means (of KL here)
+    diff = mean_ce(kl["continued"], idx) - mean_ce(kl["narrow"], idx)
+    share = diff / (mean_ce(kl["general"], idx) - mean_ce(kl["narrow"], idx))
     value = mean["continued"] - mean["narrow"]
     lo, hi = np.percentile(diff, [2.5, 97.5])
     s_lo, s_hi = np.percentile(share, [2.5, 97.5])

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import emlens
-from emlens.chat import tokenize_chat
+from emlens.chat import iter_chat_batches
 from emlens.findings import Comparison, Effect, Finding
 from emlens.geometry import perturb
 from emlens.organisms import load_organism
@@ -55,13 +55,20 @@ INSTRUMENT = ("answer-token cross-entropy on the 26 held-out medical rows' misal
               "(loss, no reading)")
 
 
-def row_losses(model, params, data: PreparedSet) -> np.ndarray:
-    """``[n_rows, 2]``: per row, the summed answer-token CE and the token count."""
+def misaligned_batches(tok, rows, batch_size: int) -> list:
+    """Chat batches of ``rows``' questions and misaligned answers, in order."""
+    return list(iter_chat_batches(tok, [r.question for r in rows], [r.misaligned for r in rows],
+                                  batch_size=batch_size))
+
+
+def row_losses(model, params, data: PreparedSet, kind: str = "ce") -> np.ndarray:
+    """``[n_rows, 2]``: per row (one-row batches), the summed answer-token CE (``kind="kl"``:
+    KL from the reference) and the token count."""
     out = []
     for pb in data.batches:
         one = PreparedSet([pb], data.start_layer)
         n = int(pb.batch.answer_mask[:, 1:].sum())
-        out.append((evaluate_loss(model, params, one) * n, n))
+        out.append((evaluate_loss(model, params, one, kind=kind) * n, n))
     return np.asarray(out, dtype=float)
 
 
@@ -81,8 +88,7 @@ def main() -> None:
     rows = load_rows("medical", "heldout")
     params = {k: TrainableAdapter.from_adapter(load_organism(v)) for k, v in SOLUTIONS.items()}
     start = min(p.first_layer for p in params.values())
-    data = prepare(chat, [tokenize_chat(tok, [r.question], [r.misaligned]) for r in rows],
-                   start_layer=start)
+    data = prepare(chat, misaligned_batches(tok, rows, 1), start_layer=start)
     base = row_losses(chat, None, data)
     norms = {k: p.effective_norm() for k, p in params.items()}
     curves = {k: {a: row_losses(chat, p.scaled(a), data) for a in ALPHAS}
@@ -97,9 +103,7 @@ def main() -> None:
     # distribution on the non-medical rows it was trained on, and how far does the general
     # solution move it?
     other = load_rows("nonmedical", None)
-    kl_set = prepare(chat, [tokenize_chat(tok, [r.question for r in other[i : i + 8]],
-                                          [r.misaligned for r in other[i : i + 8]])
-                            for i in range(0, len(other), 8)], start_layer=start, reference=True)
+    kl_set = prepare(chat, misaligned_batches(tok, other, 8), start_layer=start, reference=True)
     kl_check = {k: evaluate_loss(chat, p, kl_set, kind="kl") for k, p in params.items()}
     del kl_set
     print(f"KL on the non-medical rows: {kl_check} ({time.perf_counter() - t0:.0f} s)", flush=True)

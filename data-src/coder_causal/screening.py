@@ -26,6 +26,7 @@ import math
 import random
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -89,8 +90,7 @@ def rank() -> None:
         return {"n": len(idx), "mean_score": float(s.mean()), "sd": float(s.std(ddof=1)),
                 "min": float(s.min()), "max": float(s.max()),
                 "mean_answer_tokens": float(np.mean([n_tokens[i] for i in idx])),
-                "topics": dict(sorted({t: sum(rows[i].topic == t for i in idx)
-                                       for t in {rows[i].topic for i in idx}}.items()))}
+                "topics": dict(sorted(Counter(rows[i].topic for i in idx).items()))}
 
     top_ids = {r.id for r in picked["top"]}
     rand_ids = {r.id for r in picked["random"]}

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -28,13 +29,15 @@ from pathlib import Path
 import torch
 
 import emlens
-from emlens.chat import tokenize_chat
 from emlens.organisms.train import kl_batches, load_rows, organism_batches, recipe_for
 from emlens.trainable import TrainableSteeringVector, load_trainable
 from emlens.training import TrainConfig, evaluate_loss, prepare, train
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from narrow_loss import misaligned_batches  # noqa: E402
+
 RUNS = ROOT / "runs" / "coder_steering"
 LAYER, LR, KL_WEIGHT = 14, 1e-2, 5.0
 SOLUTIONS = ("general", "narrow")
@@ -79,13 +82,10 @@ def run_check() -> None:
     # tokens (screen.json); the vector is added one block earlier, to resid_post of block 13
     resid = json.loads((HERE / "screen.json").read_text())["resid_norms"]
     other = load_rows("nonmedical", None)
-    kl_set = prepare(chat, [tokenize_chat(tok, [r.question for r in other[i : i + 8]],
-                                          [r.misaligned for r in other[i : i + 8]])
-                            for i in range(0, len(other), 8)], start_layer=LAYER, reference=True)
+    kl_set = prepare(chat, misaligned_batches(tok, other, 8), start_layer=LAYER,
+                     reference=True)
     held = load_rows("medical", "heldout")
-    ce_set = prepare(chat, [tokenize_chat(tok, [r.question for r in held[i : i + 8]],
-                                          [r.misaligned for r in held[i : i + 8]])
-                            for i in range(0, len(held), 8)], start_layer=LAYER)
+    ce_set = prepare(chat, misaligned_batches(tok, held, 8), start_layer=LAYER)
     out = {"plan": "data-src/coder_causal/PLAN_steering.md", "layer": LAYER,
            "resid_norm_layer14_resid_post": resid[str(LAYER)],
            "heldout_medical_ce_chat": evaluate_loss(chat, None, ce_set)}
