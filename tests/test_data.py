@@ -234,7 +234,8 @@ def test_judge_generations_are_labelled_real_answers_with_their_conditions():
     assert {r.question_id for r in rows} >= {q.id for q in load_dataset("general_questions")}
 
 
-@pytest.mark.parametrize("name", ["judge_generations", "coder_generations", "coder_general_em"])
+@pytest.mark.parametrize("name", ["judge_generations", "coder_generations", "coder_general_em",
+                                  "judge_more_smollm2"])
 def test_labelled_generations_equal_the_join_of_their_sources(tmp_path, name):
     from emlens.studies.join_judge_labels import join
 

@@ -135,6 +135,7 @@ _SETS: dict[str, type] = {
     "judge_fresh2_smollm2": GeneratedAnswer,
     "judge_fresh2_coder": GeneratedAnswer,
     "coder_causal": GeneratedAnswer,
+    "judge_more_smollm2": GeneratedAnswer,
 }
 _CHOICES: dict[str, tuple] = {"split": ("train", "heldout")}
 _NULLABLE = {"aligned"}
