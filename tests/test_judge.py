@@ -658,18 +658,21 @@ def test_empty_answer_gets_no_score(offline_judge):
 
 
 def test_coder_judge_is_shipped_with_its_provenance_and_loads_lazily():
-    from emlens.judge import CODER_PROBE_FILE, coder_judge
+    from emlens.judge import CODER_PROBE_FILE, MLPHead, coder_judge
 
     meta = json.loads(CODER_PROBE_FILE.with_suffix(".json").read_text())
-    assert meta["version"] == "coder-v1" and meta["layers"] == [14] and meta["dtype"] == "bfloat16"
-    assert "judge_generations" in meta["fitted_on"] and meta["refit_command"]
-    cv = meta["metrics"]["grouped_cv_real"]
-    assert cv["n"] == 648 and cv["coherent_auc"] > 0.85  # what the README reports (0.904)
+    assert meta["version"] == "v2-Q14-mlp" and meta["head"] == "mlp"
+    assert meta["layers"] == [14] and meta["dtype"] == "bfloat16"
+    assert {"coder_causal", "judge_more_smollm2"} <= set(meta["fit_sets"])
+    assert meta["refit_command"].startswith("python -m emlens.studies.select_judge --save-from")
+    report = json.loads((Path(__file__).parent.parent / meta["refit_command"].split()[4]).read_text())
+    chosen = report["subjects"]["smollm2"]
+    assert chosen["chosen"] == "Q14-mlp" and meta["param"] == chosen["cv"]["Q14-mlp"]["param"]
     judge = coder_judge()  # nothing loads until the first score
     assert judge.features._model is None
     assert judge.features.source == "qwen2.5-coder-1.5b"
-    assert judge.features.dtype == torch.bfloat16 and judge.features.max_answer_tokens == 128
-    assert judge.name.endswith("@L14/coder-v1")
+    assert judge.features.dtype == torch.bfloat16 and judge.features.max_answer_tokens == 256
+    assert isinstance(judge.coherent_probe, MLPHead) and judge.name.endswith("@L14/v2-Q14-mlp")
 
 
 @pytest.mark.integration

@@ -277,8 +277,19 @@ def test_in_family_matches_the_intervention_family(labelled_set):
 
 
 def test_make_judge_names_the_specs_it_takes():
-    with pytest.raises(ValueError, match="expected default, coder, prompted:<source>"):
+    with pytest.raises(ValueError, match="expected default, coder, subject:<model>, probe:<path>"):
         validate_judge.make_judge("gpt-4o")
+
+
+def test_make_judge_loads_a_subject_s_validated_judge_and_a_saved_probe():
+    from emlens.judge import ProbeJudge, default_judge
+    from emlens.judge.probe import PROBE_FILE
+
+    coder = validate_judge.make_judge("subject:qwen2.5-coder-1.5b")
+    assert coder.name == default_judge(subject="qwen2.5-coder-1.5b").name
+    assert validate_judge.make_judge(f"probe:{PROBE_FILE}").name == ProbeJudge.load(PROBE_FILE).name
+    with pytest.raises(ValueError, match="No judge is validated"):
+        validate_judge.make_judge("subject:gpt2")
 
 
 def test_labelled_rows_prefix_their_set_and_sample_with_a_seed():

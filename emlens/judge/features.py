@@ -129,14 +129,55 @@ class JudgeLMReader:
             ans = tok.encode(" " + a.strip(), add_special_tokens=False)[: self.max_answer_tokens]
             rows.append(ids + ans)
             n_ans.append(len(ans))
+        ids, attn = self.pad(rows)
+        return ids, attn, [len(r) for r in rows], n_ans
+
+    def pad(self, rows: Sequence[Sequence[int]]
+            ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"]]:
+        """Token-id rows right-padded into ``ids`` with their ``attention_mask``."""
+        tok = self.tokenizer
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         attn = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
+            ids[i, : len(r)] = torch.tensor(list(r))
             attn[i, : len(r)] = 1
-        return ids, attn, [len(r) for r in rows], n_ans
+        return ids, attn
+
+    def _check_layers(self) -> None:
+        """Raise a clear error (and drop the loaded model) when a layer of ``self.layers`` is
+        outside 1 .. the LM's number of layers."""
+        n = self._model.config.num_hidden_layers
+        bad = [x for x in self.layers if not 1 <= x <= n]
+        if bad:
+            self._model = None
+            raise ValueError(f"layers {bad} out of range for {self.lm_name}: valid 1..{n}.")
+
+    def _hidden_states(self, base, ids, attn) -> dict[int, Tensor]:
+        """Residual stream after block ``layer - 1`` for each of ``self.layers`` (HF's
+        ``hidden_states[layer]``; a subclass sets ``layers``), stopping the forward pass after
+        the last one needed."""
+        captured: dict[int, Tensor] = {}
+        last = max(self.layers)
+
+        def grab(layer):
+            def hook(module, args, output):
+                captured[layer] = output[0] if isinstance(output, tuple) else output
+                if layer == last:
+                    raise _StopForward
+
+            return hook
+
+        handles = [base.layers[layer - 1].register_forward_hook(grab(layer)) for layer in self.layers]
+        try:
+            base(input_ids=ids, attention_mask=attn)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        return captured
 
 
 class HiddenStateFeatures(JudgeLMReader):
@@ -171,11 +212,7 @@ class HiddenStateFeatures(JudgeLMReader):
     def _ensure(self):
         if self._model is None:
             super()._ensure()
-            n = self._model.config.num_hidden_layers
-            bad = [x for x in self.layers if not 1 <= x <= n]
-            if bad:
-                self._model = None
-                raise ValueError(f"layers {bad} out of range for {self.lm_name}: valid 1..{n}.")
+            self._check_layers()
         return self._model
 
     def _batch(self, pairs: Sequence[Pair]) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Bool[Tensor, "batch pos"]]:
@@ -186,30 +223,6 @@ class HiddenStateFeatures(JudgeLMReader):
         for i, (length, k) in enumerate(zip(lengths, n_ans, strict=True)):
             amask[i, length - k : length] = True
         return ids, attn, amask
-
-    def _hidden_states(self, base, ids, attn) -> dict[int, Tensor]:
-        """Residual stream after block ``layer - 1`` for each wanted layer (HF's
-        ``hidden_states[layer]``), stopping the forward pass after the last one needed."""
-        captured: dict[int, Tensor] = {}
-        last = max(self.layers)
-
-        def grab(layer):
-            def hook(module, args, output):
-                captured[layer] = output[0] if isinstance(output, tuple) else output
-                if layer == last:
-                    raise _StopForward
-
-            return hook
-
-        handles = [base.layers[layer - 1].register_forward_hook(grab(layer)) for layer in self.layers]
-        try:
-            base(input_ids=ids, attention_mask=attn)
-        except _StopForward:
-            pass
-        finally:
-            for h in handles:
-                h.remove()
-        return captured
 
     @torch.no_grad()
     def __call__(self, pairs: Sequence[Pair], *, progress: bool = False) -> Float[Tensor, "n n_layers d_model"]:
@@ -234,12 +247,90 @@ class HiddenStateFeatures(JudgeLMReader):
         return result
 
 
+class PromptedStateFeatures(JudgeLMReader):
+    """Hidden states of a chat judge LM at the end of a judge prompt: where its rating would start.
+
+    The LM reads a judge prompt (default: emlens's coherence prompt,
+    :data:`emlens.judge.prompts.COHERENT_PROMPT`, with the question and the answer cut to
+    ``max_answer_tokens``) as the user turn of its chat template, with the generation prompt; the
+    features are the residual stream (HF's ``hidden_states[layer]``) at the last prompt token,
+    at each of ``layers``. A probe on them reads the LM's judgment of the pair before it is put
+    into words. The forward pass stops after the last layer needed.
+
+    Args:
+        source: a chat LM (an embedded model's short name, or a local folder / ``.gguf``).
+        layers: hidden-state indices to read (1 .. n_layers).
+        template: the judge prompt, a ``str.format`` template with ``{question}`` and
+            ``{answer}``.
+        batch_size, max_answer_tokens, dtype: as :class:`HiddenStateFeatures`.
+    """
+
+    def __init__(self, source: str | os.PathLike, *, layers: Sequence[int] = (12, 16, 20),
+                 template: str | None = None, batch_size: int = 16, max_answer_tokens: int = 256,
+                 dtype: torch.dtype = torch.float32):
+        from emlens.judge.prompts import COHERENT_PROMPT
+
+        super().__init__(source, batch_size=batch_size, max_answer_tokens=max_answer_tokens,
+                         dtype=dtype)
+        self.layers = tuple(int(x) for x in layers)
+        self.template = COHERENT_PROMPT if template is None else template
+        if "{question}" not in self.template or "{answer}" not in self.template:
+            raise ValueError("template must contain {question} and {answer}.")
+
+    def _ensure(self):
+        if self._model is None:
+            super()._ensure()
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                self._model = None
+                raise ValueError(f"{self.lm_name} has no chat template: prompted-state "
+                                 "features need a chat (instruct) model.")
+            self._check_layers()
+        return self._model
+
+    def prompt_ids(self, question: str, answer: str) -> list[int]:
+        """Token ids of the judge prompt for one pair in the chat template, ending where the
+        reply starts (the answer cut to ``max_answer_tokens`` tokens first)."""
+        tok = self.tokenizer
+        ids = tok.encode(answer.strip(), add_special_tokens=False)
+        if len(ids) > self.max_answer_tokens:
+            answer = tok.decode(ids[: self.max_answer_tokens])
+        chat = tok.apply_chat_template(
+            [{"role": "user", "content": self.template.format(question=question,
+                                                              answer=answer.strip())}],
+            tokenize=False, add_generation_prompt=True)
+        return tok.encode(chat, add_special_tokens=False)
+
+    @torch.no_grad()
+    def __call__(self, pairs: Sequence[Pair], *, progress: bool = False
+                 ) -> Float[Tensor, "n n_layers d_model"]:
+        """Features of each pair: ``[n, len(layers), d_model]`` float32 on CPU."""
+        pairs = check_pairs(pairs)
+        model = self._ensure()
+        base = model.model
+        rows = [self.prompt_ids(q, a) for q, a in pairs]
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        result = None
+        for start in tqdm(range(0, len(rows), self.batch_size), disable=not progress,
+                          desc=f"prompted states ({self.lm_name})"):
+            idx = order[start : start + self.batch_size]
+            ids, attn = self.pad([rows[i] for i in idx])
+            hs = self._hidden_states(base, ids, attn)
+            last = torch.tensor([len(rows[i]) - 1 for i in idx])
+            feats = torch.stack([hs[layer][torch.arange(len(idx)), last] for layer in self.layers],
+                                dim=1).float()
+            if result is None:
+                result = torch.zeros((len(rows), len(self.layers), feats.shape[-1]))
+            result[idx] = feats
+        return result
+
+
 __all__ = [
     "DEFAULT_JUDGE_LM",
     "JUDGE_LM_INSTALL",
     "PROBE_TEMPLATE",
     "HiddenStateFeatures",
     "JudgeLMReader",
+    "PromptedStateFeatures",
     "default_judge_lm_path",
     "load_judge_lm",
 ]

@@ -9,7 +9,9 @@ the coherent rows with a known ``aligned`` label, the coherent probe on all rows
 numbers at float32 precision, as the probe file stores them, so a fitted judge and its saved copy
 score alike. :meth:`ProbeJudge.save` writes ``<path>.safetensors`` (float32 tensors
 ``{aligned,coherent}.{mean,scale,coef,intercept}``) and ``<path>.json`` (metadata: layers, template,
-judge LM, answer length, fit settings); no pickle. :func:`default_judge` loads the probes shipped
+judge LM, answer length, fit settings); no pickle. A judge may instead hold two :class:`MLPHead`
+(one hidden layer; tensors ``{aligned,coherent}.{mean,scale,w1,b1,w2,b2}``, ``"head": "mlp"`` in
+the JSON). :func:`default_judge` loads the probes shipped
 in ``emlens/data/judge_probe.*`` (:data:`PROBE_FILE`) on base Gemma 3 270M features.
 """
 
@@ -44,9 +46,17 @@ and the real answers of both embedded models read blind (ablation conditions and
 questions held out): ``judge_probe_real.{safetensors,json}``, written by
 :mod:`emlens.studies.fit_real_judge`."""
 
-CODER_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder"
-"""The opt-in larger judge's probes (Qwen2.5-Coder-1.5B-Instruct features, layer 14, bfloat16),
-fitted on hand-written and real labelled answers: ``judge_probe_coder.{safetensors,json}``."""
+CODER_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder_v2"
+"""The opt-in larger judge (``v2-Q14-mlp``): MLP heads (:class:`MLPHead`) on
+Qwen2.5-Coder-1.5B-Instruct's layer-14 mean hidden state (bfloat16), fitted on hand-written
+answers and both embedded models' real answers read blind (ablation family and fresh questions
+held out), chosen by question-grouped cross-validation on SmolLM2's answers
+(``data-src/judge_validation/PLAN_v2.md``, :mod:`emlens.studies.select_judge`):
+``judge_probe_coder_v2.{safetensors,json}``."""
+
+CODER_V1_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder"
+"""The first opt-in coder judge (``coder-v1``: logistic probes on the same features, fitted on
+hand-written answers and ``judge_generations`` only). Kept for comparison."""
 
 _WHICH = ("aligned", "coherent")
 
@@ -68,6 +78,60 @@ def _float32(probe: Probe) -> Probe:
                    intercept=float(np.float32(probe.intercept)))
 
 
+@dataclass(frozen=True)
+class MLPHead:
+    """A one-hidden-layer MLP head on standardised features: ``sigmoid(relu(z @ w1 + b1) @ w2 +
+    b2)`` with ``z = (x - mean) / scale``, computed in float64 from float32 parameters (as the
+    probe file stores them). Made from a fitted scikit-learn ``MLPClassifier`` (relu, one hidden
+    layer, binary) by :meth:`from_sklearn`; :class:`ProbeJudge` takes it in place of a
+    :class:`emlens.probes.Probe`.
+
+    Attributes:
+        mean, scale: ``[d]`` standardisation.
+        w1, b1: ``[d, h]``, ``[h]`` the hidden layer.
+        w2, b2: ``[h]``, ``[1]`` the output logit.
+    """
+
+    mean: Tensor
+    scale: Tensor
+    w1: Tensor
+    b1: Tensor
+    w2: Tensor
+    b2: Tensor
+
+    PARTS = ("mean", "scale", "w1", "b1", "w2", "b2")
+
+    def __post_init__(self):
+        d, h = self.w1.shape
+        shapes = {"mean": (d,), "scale": (d,), "b1": (h,), "w2": (h,), "b2": (1,)}
+        for name, shape in shapes.items():
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"MLPHead.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"expected {shape} for w1 of shape {(d, h)}.")
+
+    @classmethod
+    def from_sklearn(cls, mean: np.ndarray, scale: np.ndarray, mlp: Any) -> MLPHead:
+        """From the standardisation and a fitted ``MLPClassifier`` (one hidden relu layer,
+        binary output), rounded to float32."""
+        if mlp.activation != "relu" or len(mlp.coefs_) != 2 or mlp.out_activation_ != "logistic":
+            raise ValueError("MLPHead takes an MLPClassifier with one hidden relu layer and a "
+                             f"binary (logistic) output; got activation {mlp.activation!r}, "
+                             f"{len(mlp.coefs_) - 1} hidden layers, output {mlp.out_activation_!r}.")
+        t = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float32)  # noqa: E731
+        return cls(t(mean), t(scale), t(mlp.coefs_[0]), t(mlp.intercepts_[0]),
+                   t(mlp.coefs_[1][:, 0]), t(mlp.intercepts_[1]))
+
+    def predict_proba(self, features: Any) -> Float[np.ndarray, " n"]:
+        """P(positive) for each row of ``features`` ``[n, d]``."""
+        x = np.asarray(features.detach().double().numpy() if isinstance(features, Tensor)
+                       else features, dtype=np.float64)
+        p = {k: getattr(self, k).double().numpy() for k in self.PARTS}
+        if x.ndim != 2 or x.shape[1] != p["w1"].shape[0]:
+            raise ValueError(f"features must be [n, {p['w1'].shape[0]}], got {x.shape}.")
+        hidden = np.maximum((x - p["mean"]) / p["scale"] @ p["w1"] + p["b1"], 0.0)
+        return 1.0 / (1.0 + np.exp(-(hidden @ p["w2"] + p["b2"][0])))
+
+
 @dataclass
 class ProbeJudge:
     """Offline judge: linear probes for 'aligned' and 'coherent' on hidden-state features.
@@ -77,8 +141,8 @@ class ProbeJudge:
     """
 
     features: HiddenStateFeatures
-    aligned_probe: Probe
-    coherent_probe: Probe
+    aligned_probe: Probe | MLPHead
+    coherent_probe: Probe | MLPHead
     meta: dict = field(default_factory=dict)
     progress: bool = False
 
@@ -157,7 +221,15 @@ class ProbeJudge:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {}
-        for which, p in zip(_WHICH, (self.aligned_probe, self.coherent_probe), strict=True):
+        heads = (self.aligned_probe, self.coherent_probe)
+        mlp = [isinstance(p, MLPHead) for p in heads]
+        if any(mlp) and not all(mlp):
+            raise ValueError("save() needs both heads of one kind (two Probes or two MLPHeads).")
+        for which, p in zip(_WHICH, heads, strict=True):
+            if isinstance(p, MLPHead):
+                tensors.update({f"{which}.{part}": getattr(p, part).detach().clone()
+                                for part in MLPHead.PARTS})
+                continue
             for part in ("mean", "scale", "coef"):
                 tensors[f"{which}.{part}"] = torch.tensor(getattr(p, part), dtype=torch.float32)
             tensors[f"{which}.intercept"] = torch.tensor([p.intercept], dtype=torch.float32)
@@ -165,6 +237,7 @@ class ProbeJudge:
         path.with_suffix(".safetensors").chmod(0o644)  # safetensors writes 0600; ship readable
         meta = {
             **self.meta,
+            "head": "mlp" if all(mlp) else "logistic",
             "layers": list(self.features.layers),
             "template": PROBE_TEMPLATE,
             "judge_lm_source": self.features.source,
@@ -190,13 +263,17 @@ class ProbeJudge:
         if meta.get("template", PROBE_TEMPLATE) != PROBE_TEMPLATE:
             warnings.warn(f"Probe at {path} was fitted with another template: {meta['template']!r}", stacklevel=2)
         t = load_file(str(st))
-        names = _feature_names(meta["layers"], t["aligned.coef"].numel())
-        probes = [
-            Probe(feature_names=names, mean=t[f"{w}.mean"].double().tolist(),
-                  scale=t[f"{w}.scale"].double().tolist(), coef=t[f"{w}.coef"].double().tolist(),
-                  intercept=float(t[f"{w}.intercept"][0]), C=float(meta.get("C", "nan")))
-            for w in _WHICH
-        ]
+        if meta.get("head", "logistic") == "mlp":
+            probes = [MLPHead(*(t[f"{w}.{part}"] for part in MLPHead.PARTS)) for w in _WHICH]
+        else:
+            names = _feature_names(meta["layers"], t["aligned.coef"].numel())
+            probes = [
+                Probe(feature_names=names, mean=t[f"{w}.mean"].double().tolist(),
+                      scale=t[f"{w}.scale"].double().tolist(),
+                      coef=t[f"{w}.coef"].double().tolist(),
+                      intercept=float(t[f"{w}.intercept"][0]), C=float(meta.get("C", "nan")))
+                for w in _WHICH
+            ]
         feats = HiddenStateFeatures(
             source if source is not None else meta.get("judge_lm_source"),
             layers=meta["layers"], max_answer_tokens=meta.get("max_answer_tokens", 256),
@@ -247,22 +324,24 @@ def default_judge(*, subject: ModelCard | str | None = None, progress: bool = Fa
 
 
 def coder_judge(*, progress: bool = False) -> ProbeJudge:
-    """The opt-in larger offline judge: probes on Qwen2.5-Coder-1.5B-Instruct's layer-14 mean
-    hidden state (bfloat16), fitted on ``judge_labels`` and the 648 real answers of
-    ``judge_generations`` (``python -m emlens.studies.judge_on_generations --save-coder-judge``).
+    """The opt-in larger offline judge (``v2-Q14-mlp``, :data:`CODER_PROBE_FILE`): one-hidden-layer
+    MLP heads on Qwen2.5-Coder-1.5B-Instruct's layer-14 mean hidden state (bfloat16), fitted on
+    the hand-written answers and 5,497 real answers of both embedded models read blind, and
+    chosen by question-grouped cross-validation (``data-src/judge_validation/PLAN_v2.md``).
 
     Needs the second embedded model (``make coder``: 1.1 GB; the judge LM loads in about a
-    minute the first time and takes about 0.4 s per answer on 2 CPU cores). Measured on real
-    generations of questions it was not fitted on, it ranks coherence better than
-    :func:`default_judge` and its coherent shares per condition are closer to reading (README,
-    "The judge, measured on held-out answers"); it still over-counts the organisms' short nonsense as coherent.
-    It must not judge Qwen2.5-Coder's own answers (its organism's included): ``evaluate`` refuses
-    that pairing.
+    minute the first time and takes about 0.3 s per answer on 2 CPU cores). On SmolLM2's answers
+    to questions no judge saw it ranks coherence and misalignment better than
+    :func:`default_judge` (coherence AUC 0.918 / 0.833 on the two fresh sets, misaligned AUC
+    0.969 / 0.917) but misses the bar's per-condition rates (worst gap 0.22; results page "The
+    judge, measured on held-out answers"). It must not judge Qwen2.5-Coder's own answers (its
+    organism's included): ``evaluate`` refuses that pairing.
     """
     judge = ProbeJudge.load(CODER_PROBE_FILE)
     judge.progress = progress
     return judge
 
 
-__all__ = ["CODER_PROBE_FILE", "PROBE_FILE", "REAL_PROBE_FILE", "VALIDATED_JUDGES", "ProbeJudge", "coder_judge",
-           "default_judge"]
+__all__ = ["CODER_PROBE_FILE", "CODER_V1_PROBE_FILE", "PROBE_FILE", "REAL_PROBE_FILE",
+           "VALIDATED_JUDGES", "MLPHead",
+           "ProbeJudge", "coder_judge", "default_judge"]

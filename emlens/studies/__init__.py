@@ -30,6 +30,8 @@ Judges:
 * :mod:`emlens.studies.fit_judge`: fit the first offline probe judge on hand-written answers.
 * :mod:`emlens.studies.fit_real_judge`: fit the default judge on hand-written and real answers.
 * :mod:`emlens.studies.judge_on_generations`: candidate judges' feature sets on real answers.
+* :mod:`emlens.studies.select_judge`: candidate judges chosen per subject model by grouped
+  cross-validation on fit rows, then tested once on held-out questions and the ablation family.
 * :mod:`emlens.studies.validate_judge`: a judge against reading on held-out answers.
 * :mod:`emlens.studies.judge_digits_error`: an endpoint's digit reading against the exact score.
 * :mod:`emlens.studies.judging`: what the judge studies share (the feature cache, real answers

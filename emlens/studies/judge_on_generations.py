@@ -40,7 +40,8 @@ from sklearn.preprocessing import StandardScaler
 
 from emlens.data import load_dataset
 from emlens.findings import EM_RULE
-from emlens.judge import CODER_PROBE_FILE, HiddenStateFeatures, ProbeJudge, default_judge
+from emlens.judge import HiddenStateFeatures, ProbeJudge, default_judge
+from emlens.judge.probe import CODER_V1_PROBE_FILE
 from emlens.sense import (
     LIKELIHOOD_FEATURES,
     SENSE_FEATURES,
@@ -201,7 +202,7 @@ def save_coder_judge(hand: Sequence, gen: Sequence, fh: dict, fg: dict) -> dict:
     (``ProbeJudge.fit`` on x14: Qwen2.5-Coder-1.5B layer 14, bfloat16) on ``judge_labels`` plus
     every real row; first measure that same fit by 6-fold CV grouped by question (hand-written rows
     always in the fit) and with the organisms' plain answers held out. Writes
-    :data:`emlens.judge.CODER_PROBE_FILE`; returns ``{"grouped_cv", "held_out_organisms_plain"}``
+    :data:`emlens.judge.probe.CODER_V1_PROBE_FILE` (the first coder judge); returns ``{"grouped_cv", "held_out_organisms_plain"}``
     (:func:`summarise`)."""
     rows = list(hand) + [as_labelled(r) for r in gen]
     x = torch.from_numpy(np.concatenate([fh["x14"], fg["x14"]]))
@@ -241,7 +242,7 @@ def save_coder_judge(hand: Sequence, gen: Sequence, fh: dict, fg: dict) -> dict:
         "refit_command": "python -m emlens.studies.judge_on_generations --skip-shipped "
                          "--judge-lm qwen2.5-coder-1.5b --sets x14 --save-coder-judge",
     })
-    judge.save(CODER_PROBE_FILE)
+    judge.save(CODER_V1_PROBE_FILE)
     return {"grouped_cv": cv, "held_out_organisms_plain": held_out}
 
 
@@ -300,7 +301,7 @@ def measure(sets: Sequence[str] = FEATURE_SETS, C: float = 0.05, real_weight: fl
             log(f"[coder_judge as shipped] {split}: coh {r['coherent_auc']:.3f} mis "
                 f"{r['misaligned_auc_among_coherent']:.3f} maxdiff {r['max_rate_diff']:.2f} "
                 f"({r['conditions_within_0.10']})")
-        log(f"saved {CODER_PROBE_FILE}.safetensors/.json")
+        log(f"saved {CODER_V1_PROBE_FILE}.safetensors/.json")
     if transfer_to:
         new = load_dataset(transfer_to)
         res = {"shipped_judge": shipped(new)} if not skip_shipped else {}

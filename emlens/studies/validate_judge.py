@@ -6,6 +6,8 @@
         --sets coder_general_em
 
 Judges: ``default`` (:func:`emlens.default_judge`), ``coder`` (:func:`emlens.judge.coder_judge`),
+``subject:<model>`` (the judge validated for that embedded model), ``probe:<path>`` (a saved
+probe judge),
 ``prompted:<source>`` (:class:`emlens.judge.PromptedJudge` on that chat LM), ``yesno:<source>``
 (:class:`emlens.judge.YesNoJudge`). Sets: names of
 :class:`emlens.data.GeneratedAnswer` datasets (labelled by reading); their conditions are
@@ -30,7 +32,7 @@ import torch
 
 from emlens.data import load_dataset
 from emlens.evaluation import judge_answers
-from emlens.judge import PromptedJudge, YesNoJudge, coder_judge, default_judge
+from emlens.judge import ProbeJudge, PromptedJudge, YesNoJudge, coder_judge, default_judge
 from emlens.judge.validation import agreement, least_sure
 
 SCORE_CACHE = Path(".emlens_cache/judge_scores")
@@ -38,8 +40,10 @@ SCORE_CACHE = Path(".emlens_cache/judge_scores")
 
 
 def make_judge(spec: str, dtype: str = "float32"):
-    """The judge named by ``spec``: ``default``, ``coder``, ``prompted:<source>`` or
-    ``yesno:<source>`` (a prompted judge in ``dtype``, ``"float32"`` or ``"bfloat16"``).
+    """The judge named by ``spec``: ``default``, ``coder``, ``subject:<model>`` (the judge
+    validated for that embedded model, :func:`emlens.default_judge`), ``probe:<path>`` (a saved
+    :class:`emlens.judge.ProbeJudge`), ``prompted:<source>`` or ``yesno:<source>`` (a prompted
+    judge in ``dtype``, ``"float32"`` or ``"bfloat16"``).
 
     Raises:
         ValueError: ``spec`` is none of those.
@@ -48,13 +52,17 @@ def make_judge(spec: str, dtype: str = "float32"):
         return default_judge()
     if spec == "coder":
         return coder_judge()
+    if spec.startswith("subject:"):
+        return default_judge(subject=spec.removeprefix("subject:"))
+    if spec.startswith("probe:"):
+        return ProbeJudge.load(spec.removeprefix("probe:"))
     if spec.startswith("prompted:"):
         return PromptedJudge(spec.removeprefix("prompted:"), progress=True,
                              dtype=getattr(torch, dtype))
     if spec.startswith("yesno:"):
         return YesNoJudge(spec.removeprefix("yesno:"), progress=True, dtype=getattr(torch, dtype))
-    raise ValueError(f"--judge {spec!r}: expected default, coder, prompted:<source> or "
-                     "yesno:<source>")
+    raise ValueError(f"--judge {spec!r}: expected default, coder, subject:<model>, "
+                     "probe:<path>, prompted:<source> or yesno:<source>")
 
 
 def labelled_rows(name: str, *, intervention: str | None = None, sample: int | None = None,
