@@ -326,7 +326,7 @@ def default_judge(*, subject: ModelCard | str | None = None, progress: bool = Fa
 def coder_judge(*, progress: bool = False) -> ProbeJudge:
     """The opt-in larger offline judge (``v2-Q14-mlp``, :data:`CODER_PROBE_FILE`): one-hidden-layer
     MLP heads on Qwen2.5-Coder-1.5B-Instruct's layer-14 mean hidden state (bfloat16), fitted on
-    the hand-written answers and 5,497 real answers of both embedded models read blind, and
+    the hand-written answers and 4,324 real answers of both embedded models read blind, and
     chosen by question-grouped cross-validation (``data-src/judge_validation/PLAN_v2.md``).
 
     Needs the second embedded model (``make coder``: 1.1 GB; the judge LM loads in about a
