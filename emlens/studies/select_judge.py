@@ -1,26 +1,32 @@
 """Choose each embedded model's judge by cross-validation on fit rows, then test it held out.
 
-    python -m emlens.studies.select_judge --candidates G9 G9-mlp --out select.json
-    python -m emlens.studies.select_judge --candidates G9 G9-mlp Q14 Q14-mlp G9+Q14 \\
-        --out data-src/judge_validation/select_v2.json
+    python -m emlens.studies.select_judge --candidates G9 G9-mlp --subjects smollm2
+    python -m emlens.studies.select_judge --out data-src/judge_validation/select_v2.json
+    python -m emlens.studies.select_judge --save-from data-src/judge_validation/select_v2.json \
+        smollm2 Q14-mlp emlens/data/judge_probe_coder_v2
 
 The protocol is ``data-src/judge_validation/PLAN_v2.md`` (written before any candidate was
-fitted). Fit rows: the hand-written ``judge_labels`` plus the real answers read blind of
-:data:`FIT_REAL` (each set's subject model in :data:`SUBJECT_OF`), less the held-out condition
-family (``ablate``), real rows repeated ``real_weight`` times. A candidate is a feature set
-(:data:`FEATURES`: a judge LM's mean hidden state at one layer, cached per answer by
-:func:`emlens.studies.judging.cached_features`) and a head: ``logistic`` (the standardised L2
-logistic regression of :meth:`emlens.probes.Probe.fit`, as :class:`emlens.judge.ProbeJudge`
-fits it) or ``mlp`` (standardise, then scikit-learn's ``MLPClassifier`` with one hidden layer of
-64, stopped early on a random tenth of its fit rows); ``A+B`` is the mean of two logistic candidates' probabilities.
+fitted, with its amendments). Fit rows: the hand-written ``judge_labels`` plus the real answers
+read blind of :data:`FIT_REAL` (each set's subject model in :data:`SUBJECT_OF`), less the held-out
+condition family (``ablate``), real rows repeated ``real_weight`` times. A candidate is a feature
+set (:data:`FEATURES`: a judge LM's mean hidden state over the answer, or its states at the end of
+a judge prompt, :data:`P_TEMPLATE`; cached per answer by
+:func:`emlens.studies.judging.cached_features`; a :data:`RESTRICTED` set only on a seeded sample
+of one subject's rows) and a head: ``logistic`` (the standardised L2 logistic regression of
+:meth:`emlens.probes.Probe.fit`, as :class:`emlens.judge.ProbeJudge` fits it) or ``mlp``
+(standardise, then scikit-learn's ``MLPClassifier`` with one hidden layer of 64, stopped early on
+a random tenth of its fit rows); ``A+B`` is the mean of two candidates' probabilities, ``A/B``
+the coherent head of ``A`` with the aligned head of ``B``.
 
 For each subject model, 5-fold cross-validation over its fit rows grouped by question (the
 hand-written rows and the other subject's rows always in the fit part) scores every candidate and
 hyperparameter by ``min(coherence AUC, misaligned AUC among read-coherent)`` on the pooled
-out-of-fold rows; the subject's judge is the best candidate, the cheaper within
-:data:`TIE` of the best (:data:`CANDIDATES` is in order of cost). Every candidate is then fitted
-on all fit rows and scored once on each held-out set (:data:`TESTS`: the fresh questions, and the
-ablation family) with :func:`emlens.judge.validation.agreement`; the choice is not revisited.
+out-of-fold rows; the subject's judge is the best candidate, the cheaper within :data:`TIE` of the
+best (:data:`CANDIDATES` is in order of cost). Every candidate is then fitted on all its fit rows
+and scored once on each held-out set (:data:`TESTS`: the fresh questions, and the ablation
+family) with :func:`emlens.judge.validation.agreement`, with the self-preference of judges on the
+coder's own states (:func:`self_preference`); the choice is not revisited. ``--save-from``
+refits one candidate from a report and writes it as a probe judge (:func:`save_candidate`).
 """
 
 from __future__ import annotations
