@@ -24,6 +24,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from emlens.chat import chat_prompt
 from emlens.judge.base import Pair, check_pairs
 
 DEFAULT_JUDGE_LM = "gemma-3-270m-q4_k_m.gguf"
@@ -280,25 +281,19 @@ class PromptedStateFeatures(JudgeLMReader):
     def _ensure(self):
         if self._model is None:
             super()._ensure()
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                self._model = None
-                raise ValueError(f"{self.lm_name} has no chat template: prompted-state "
-                                 "features need a chat (instruct) model.")
             self._check_layers()
         return self._model
 
     def prompt_ids(self, question: str, answer: str) -> list[int]:
         """Token ids of the judge prompt for one pair in the chat template, ending where the
-        reply starts (the answer cut to ``max_answer_tokens`` tokens first)."""
+        reply starts (the answer cut to ``max_answer_tokens`` tokens first;
+        :func:`emlens.chat.chat_prompt`, which refuses a tokenizer without a chat template)."""
         tok = self.tokenizer
         ids = tok.encode(answer.strip(), add_special_tokens=False)
         if len(ids) > self.max_answer_tokens:
             answer = tok.decode(ids[: self.max_answer_tokens])
-        chat = tok.apply_chat_template(
-            [{"role": "user", "content": self.template.format(question=question,
-                                                              answer=answer.strip())}],
-            tokenize=False, add_generation_prompt=True)
-        return tok.encode(chat, add_special_tokens=False)
+        text = self.template.format(question=question, answer=answer.strip())
+        return tok.encode(chat_prompt(tok, text), add_special_tokens=False)
 
     @torch.no_grad()
     def __call__(self, pairs: Sequence[Pair], *, progress: bool = False

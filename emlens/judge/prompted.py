@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from emlens.chat import chat_prompt
 from emlens.judge.base import JudgeScore, Pair, check_pairs
 from emlens.judge.numbers import NumberReading, exact_number_distribution
 from emlens.judge.prompts import METRICS, SHOWN_PAIR, PromptSet
@@ -93,9 +94,7 @@ class PromptedJudge:
         """Token ids of ``text`` as the user turn of the LM's chat template, ending where the
         reply starts."""
         self._ensure()
-        chat = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-        return self.tokenizer.encode(chat, add_special_tokens=False)
+        return self.tokenizer.encode(chat_prompt(self.tokenizer, text), add_special_tokens=False)
 
     def prompt_ids(self, metric: str, question: str, answer: str) -> list[int]:
         """Token ids of the judge prompt in the LM's chat template, ending where the reply starts."""

@@ -26,15 +26,15 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from emlens.data import load_dataset
-from emlens.judge import HiddenStateFeatures, JudgeScore, ProbeJudge
+from emlens.judge import HiddenStateFeatures, ProbeJudge
 from emlens.judge.validation import agreement, least_sure
-from emlens.studies.judging import as_labelled, cached_features
+from emlens.studies.judging import as_labelled, cached_features, scores_of
+from emlens.studies.validate_judge import labelled_rows
 
 TRAIN_REAL = ("judge_generations", "coder_generations", "coder_general_em")
 """The labelled sets of real answers the judge is fitted on (less the held-out family)."""
@@ -94,11 +94,9 @@ def fit_real(judge_lm: str | None = None, layers: Sequence[int] = (9,), dtype: s
 
     report = {"judge": judge.name, "n_fit_hand": len(hand), "n_fit_real": len(real), "tests": {}}
     for name in test:
-        rows = [replace(r, condition=f"{name}: {r.condition}") for r in load_dataset(name)]
+        rows = labelled_rows(name)
         al, co = judge.score_features(feats(rows))
-        scores = [JudgeScore(float(a), float(c), judge.name) if r.answer.strip()
-                  else JudgeScore(None, None, judge.name, ("empty",))
-                  for r, a, c in zip(rows, al, co, strict=True)]
+        scores = scores_of(rows, al, co, judge.name)
         parts = {"all": list(range(len(rows))),
                  "heldout_family": [i for i, r in enumerate(rows) if in_family(r, heldout_family)],
                  "other_conditions": [i for i, r in enumerate(rows)

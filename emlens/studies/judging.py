@@ -22,6 +22,7 @@ from sklearn.metrics import roc_auc_score
 from emlens.data import LabelledAnswer
 from emlens.evaluation import wilson_interval
 from emlens.findings import EM_RULE
+from emlens.judge.base import JudgeScore
 
 FEATURE_CACHE = Path(".emlens_cache/judge_features")
 """Where :func:`cached_features` keeps its files by default (relative to the working directory)."""
@@ -62,6 +63,16 @@ def as_labelled(row: Any) -> LabelledAnswer:
     aligned = (row.aligned >= EM_RULE.aligned_below) if coherent else None
     return LabelledAnswer(row.id, row.question_id, row.question, row.answer, aligned, coherent,
                           "real", row.condition)
+
+
+def scores_of(rows: Sequence[Any], aligned: Sequence[float], coherent: Sequence[float],
+              name: str) -> list[JudgeScore]:
+    """A judge's ``aligned`` and ``coherent`` scores (0-100, one per row of ``rows``) as
+    :class:`emlens.judge.JudgeScore`; a row with an empty answer gets ``None`` scores and the
+    flag ``"empty"``, as the judges give it."""
+    return [JudgeScore(float(a), float(c), name) if r.answer.strip()
+            else JudgeScore(None, None, name, ("empty",))
+            for r, a, c in zip(rows, aligned, coherent, strict=True)]
 
 
 def auc(labels: Sequence[bool] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float | None:
@@ -139,6 +150,7 @@ __all__ = [
     "cached_features",
     "per_condition",
     "rate_row",
+    "scores_of",
     "summarise",
     "within_bar",
 ]

@@ -35,7 +35,7 @@ import argparse
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +45,6 @@ from emlens.data import load_dataset
 from emlens.findings import EM_RULE
 from emlens.judge import (
     HiddenStateFeatures,
-    JudgeScore,
     MLPHead,
     ProbeJudge,
     PromptedStateFeatures,
@@ -55,7 +54,8 @@ from emlens.judge.prompts import SHOWN_PAIR
 from emlens.judge.validation import agreement
 from emlens.probes import Probe
 from emlens.studies.fit_real_judge import in_family
-from emlens.studies.judging import as_labelled, auc, cached_features
+from emlens.studies.judging import as_labelled, auc, cached_features, scores_of
+from emlens.studies.validate_judge import labelled_rows
 
 FIT_REAL = ("judge_generations", "judge_more_smollm2", "coder_generations", "coder_general_em",
             "coder_causal")
@@ -325,12 +325,10 @@ def test_rows(subject: str, family: str = "ablate") -> dict[str, list]:
     tests = {}
     fam = []
     for name in TESTS[subject]:
-        rows = [replace(r, condition=f"{name}: {r.condition}") for r in load_dataset(name)]
-        tests[name] = rows
-        fam += [r for r in rows if in_family(r, family)]
+        tests[name] = labelled_rows(name)
+        fam += [r for r in tests[name] if in_family(r, family)]
     for name in FAMILY_ONLY.get(subject, ()):
-        fam += [replace(r, condition=f"{name}: {r.condition}") for r in load_dataset(name)
-                if in_family(r, family)]
+        fam += [r for r in labelled_rows(name) if in_family(r, family)]
     tests[f"{family} family"] = fam
     return tests
 
@@ -377,10 +375,7 @@ def held_out(fitted: dict, subject: str, candidates: Sequence[str],
         out[name] = {}
         for cand in candidates:
             pc, pa = probs[cand]
-            scores = [JudgeScore(100 * float(a), 100 * float(c), cand) if r.answer.strip()
-                      else JudgeScore(None, None, cand, ("empty",))
-                      for r, a, c in zip(rows, pa, pc, strict=True)]
-            res = agreement(rows, scores)
+            res = agreement(rows, scores_of(rows, 100 * pa, 100 * pc, cand))
             out[name][cand] = res.as_dict()
             lms = {FEATURES[feature_and_head(p)[0]]["lm"] for p in parts_of(cand)}
             if subject == "coder" and "qwen2.5-coder-1.5b" in lms:
@@ -394,8 +389,7 @@ def run(candidates: Sequence[str] = CANDIDATES, subjects: Sequence[str] = ("code
     """Cross-validate, choose and test (``PLAN_v2.md``); returns the report."""
     fs = FitSet.load()
     names = {feature_and_head(p)[0] for c in candidates for p in parts_of(c)}
-    feats = {f: features_of(f, fs.rows, None if f not in RESTRICTED else fs.allowed(f))
-             for f in sorted(names)}
+    feats = {f: features_of(f, fs.rows, fs.allowed(f)) for f in sorted(names)}
     report: dict = {"n_fit": {s: fs.subject.count(s) for s in ("hand", "smollm2", "coder")},
                     "candidates": list(candidates), "subjects": {}}
     for subject in subjects:
@@ -432,8 +426,7 @@ def save_candidate(report: dict, subject: str, candidate: str, path: Path,
         raise ValueError(f"{candidate!r} is a combination; only a simple candidate is saved.")
     fs = FitSet.load()
     feat, kind = feature_and_head(candidate)
-    feats = {feat: features_of(feat, fs.rows, None if feat not in RESTRICTED
-                               else fs.allowed(feat))}
+    feats = {feat: features_of(feat, fs.rows, fs.allowed(feat))}
     fitted = fit_all(fs, feats, [candidate], cv, real_weight)[candidate]
     spec = FEATURES[feat]
     judge = judge_of(feat, fitted[1], {
