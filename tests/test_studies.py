@@ -201,6 +201,16 @@ def test_cached_features_extract_only_pairs_not_seen_before(tmp_path):
     assert len(calls) == 2 and calls[1] == [("qqq", "")]
 
 
+def test_scores_of_flags_empty_answers_and_keeps_the_others_scores(labelled_set):
+    rows = list(labelled_set[0][:3])
+    rows[1] = replace(rows[1], answer="   ")
+    scores = judging.scores_of(rows, [10.0, 20.0, 30.0], np.array([90.0, 80.0, 70.0]), "j")
+    assert [(s.aligned, s.coherent) for s in scores] == [(10.0, 90.0), (None, None), (30.0, 70.0)]
+    assert scores[1].flags == ("empty",) and all(s.judge == "j" for s in scores)
+    with pytest.raises(ValueError):
+        judging.scores_of(rows, [1.0], [2.0], "j")
+
+
 def test_as_labelled_reads_real_answers_through_the_em_rule(labelled_set):
     rows, _, _ = labelled_set
     bad, good, incoherent = rows[10], rows[14], rows[18]
