@@ -37,7 +37,10 @@ demo: $(STAMP)
 demo-coder: $(CODER_STAMP)
 	$(BIN)/emlens demo --model qwen2.5-coder-1.5b --dtype $(CODER_DTYPE) --out report-coder $(DEMO_ARGS)
 
+# `emlens cache prune` first: dequantised model copies under emlens's earlier path-keyed names
+# (one per venv ever made) are never read again and filled CI machines' disks.
 test: $(STAMP) $(CODER_STAMP)
+	$(BIN)/emlens cache prune | tail -n 1
 	$(BIN)/ruff check emlens tests bench scripts notebooks data-src
 	$(BIN)/mkdocs build --strict -q -d site
 	$(BIN)/python -m pytest -q -p no:cacheprovider

@@ -56,6 +56,20 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_prune(args: argparse.Namespace) -> int:
+    from emlens.embedded import cache_dir
+    from emlens.models import prune_dequantised
+
+    removed = prune_dequantised(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    for folder, size in removed:
+        print(f"{verb} {folder} ({size / 2**20:.0f} MiB)")
+    total = sum(size for _, size in removed)
+    print(f"{verb} {len(removed)} stale dequantised copies, {total / 2**30:.2f} GiB, "
+          f"under {cache_dir() / 'judge_lm'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="emlens", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -89,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     steer.add_argument("--scale", type=float, default=4.0)
     steer.add_argument("--max-new-tokens", type=int, default=48)
     steer.set_defaults(func=_steer)
+    cache = sub.add_parser("cache", help="emlens's user cache (dequantised model copies)")
+    cache_sub = cache.add_subparsers(dest="cache_command", required=True)
+    prune = cache_sub.add_parser(
+        "prune", help="remove dequantised copies emlens never reads again (earlier path-keyed "
+                      "names, half-written folders of dead processes)")
+    prune.add_argument("--dry-run", action="store_true", help="list them without removing")
+    prune.set_defaults(func=_cache_prune)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -30,7 +30,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+import re
 import shutil
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -194,18 +196,74 @@ def load_hf(
     return hf_model, tokenizer
 
 
+@lru_cache(maxsize=32)
+def _file_sha256(resolved: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's content (memoised per process on its path, size and modification
+    time: a file rewritten in place is hashed again). About 0.5 GB/s here."""
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as f:
+        while chunk := f.read(1 << 23):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def dequantised_cache(path: Path, dtype: torch.dtype) -> Path:
     """Where the dequantised copy of the GGUF file ``path`` in ``dtype`` is cached:
-    ``<emlens.embedded.cache_dir()>/judge_lm/<stem>-<size>-<where>[-<dtype>]`` (shared with the
-    judge LMs). ``where`` hashes the file's resolved path and modification time, so two
-    same-named, same-sized files (two fine-tunes of one base) never share a copy, and a file
-    rewritten in place gets a new one."""
+    ``<emlens.embedded.cache_dir()>/judge_lm/<stem>-sha256-<16 hex>[-<dtype>]`` (shared with the
+    judge LMs). The key is the file's content, so two different files (two fine-tunes of one
+    base, same name and size) never share a copy, a file rewritten in place gets a new one, and
+    one file installed at many paths (one venv after another) shares one copy. Copies under the
+    earlier path-keyed names are never read again: :func:`prune_dequantised` removes them."""
     from emlens.embedded import cache_dir
 
-    st = Path(path).stat()
-    where = hashlib.sha256(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    path = Path(path)
+    st = path.stat()
+    sha = _file_sha256(str(path.resolve()), st.st_size, st.st_mtime_ns)
     suffix = "" if dtype == torch.float32 else "-" + str(dtype).removeprefix("torch.")
-    return cache_dir() / "judge_lm" / f"{Path(path).stem}-{st.st_size}-{where.hexdigest()[:12]}{suffix}"
+    return cache_dir() / "judge_lm" / f"{path.stem}-sha256-{sha[:16]}{suffix}"
+
+
+_CURRENT_COPY = re.compile(r"-sha256-[0-9a-f]{16}(-[a-z0-9]+)?$")
+_TEMPORARY_COPY = re.compile(r"\.tmp(\d+)$")
+
+
+def prune_dequantised(*, dry_run: bool = False) -> list[tuple[Path, int]]:
+    """Remove dequantised copies that emlens never reads again, and return ``(folder, bytes)``
+    for each: copies under the earlier path-keyed names (one per install path: every new venv
+    made another), and half-written ``.tmp<pid>`` folders whose process is gone. Copies under
+    the current content-keyed names are kept. Every copy is derived from its GGUF file, so
+    removing one only costs the next load its dequantisation (seconds to a minute).
+    ``dry_run``: list without removing."""
+    from emlens.embedded import cache_dir
+
+    root = cache_dir() / "judge_lm"
+    if not root.is_dir():
+        return []
+    removed = []
+    for folder in sorted(root.iterdir()):
+        if not folder.is_dir():
+            continue
+        tmp = _TEMPORARY_COPY.search(folder.name)
+        if tmp is not None:
+            if _process_alive(int(tmp.group(1))):
+                continue
+        elif _CURRENT_COPY.search(folder.name):
+            continue
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        if not dry_run:
+            shutil.rmtree(folder)
+        removed.append((folder, size))
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_dequantised(target: Path, model: Any, tokenizer: Any) -> None:

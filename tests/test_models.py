@@ -165,24 +165,61 @@ def test_embedded_model_matches_hf_on_chat_prompts(embedded_model):
     assert_parity(ours[real], theirs[real], floor=floor, what="embedded TL vs HF")
 
 
-def test_dequantised_cache_never_shares_a_copy_between_different_files(tmp_path, monkeypatch):
+def test_dequantised_cache_is_keyed_by_the_file_content(tmp_path, monkeypatch):
     import os
 
     from emlens.models import dequantised_cache
 
     monkeypatch.setenv("EMLENS_CACHE_DIR", str(tmp_path / "cache"))
-    a, b = tmp_path / "a" / "model.gguf", tmp_path / "b" / "model.gguf"
-    for f in (a, b):
+    a, b, c = (tmp_path / d / "model.gguf" for d in "abc")
+    for f, byte in ((a, b"x"), (b, b"y"), (c, b"x")):
         f.parent.mkdir()
-        f.write_bytes(b"x" * 64)  # same name, same size: two fine-tunes of one base
-    assert dequantised_cache(a, torch.float32) != dequantised_cache(b, torch.float32)
-    assert dequantised_cache(a, torch.float32) == dequantised_cache(a, torch.float32)
+        f.write_bytes(byte * 64)  # a, b: same name and size, two fine-tunes of one base
+    key = dequantised_cache(a, torch.float32)
+    assert key != dequantised_cache(b, torch.float32)
+    assert dequantised_cache(c, torch.float32) == key  # one file at two install paths: one copy
     assert dequantised_cache(a, torch.bfloat16).name.endswith("-bfloat16")
-    before = dequantised_cache(a, torch.float32)
+    assert dequantised_cache(a, torch.bfloat16) != key
     st = a.stat()
-    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # rewritten in place
-    assert dequantised_cache(a, torch.float32) != before
-    assert before.parent == tmp_path / "cache" / "judge_lm"
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))  # touched, same bytes
+    assert dequantised_cache(a, torch.float32) == key
+    a.write_bytes(b"z" * 64)  # rewritten in place
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 2_000_000_000))
+    assert dequantised_cache(a, torch.float32) != key
+    assert key.parent == tmp_path / "cache" / "judge_lm"
+
+
+def test_prune_dequantised_removes_only_copies_never_read_again(tmp_path, monkeypatch):
+    import os
+
+    from emlens.cli import main
+    from emlens.models import dequantised_cache, prune_dequantised
+
+    monkeypatch.setenv("EMLENS_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"w" * 100)
+    current = dequantised_cache(gguf, torch.float32)
+    current_bf16 = dequantised_cache(gguf, torch.bfloat16)
+    root = current.parent
+    legacy = root / "model-100-5df43c35d3fb"
+    legacy_bf16 = root / "model-100-5df43c35d3fb-bfloat16"
+    dead = root / (current.name + ".tmp999999999")  # no such pid
+    alive = root / (current.name + f".tmp{os.getpid()}")  # being written now: kept
+    for folder in (current, current_bf16, legacy, legacy_bf16, dead, alive):
+        folder.mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"0" * 1000)
+    (root / "notes.txt").write_text("a file, not a copy: kept")
+
+    listed = prune_dequantised(dry_run=True)
+    assert {f for f, _ in listed} == {legacy, legacy_bf16, dead}
+    assert all(size == 1000 for _, size in listed) and legacy.is_dir()
+
+    assert main(["cache", "prune"]) == 0
+    left = {f.name for f in root.iterdir()}
+    assert left == {current.name, current_bf16.name, alive.name, "notes.txt"}
+    assert prune_dequantised() == []
+    monkeypatch.setenv("EMLENS_CACHE_DIR", str(tmp_path / "empty"))
+    assert prune_dequantised() == []  # no cache folder yet
 
 
 @pytest.mark.integration
