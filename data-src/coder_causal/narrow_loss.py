@@ -80,6 +80,31 @@ def mean_ce(rows: np.ndarray, idx: np.ndarray | None = None) -> np.ndarray | flo
     return rows[idx, 0].sum(-1) / rows[idx, 1].sum(-1)
 
 
+def measure(chat, data: PreparedSet, p) -> dict:
+    """One solution's per-row losses on ``data``: ``curve[alpha]`` at B scaled by alpha
+    (:data:`ALPHAS`) and ``noisy[(target, e, seed)]`` under orthogonal noise."""
+    return {"curve": {a: row_losses(chat, p.scaled(a), data) for a in ALPHAS},
+            "noisy": {(t, e, s): row_losses(chat, perturb(p, e, t, torch.Generator().manual_seed(s)),
+                                            data)
+                      for t in TARGETS for e in EPS for s in NOISE_SEEDS}}
+
+
+def efficiency(base, general: dict, narrow: dict, norms: dict, ix) -> np.ndarray:
+    """General's CE interpolated at the narrow solution's norm minus the narrow CE at its own
+    (alpha 1), per resample ``ix`` (``[n_boot, n_rows]``)."""
+    xs = [0.0] + [a * norms["general"] for a in ALPHAS]
+    g = np.stack([mean_ce(base, ix)] + [mean_ce(general["curve"][a], ix) for a in ALPHAS])
+    at = np.array([np.interp(norms["narrow"], xs, g[:, j]) for j in range(g.shape[1])])
+    return at - mean_ce(narrow["curve"][1.0], ix)
+
+
+def stability(base, sol: dict, ix) -> np.ndarray:
+    """The mean relative loss increase over (target, e, noise seed), per resample ``ix``."""
+    lb, lt = mean_ce(base, ix), mean_ce(sol["curve"][1.0], ix)
+    rel = [(mean_ce(v, ix) - lt) / (lb - lt) for v in sol["noisy"].values()]
+    return np.mean(rel, axis=0)
+
+
 def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -91,13 +116,9 @@ def main() -> None:
     data = prepare(chat, misaligned_batches(tok, rows, 1), start_layer=start)
     base = row_losses(chat, None, data)
     norms = {k: p.effective_norm() for k, p in params.items()}
-    curves = {k: {a: row_losses(chat, p.scaled(a), data) for a in ALPHAS}
-              for k, p in params.items()}
-    print(f"efficiency curves done ({time.perf_counter() - t0:.0f} s)", flush=True)
-    noisy = {k: {(t, e, s): row_losses(chat, perturb(p, e, t, torch.Generator().manual_seed(s)),
-                                       data)
-                 for t in TARGETS for e in EPS for s in NOISE_SEEDS}
-             for k, p in params.items()}
+    sols = {k: measure(chat, data, p) for k, p in params.items()}
+    curves = {k: v["curve"] for k, v in sols.items()}
+    noisy = {k: v["noisy"] for k, v in sols.items()}
     print(f"stability done ({time.perf_counter() - t0:.0f} s)", flush=True)
     # manipulation check (descriptive, not a verdict): did the KL term keep the chat model's
     # distribution on the non-medical rows it was trained on, and how far does the general
@@ -111,23 +132,11 @@ def main() -> None:
     idx = np.random.default_rng(BOOT_SEED).integers(0, len(rows), (N_BOOT, len(rows)))
     everything = np.arange(len(rows))[None, :]
 
-    def efficiency(ix):
-        """general CE at the narrow norm minus narrow CE at its own (alpha 1), per resample."""
-        xs = [0.0] + [a * norms["general"] for a in ALPHAS]
-        g = np.stack([mean_ce(base, ix)] + [mean_ce(curves["general"][a], ix) for a in ALPHAS])
-        at = np.array([np.interp(norms["narrow"], xs, g[:, j]) for j in range(g.shape[1])])
-        return at - mean_ce(curves["narrow"][1.0], ix)
-
-    def stability(ix, which):
-        """mean relative loss increase over (target, e, seed), per resample."""
-        lb, lt = mean_ce(base, ix), mean_ce(curves[which][1.0], ix)
-        rel = [(mean_ce(v, ix) - lt) / (lb - lt) for v in noisy[which].values()]
-        return np.mean(rel, axis=0)
-
-    eff = efficiency(everything)[0]
-    eff_lo, eff_hi = np.percentile(efficiency(idx), [2.5, 97.5])
-    stab = {k: stability(everything, k)[0] for k in SOLUTIONS}
-    stab_boot = stability(idx, "general") - stability(idx, "narrow")
+    eff = efficiency(base, sols["general"], sols["narrow"], norms, everything)[0]
+    eff_lo, eff_hi = np.percentile(efficiency(base, sols["general"], sols["narrow"], norms, idx),
+                                   [2.5, 97.5])
+    stab = {k: stability(base, sols[k], everything)[0] for k in SOLUTIONS}
+    stab_boot = stability(base, sols["general"], idx) - stability(base, sols["narrow"], idx)
     st_lo, st_hi = np.percentile(stab_boot, [2.5, 97.5])
     n = len(rows)
     eff_cmp = Comparison(
