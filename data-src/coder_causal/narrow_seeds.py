@@ -41,6 +41,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from analyse import flat, write_findings  # noqa: E402
 from narrow_loss import (  # noqa: E402
+    ALPHAS,
     BOOT_SEED,
     DELTA_EFF,
     DELTA_STAB,
@@ -98,7 +99,9 @@ def measure_seed(seed: int) -> dict:
         "seed": seed, "plan": "data-src/coder_causal/PLAN_narrow.md (amendment 5)",
         "runs": {k: str(run_folder(k, seed).relative_to(runs_dir().parent)) for k in SOLUTIONS},
         "rows": len(rows), "base_ce": mean_ce(base), "norms": norms,
-        "ce_trained": {k: mean_ce(s["curve"][1.0]) for k, s in sols.items()},
+        "curves": {k: {"norms": [0.0] + [a * norms[k] for a in ALPHAS],
+                       "ce": [mean_ce(base)] + [mean_ce(sols[k]["curve"][a]) for a in ALPHAS]}
+                   for k in SOLUTIONS},
         "efficiency": {"effect": float(efficiency(base, sols["general"], sols["narrow"], norms,
                                                   everything)[0]),
                        "low": float(np.percentile(eff_boot, 2.5)),
@@ -120,7 +123,7 @@ def seed_zero() -> dict:
     """The shipped pair's numbers in ``measure_seed``'s shape, from ``narrow/loss.json``."""
     loss = json.loads((HERE / "narrow" / "loss.json").read_text())
     eff, stab = loss["efficiency"], loss["stability"]
-    return {"seed": 0, "runs": SOLUTIONS, "norms": loss["norms"],
+    return {"seed": 0, "runs": SOLUTIONS, "norms": loss["norms"], "curves": loss["curves"],
             "efficiency": {k: eff[k] for k in ("effect", "low", "high")},
             "stability": {**{k: stab[k] for k in ("effect", "low", "high")},
                           "mean": loss["stability_mean"]},
@@ -162,8 +165,10 @@ def analyse() -> list[dict]:
         entries.append(flat(finding, cmp, control, None, {
             "read_confirmation": None, "instrument": INSTRUMENT, "delta": delta,
             "caveat": caveat, "n_unit": "training seeds (each on the 26 held-out rows)",
+            "curves": per_seed[0]["curves"],
             "per_seed": [{"seed": s["seed"], "runs": s["runs"], "norms": s["norms"],
-                          **s[key], "kl_nonmedical": s["kl_nonmedical"]} for s in per_seed]}))
+                          **s[key], "kl_nonmedical": s["kl_nonmedical"],
+                          "curves": s["curves"]} for s in per_seed]}))
     write_findings(entries)
     for e in entries:
         print(f"{e['id']}: {e['effect']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}] n={e['n']} -> "
