@@ -438,7 +438,7 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
         lines += _table(
             ["training seed", "effective norm general / narrow",
              "CE at equal norm, general - narrow", "relative loss increase, general - narrow",
-             "KL(chat || solution) on the non-medical rows, general / narrow"],
+             "KL from the chat model on the non-medical rows, general / narrow"],
             [[str(e["seed"]), f"{e['norms']['general']:.2f} / {e['norms']['narrow']:.2f}",
               f"{e['effect']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]",
               f"{t['effect']:+.3f} [{t['low']:+.3f}, {t['high']:+.3f}]",
