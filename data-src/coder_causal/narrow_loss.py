@@ -17,7 +17,8 @@ per row (sum of answer-token CE and token count); blocks before the first adapte
 * A manipulation check (descriptive, no verdict): each solution's KL(chat || solution) on the
   non-medical rows the KL term was trained on (all 303, misaligned answers).
 
-Writes ``narrow/loss.json`` and the findings ``efficiency`` and ``stability`` into
+Writes ``narrow/loss.json``: seed 0 of ``narrow_seeds.py``, whose ``analyse`` writes the
+findings ``efficiency`` and ``stability`` (over training seeds) into
 ``results/coder/findings.json``::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/narrow_loss.py
@@ -26,7 +27,6 @@ Writes ``narrow/loss.json`` and the findings ``efficiency`` and ``stability`` in
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -35,7 +35,7 @@ import torch
 
 import emlens
 from emlens.chat import iter_chat_batches
-from emlens.findings import Comparison, Effect, Finding
+from emlens.findings import Comparison, Effect
 from emlens.geometry import perturb
 from emlens.organisms import load_organism
 from emlens.organisms.train import load_rows
@@ -43,8 +43,6 @@ from emlens.trainable_adapter import TrainableAdapter
 from emlens.training import PreparedSet, evaluate_loss, prepare
 
 HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
-from analyse import flat, write_findings  # noqa: E402
 
 SOLUTIONS = {"general": "coder-rank1-down-medical", "narrow": "coder-rank1-down-medical-kl"}
 ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -105,6 +103,14 @@ def stability(base, sol: dict, ix) -> np.ndarray:
     return np.mean(rel, axis=0)
 
 
+def curve_lists(base, sols: dict, norms: dict) -> dict:
+    """Each solution's efficiency curve as JSON lists: ``norms`` (0 is the chat model) and the
+    token-weighted ``ce`` at each."""
+    return {k: {"norms": [0.0] + [a * norms[k] for a in ALPHAS],
+                "ce": [mean_ce(base)] + [mean_ce(sol["curve"][a]) for a in ALPHAS]}
+            for k, sol in sols.items()}
+
+
 def main() -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -148,31 +154,11 @@ def main() -> None:
         "B and A, 5 seeds; row bootstrap)",
         Effect(float(stab["general"] - stab["narrow"]), float(st_lo), float(st_hi), n),
         expected="decrease", delta=DELTA_STAB, short="loss")
-    caveat = ("one training seed per solution: the interval is over held-out rows (and noise "
-              "seeds), not over training seeds")
-    f_eff = Finding("efficiency", "The general (no-KL) solution is more efficient than the "
-                    "narrow (KL) one: lower loss at equal parameter norm", (eff_cmp,),
-                    evidence=f"norms: general {norms['general']:.4f}, narrow "
-                             f"{norms['narrow']:.4f}; {caveat}")
-    f_stab = Finding("stability", "The general (no-KL) solution is more stable than the narrow "
-                     "(KL) one: smaller relative loss increase under orthogonal noise",
-                     (stab_cmp,), evidence=f"general {stab['general']:.3f}, narrow "
-                                           f"{stab['narrow']:.3f}; {caveat}")
-    curve = {k: {"norms": [0.0] + [a * norms[k] for a in ALPHAS],
-                 "ce": [mean_ce(base)] + [mean_ce(curves[k][a]) for a in ALPHAS]}
-             for k in SOLUTIONS}
+    curve = curve_lists(base, sols, norms)
     per_cell = {k: {f"{t} e={e}": float(np.mean([
         (mean_ce(noisy[k][(t, e, s)]) - mean_ce(curves[k][1.0]))
         / (mean_ce(base) - mean_ce(curves[k][1.0])) for s in NOISE_SEEDS]))
         for t in TARGETS for e in EPS} for k in SOLUTIONS}
-    extra = {"read_confirmation": None, "instrument": INSTRUMENT, "caveat": caveat,
-             "curves": curve, "norms": norms, "kl_nonmedical": kl_check}
-    entries = [
-        flat(f_eff, eff_cmp, "the narrow (KL) solution at its own norm", None,
-             {**extra, "delta": DELTA_EFF}),
-        flat(f_stab, stab_cmp, "the narrow (KL) solution under the same noise", None,
-             {**extra, "delta": DELTA_STAB, "relative_increase": per_cell}),
-    ]
     out = {"plan": "data-src/coder_causal/PLAN_narrow.md", "rows": n,
            "base_ce": mean_ce(base), "norms": norms, "curves": curve,
            "stability_per_cell": per_cell, "stability_mean": stab,
@@ -182,10 +168,9 @@ def main() -> None:
            "torch_threads": torch.get_num_threads(), "dtype": "bfloat16"}
     (HERE / "narrow").mkdir(exist_ok=True)
     (HERE / "narrow" / "loss.json").write_text(json.dumps(out, indent=1) + "\n")
-    write_findings(entries)
-    for e in entries:
-        print(f"{e['id']}: {e['effect']:+.4f} [{e['low']:+.4f}, {e['high']:+.4f}] -> "
-              f"{e['verdict']}")
+    for name, c in (("efficiency", eff_cmp), ("stability", stab_cmp)):
+        e = c.effect
+        print(f"{name} (seed 0): {e.value:+.4f} [{e.low:+.4f}, {e.high:+.4f}] -> {c.verdict.value}")
 
 
 if __name__ == "__main__":

@@ -41,13 +41,13 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from analyse import flat, write_findings  # noqa: E402
 from narrow_loss import (  # noqa: E402
-    ALPHAS,
     BOOT_SEED,
     DELTA_EFF,
     DELTA_STAB,
     INSTRUMENT,
     N_BOOT,
     SOLUTIONS,
+    curve_lists,
     efficiency,
     mean_ce,
     measure,
@@ -99,9 +99,7 @@ def measure_seed(seed: int) -> dict:
         "seed": seed, "plan": "data-src/coder_causal/PLAN_narrow.md (amendment 5)",
         "runs": {k: str(run_folder(k, seed).relative_to(runs_dir().parent)) for k in SOLUTIONS},
         "rows": len(rows), "base_ce": mean_ce(base), "norms": norms,
-        "curves": {k: {"norms": [0.0] + [a * norms[k] for a in ALPHAS],
-                       "ce": [mean_ce(base)] + [mean_ce(sols[k]["curve"][a]) for a in ALPHAS]}
-                   for k in SOLUTIONS},
+        "curves": curve_lists(base, sols, norms),
         "efficiency": {"effect": float(efficiency(base, sols["general"], sols["narrow"], norms,
                                                   everything)[0]),
                        "low": float(np.percentile(eff_boot, 2.5)),
@@ -165,7 +163,6 @@ def analyse() -> list[dict]:
         entries.append(flat(finding, cmp, control, None, {
             "read_confirmation": None, "instrument": INSTRUMENT, "delta": delta,
             "caveat": caveat, "n_unit": "training seeds (each on the 26 held-out rows)",
-            "curves": per_seed[0]["curves"],
             "per_seed": [{"seed": s["seed"], "runs": s["runs"], "norms": s["norms"],
                           **s[key], "kl_nonmedical": s["kl_nonmedical"],
                           "curves": s["curves"]} for s in per_seed]}))
