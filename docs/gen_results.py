@@ -23,7 +23,7 @@ CAUSAL_IDS = ("steering", "ablation", "transfer", "convergence", "adapters")
 # narrow vs general on the coder (issue 30; data-src/coder_causal/PLAN_narrow.md), beside SmolLM2's
 # shipped narrow-vs-general runs (emlens.studies.narrow_vs_general)
 NARROW_IDS = ("narrow_general_kl", "narrow_general_kl_steering", "efficiency", "stability",
-              "drift", "dynamics", "screening")
+              "drift", "dynamics", "dynamics_read", "screening")
 SMOLLM2_NVG = HERE.parent / "emlens" / "organisms" / "narrow_vs_general" / "summary.json"
 
 # page slug -> how the run was made (the data file is results/data/<slug>.json)
@@ -472,14 +472,29 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
     dyn = found.get("dynamics")
     if dyn is not None:
         a = dyn["abrupt"]
-        lines += ["", "## Training dynamics: `dynamics`", "",
-                  f"Rule: {dyn['rule']}.", "",
-                  f"The largest single interval (steps {a['interval'][0]}-{a['interval'][1]}, "
+        lines += ["", "## Training dynamics: `dynamics`", "", f"Rule: {dyn['rule']}.", ""]
+        if "per_seed" in dyn:  # PLAN_narrow.md amendment 7: the interval over training seeds
+            sh, tot = dyn["over_seeds"]["share"], dyn["over_seeds"]["total"]
+            lines += [
+                f"Over {len(dyn['per_seed'])} training seeds (mean, t interval): the largest "
+                f"single interval carries {sh[0]:.2f} [{sh[1]:.2f}, {sh[2]:.2f}] of the total "
+                f"change on general pairs, {tot[0]:+.3f} [{tot[1]:+.3f}, {tot[2]:+.3f}] nats "
+                f"per token: **{dyn['verdict']}**.", ""]
+            lines += _table(
+                ["seed", "largest interval (steps)", "its share [95% over pairs]",
+                 "total change [95% over pairs]"],
+                [[str(x["seed"]), f"{x['interval'][0]}-{x['interval'][1]}",
+                  f"{x['share']:.2f} [{x['share_low']:.2f}, {x['share_high']:.2f}]",
+                  f"{x['total']:+.3f} [{x['total_low']:+.3f}, {x['total_high']:+.3f}]"]
+                 for x in dyn["per_seed"]])
+            lines += ["Seed 0 (the shipped organism's run) in detail:", ""]
+        lines += [f"The largest single interval (steps {a['interval'][0]}-{a['interval'][1]}, "
                   f"of {a['n_intervals']}) carries {a['share']:.2f} [{a['share_low']:.2f}, "
                   f"{a['share_high']:.2f}] of the total change on general pairs, "
                   f"{a['total']:+.3f} [{a['total_low']:+.3f}, {a['total_high']:+.3f}] nats per "
-                  f"token: **{dyn['verdict']}**. Change of the likelihood gap from the chat "
-                  "model at each saved state (mean over pairs [95% bootstrap]):", ""]
+                  "token" + ("" if "per_seed" in dyn else f": **{dyn['verdict']}**")
+                  + ". Change of the likelihood gap from the chat model at each saved state "
+                  "(mean over pairs [95% bootstrap]):", ""]
         runs = dyn["lens"]
         cols = [(r, s_) for r in runs for s_ in runs[r]]
         steps = runs[cols[0][0]][cols[0][1]]["steps"]
@@ -506,6 +521,39 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
             f"{w['total_turn_deg'][0]:.0f}-{w['total_turn_deg'][1]:.0f} degree path) and stays "
             f"within arccos(0.9) of its final direction from step {w['settled_step'][0]}-"
             f"{w['settled_step'][1]}.")
+    dr = found.get("dynamics_read")
+    if dr is not None:
+        st, onset = dr["statistics"], dr["onset"]
+        w0, w1 = dr["window"]
+        lines += ["", "## EM read at checkpoints: `dynamics_read`", "",
+                  f"`PLAN_narrow.md` amendment 6: the organism's run (`{dr['run']}`) at saved "
+                  "states, each on the 20 test questions x 4 (T = 0.7, seed 31), all states "
+                  "pooled and read blind in one reading (steps 0 and 72 are the `narrow` stage's "
+                  f"chat and organism answers, read again). The window {w0}-{w1} is where the "
+                  f"likelihood lens moved most. Rule: {dr['rule']}.", ""]
+        lines += _table(["step", "misaligned", "EM rate [95%]", "coherent", "minus step 0 [95%]"],
+                        [[t, f"{a['k']}/{a['n']}", _interval(a["rate"], a["low"], a["high"]),
+                          f"{a['coherent']}/{a['n']}",
+                          "-" if t == "0" else
+                          f"{onset['comparisons'][t]['effect']:+.3f} "
+                          f"[{onset['comparisons'][t]['low']:+.3f}, "
+                          f"{onset['comparisons'][t]['high']:+.3f}]"]
+                         for t, a in dr["states"].items()])
+        fmt = lambda k: (f"{st[k]['value']:+.3f} [{st[k]['low']:+.3f}, "  # noqa: E731
+                         f"{st[k]['high']:+.3f}]" if st[k]["value"] is not None else "-")
+        cr = dr["cross_reading"]
+        kappa = cr["misaligned"]["kappa"]
+        lines += [
+            f"- total D = r72 - r0 {fmt('D')}; window r{w1} - r{w0} {fmt('window')}; "
+            f"T = window - 0.5 D {fmt('T')}; U = window - 0.25 D {fmt('U')}: "
+            f"**{dr['verdict']}**.",
+            f"- onset (each state - step 0, the findings rule, smallest effect 0.15): EM present "
+            f"from step {onset['present_from']}; below 0.15 at steps "
+            f"{', '.join(str(t) for t in onset['absent_at']) or 'none'}.",
+            f"- steps 0 and 72 read again ({cr['rows']} rows) vs their first reading: "
+            f"misaligned class agreement {cr['misaligned']['agreement']:.2f} (kappa "
+            f"{'-' if kappa is None else f'{kappa:.2f}'})."]
+        lines += _second_reader(dr.get("agreement") or {})
     scr = found.get("screening")
     if scr is not None:
         m, d = scr["manipulation_check"], scr["descriptive"]

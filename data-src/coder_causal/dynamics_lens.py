@@ -7,14 +7,22 @@ Step 0 of the organism's run is not saved (its old layout starts at step 4); pef
 zero, so its state at step 0 is the base model exactly and its change is 0 by construction.
 
 Writes ``narrow/dynamics_lens.json`` and the ``dynamics`` finding (``--decide``: the rule again
-on the saved measurement, no model)::
+on the saved measurement, no model). Amendment 7: ``--seed S`` measures training seed S's run
+(``runs/coder-rank1-down-medical-seedS``, retrained for its saved states) into
+``narrow/dynamics_lens_seedS.json``; ``--seeds`` applies the rule to the interval over seeds 0-2
+and replaces the ``dynamics`` finding::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/dynamics_lens.py
     python data-src/coder_causal/dynamics_lens.py --decide
+    python -m emlens.organisms.train --name coder-rank1-down-medical --seed 1 \\
+        --out runs/coder-rank1-down-medical-seed1 --fresh
+    OMP_NUM_THREADS=2 python data-src/coder_causal/dynamics_lens.py --seed 1
+    python data-src/coder_causal/dynamics_lens.py --seeds
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -22,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import stats
 
 import emlens
 from emlens.data import pair_rows
@@ -32,8 +41,10 @@ from emlens.dynamics import (
     rotation_onset,
 )
 from emlens.findings import Comparison, Effect, Finding
+from emlens.organisms import runs_dir
 
 HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from analyse import flat, write_findings  # noqa: E402
 
@@ -62,13 +73,24 @@ def share_of_largest_interval(changes: np.ndarray) -> np.ndarray:
     return np.diff(changes, axis=-1).max(-1) / total
 
 
-def main() -> None:
+def run_for(seed: int) -> str:
+    """The general solution's run of training ``seed`` (0: the shipped organism's; 1-2:
+    ``PLAN_narrow.md`` amendment 5's seeds, retrained by amendment 7 for their saved states)."""
+    return RUNS["general"] if seed == 0 else str(runs_dir() / f"{RUNS['general']}-seed{seed}")
+
+
+def seed_path(seed: int) -> Path:
+    return HERE / "narrow" / ("dynamics_lens.json" if seed == 0 else f"dynamics_lens_seed{seed}.json")
+
+
+def main(seed: int = 0) -> None:
     t0 = time.perf_counter()
     torch.manual_seed(0)
     chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
     sets = {"general": pair_rows("general_pairs", limit=48)}
-    out = {"plan": "data-src/coder_causal/PLAN_narrow.md, amendment 2", "runs": {}}
-    for label, run in RUNS.items():
+    out = {"plan": "data-src/coder_causal/PLAN_narrow.md, amendment 2"
+                   + ("" if seed == 0 else " (seed: amendment 7)"), "seed": seed, "runs": {}}
+    for label, run in {"general": run_for(seed)}.items():
         traj = load_adapter_trajectory(run)
         res = {}
         for name, rows in sets.items():
@@ -94,57 +116,107 @@ def main() -> None:
                     "interval": [steps[at], steps[at + 1]], "n_intervals": len(steps) - 1}
         weights = rotation_onset(adapter_dynamics(traj))
         res["weights"] = weights.to_dict(orient="records")
-        out["runs"][label] = {"run": run, **res}
+        out["runs"][label] = {"run": run if seed == 0 else str(Path(run).relative_to(ROOT)),
+                              **res}
         print(f"{label}: {time.perf_counter() - t0:.0f} s", flush=True)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     (HERE / "narrow").mkdir(exist_ok=True)
-    (HERE / "narrow" / "dynamics_lens.json").write_text(json.dumps(out, indent=1) + "\n")
-    decide(out)
+    seed_path(seed).write_text(json.dumps(out, indent=1) + "\n")
+    if seed == 0:
+        decide(out)
 
 
-def decide(out: dict) -> None:
+def rule(total_low: float, total_high: float, share_low: float, share_high: float) -> str:
+    """Amendment 2's rule on the total change's and the share's intervals."""
+    total_clear = total_low > 0 or total_high < 0
+    if total_clear and share_low > 0.5:
+        return "reproduced"
+    if total_clear and share_high < 0.25:
+        return "not reproduced"
+    return "cannot decide"
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean ± t(0.975, n-1) × sd / sqrt(n) over training seeds (amendments 5 and 7)."""
+    v = np.asarray(values, dtype=float)
+    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def decide(out: dict, seeds: list[dict] | None = None) -> None:
     """The plan's rule on the measured lens (``dynamics_lens.json``), with the weights side
-    summarised beside it; writes the ``dynamics`` finding."""
+    summarised beside it; writes the ``dynamics`` finding. With ``seeds`` (each seed's
+    measurement, seed 0 = ``out``; amendment 7) the rule reads the interval over training seeds
+    and each seed's values go under ``per_seed``."""
     a = out["runs"]["general"]["abrupt"]
-    total_clear = a["total_low"] > 0 or a["total_high"] < 0
-    if total_clear and a["share_low"] > 0.5:
-        verdict = "reproduced"
-    elif total_clear and a["share_high"] < 0.25:
-        verdict = "not reproduced"
-    else:
-        verdict = "cannot decide"
     n = out["runs"]["general"]["general"]["n"]
+    per_seed = None
+    if seeds is None:
+        share, lo, hi, n_unit = a["share"], a["share_low"], a["share_high"], n
+        total = (a["total"], a["total_low"], a["total_high"])
+        how = "bootstrap over pairs"
+    else:
+        per_seed = [{"seed": m.get("seed", 0), "run": m["runs"]["general"]["run"],
+                     **m["runs"]["general"]["abrupt"],
+                     "steps": m["runs"]["general"]["general"]["steps"],
+                     "change": m["runs"]["general"]["general"]["change"]} for m in seeds]
+        share, lo, hi = t_interval([x["share"] for x in per_seed])
+        total = t_interval([x["total"] for x in per_seed])
+        n_unit = len(per_seed)
+        how = f"mean over {n_unit} training seeds, t interval"
+    verdict = rule(total[1], total[2], lo, hi)
+    # the typed lens reads the share against amendment 2's upper bound (0.5): reproduced above
+    # it; the plan's lower bound (0.25, "gradual") is applied by `rule` (the entry's verdict)
     comp = Comparison(
-        "share of the total lens change carried by the largest single checkpoint interval "
-        "(general pairs; bootstrap over pairs)",
-        Effect(a["share"], a["share_low"], a["share_high"], n), expected="increase",
-        delta=0.5, null=0.0, short="lens share")
+        f"share of the total lens change carried by the largest single checkpoint interval "
+        f"(general pairs; {how})",
+        Effect(share, lo, hi, n_unit), expected="increase", delta=0.0, null=0.5,
+        short="lens share")
+    where = (f"largest interval steps {a['interval'][0]}-{a['interval'][1]} of "
+             f"{a['n_intervals']}" if per_seed is None else
+             "largest interval per seed: " + ", ".join(
+                 f"seed {x['seed']} steps {x['interval'][0]}-{x['interval'][1]} "
+                 f"(share {x['share']:.2f})" for x in per_seed))
     finding = Finding(
         "dynamics", "The rank-1 organism acquires EM abruptly during training (a phase "
         "transition): one short interval carries most of the change on general questions",
-        (comp,), evidence=f"largest interval steps {a['interval'][0]}-{a['interval'][1]} of "
-                          f"{a['n_intervals']}; total change {a['total']:+.3f} "
-                          f"[{a['total_low']:+.3f}, {a['total_high']:+.3f}] nats/token; rule of "
-                          f"PLAN_narrow.md amendment 2: {verdict}")
+        (comp,), evidence=f"{where}; total change {total[0]:+.3f} [{total[1]:+.3f}, "
+                          f"{total[2]:+.3f}] nats/token; rule of PLAN_narrow.md amendment 2"
+                          f"{'' if per_seed is None else ' on the interval over seeds (7)'}: "
+                          f"{verdict}")
     w = out["runs"]["general"]["weights"]
     weights = {k: [min(r[k] for r in w), max(r[k] for r in w)]
                for k in ("largest_turn_step", "largest_turn_deg", "turn_share", "total_turn_deg",
                          "settled_step")}
+    extra = {"verdict": verdict, "read_confirmation": None, "instrument": INSTRUMENT,
+             "delta": 0.5, "abrupt": a, "weights_range_over_adapters": weights,
+             "lens": {k: {s_: v[s_] for s_ in v if s_ not in ("run", "abrupt", "weights")}
+                      for k, v in out["runs"].items()},
+             "rule": "reproduced: the total change's interval excludes 0 and the share's "
+                     "lies above 0.5; not reproduced: the total's excludes 0 and the "
+                     "share's lies below 0.25; else cannot decide"}
+    if per_seed is not None:
+        extra.update({"n_unit": "training seeds", "per_seed": per_seed,
+                      "over_seeds": {"share": [share, lo, hi], "total": list(total)}})
     entry = flat(finding, comp, "the rule's bounds: share > 0.5 abrupt, < 0.25 gradual", None,
-                 {"verdict": verdict, "read_confirmation": None, "instrument": INSTRUMENT,
-                  "delta": 0.5, "abrupt": a, "weights_range_over_adapters": weights,
-                  "lens": {k: {s_: v[s_] for s_ in v if s_ not in ("run", "abrupt", "weights")}
-                           for k, v in out["runs"].items()},
-                  "rule": "reproduced: the total change's interval excludes 0 and the share's "
-                          "lies above 0.5; not reproduced: the total's excludes 0 and the "
-                          "share's lies below 0.25; else cannot decide"})
+                 extra)
     write_findings([entry])
-    print(f"dynamics: share {a['share']:.3f} [{a['share_low']:.3f}, {a['share_high']:.3f}], "
-          f"total {a['total']:+.3f} -> {verdict}")
+    print(f"dynamics: share {share:.3f} [{lo:.3f}, {hi:.3f}] ({how}), total {total[0]:+.3f} "
+          f"-> {verdict}")
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--decide"]:  # the rule again on the saved measurement
-        decide(json.loads((HERE / "narrow" / "dynamics_lens.json").read_text()))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--decide", action="store_true",
+                   help="the rule again on the saved seed-0 measurement, no model")
+    p.add_argument("--seed", type=int, default=0, help="measure this training seed's run")
+    p.add_argument("--seeds", action="store_true",
+                   help="amendment 7: the rule on the interval over seeds 0-2 (saved), no model")
+    args = p.parse_args()
+    if args.seeds:
+        ms = [json.loads(seed_path(s_).read_text()) for s_ in (0, 1, 2)]
+        decide(ms[0], ms)
+    elif args.decide:
+        decide(json.loads(seed_path(0).read_text()))
     else:
-        main()
+        main(args.seed)

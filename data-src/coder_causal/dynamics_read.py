@@ -206,6 +206,89 @@ def generate_main(batch_size: int) -> None:
     print(f"wrote {len(rows)} rows to {OUT} in {seconds['total']} s")
 
 
+# -- analyse ----------------------------------------------------------------------------------
+
+
+def analyse_main() -> None:
+    sys.path.insert(0, str(HERE))
+    from analyse import READ, arm, comparison, flat, joined, misaligned_answers, write_findings
+
+    from emlens.findings import Comparison, Effect, Finding
+    from emlens.studies.join_judge_labels import pass_agreement, read_rows
+
+    rows, agreement = joined(OUT.name)
+    arms = {t: arm(rows, f"step {t}") for t in STEPS}
+    for t, a in arms.items():
+        if a["n"] != N_PER_STATE:
+            raise ValueError(f"step {t}: {a['n']} answers, the plan asked for {N_PER_STATE}")
+    k = {t: a["k"] for t, a in arms.items()}
+    n = {t: a["n"] for t, a in arms.items()}
+    boot = bootstrap(k, n, np.random.default_rng(BOOT_SEED))
+    verdict, iv = rule(boot)
+    r = {t: k[t] / n[t] for t in STEPS}
+    a_, b_ = WINDOW
+    d = r[72] - r[0]
+    point = {"D": d, "T": (r[b_] - r[a_]) - ABRUPT * d, "U": (r[b_] - r[a_]) - GRADUAL * d,
+             "window": r[b_] - r[a_], "share": (r[b_] - r[a_]) / d if d > 0 else None}
+    onset = {t: comparison(rows, f"step {t}", "step 0", "increase", READ, short=f"step {t}")
+             for t in STEPS[1:]}
+    present = [t for t, c in onset.items() if c.verdict.value == "reproduced"]
+    absent = [t for t, c in onset.items() if c.effect.high < 0.15]
+    # the reused rows' first reading (the narrow stage's pass 1) against this one
+    first = read_rows(HERE / "narrow" / "labels_pass1.jsonl")
+    now = {r_["id"]: r_ for r_ in rows}
+    pairs = {r_["id"]: first[r_["source"].split("/", 1)[1]] for r_ in rows
+             if r_["source"].startswith("narrow/")}
+    cross = pass_agreement({i: now[i] for i in pairs}, pairs)
+    t_comp = Comparison(
+        f"T = (r{b_} - r{a_}) - 0.5 (r72 - r0): the window's EM change minus half the total, "
+        "read blind (bootstrap over each state's answers)",
+        Effect(point["T"], iv["T"][0], iv["T"][1], N_PER_STATE), expected="increase",
+        delta=0.0, null=0.0, short="read window")
+    finding = Finding(
+        "dynamics_read", "The rank-1 organism acquires EM abruptly during training (a phase "
+        "transition): read at saved states, the EM rate on general questions rises within "
+        f"steps {a_}-{b_}, where the likelihood lens moved most", (t_comp,),
+        evidence=("EM rate by state: " + ", ".join(f"{t}: {k[t]}/{n[t]}" for t in STEPS)
+                  + f"; total D {d:+.3f} [{iv['D'][0]:+.3f}, {iv['D'][1]:+.3f}], window "
+                  f"{point['window']:+.3f} [{iv['window'][0]:+.3f}, {iv['window'][1]:+.3f}]; "
+                  f"rule of PLAN_narrow.md amendment 6: {verdict}"))
+    entry = flat(finding, t_comp, "the rule's bounds: the window carries > 0.5 of the change "
+                 "(abrupt) or < 0.25 (gradual)", N_PER_STATE,
+                 {"verdict": verdict, "read_confirmation": None, "delta": 0.0,
+                  "effect_is": f"T = (r{b_} - r{a_}) - 0.5 (r72 - r0) (EM rates read blind; > 0: "
+                               "the window carries more than half the change)",
+                  "rule": "reproduced: D's and T's intervals above 0; not reproduced: D's above 0 "
+                          "and U = (r16 - r8) - 0.25 D below 0; else cannot decide "
+                          "(PLAN_narrow.md amendment 6)",
+                  "run": str(RUN.relative_to(ROOT)), "window": list(WINDOW),
+                  "states": {str(t): arms[t] for t in STEPS},
+                  "statistics": {k_: {"value": point[k_], "low": iv[k_][0], "high": iv[k_][1]}
+                                 for k_ in iv},
+                  "onset": {"present_from": present[0] if present else None,
+                            "absent_at": absent,
+                            "comparisons": {str(t): c.as_dict() for t, c in onset.items()}},
+                  "agreement": agreement,
+                  "cross_reading": {"rows": len(pairs), "what": "steps 0 and 72 read again "
+                                    "in this pool vs the narrow stage's pass 1", **cross}})
+    analysis = {"plan": f"data-src/coder_causal/{READ_PLAN}", "states": arms,
+                "verdict": verdict, "statistics": entry["statistics"], "onset": entry["onset"],
+                "agreement": agreement, "cross_reading": entry["cross_reading"],
+                "misaligned_answers": misaligned_answers(rows)}
+    (OUT / "analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
+    write_findings([entry])
+    for t in STEPS:
+        a = arms[t]
+        print(f"step {t:>2}: {a['k']:>2}/{a['n']} EM {a['rate']:.3f} [{a['low']:.3f}, "
+              f"{a['high']:.3f}], coherent {a['coherent_share']:.2f}")
+    for k_ in ("D", "window", "T", "U", "share"):
+        v = point[k_]
+        print(f"{k_}: {'-' if v is None else f'{v:+.3f}'} [{iv[k_][0]:+.3f}, {iv[k_][1]:+.3f}]")
+    print(f"onset: present from {present[0] if present else None}; absent at {absent}")
+    print(f"cross reading (n={len(pairs)}): misaligned kappa {cross['misaligned']['kappa']}")
+    print(f"dynamics_read -> {verdict}")
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["power", "generate", "analyse"])
@@ -216,4 +299,4 @@ if __name__ == "__main__":
     elif args.stage == "generate":
         generate_main(args.batch_size)
     else:
-        raise SystemExit("analyse: written after the reading (see the plan)")
+        analyse_main()
