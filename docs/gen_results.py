@@ -531,9 +531,12 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
                   "pooled and read blind in one reading (steps 0 and 72 are the `narrow` stage's "
                   f"chat and organism answers, read again). The window {w0}-{w1} is where the "
                   f"likelihood lens moved most. Rule: {dr['rule']}.", ""]
-        lines += _table(["step", "misaligned", "EM rate [95%]", "coherent", "minus step 0 [95%]"],
+        lines += _table(["step", "misaligned", "EM rate [95%]", "coherent",
+                         "misaligned / coherent (descriptive)", "minus step 0 [95%]"],
                         [[t, f"{a['k']}/{a['n']}", _interval(a["rate"], a["low"], a["high"]),
                           f"{a['coherent']}/{a['n']}",
+                          f"{a['k']}/{a['coherent']}" + (
+                              f" ({a['k'] / a['coherent']:.2f})" if a["coherent"] else ""),
                           "-" if t == "0" else
                           f"{onset['comparisons'][t]['effect']:+.3f} "
                           f"[{onset['comparisons'][t]['low']:+.3f}, "

@@ -140,6 +140,12 @@ class Comparison:
         direction: which direction this lens read, when a finding reads several.
         n_base: the baseline arm's n, where there is one.
         short: the lens's name in a finding's verdict (default from ``lens``).
+        refute_at: for a *threshold* claim only (a share that must exceed ``null``, e.g. "one
+            interval carries more than half of the change"): the value on the other side of
+            ``null`` past which the claim is *not reproduced*. Then an interval beyond ``null``
+            on the claim's side is *reproduced*, one wholly past ``refute_at`` is *not
+            reproduced*, anything else *cannot decide*; there is no *opposite sign* (and
+            ``delta`` is not read). ``None`` (default): the rule above.
     """
 
     lens: str
@@ -152,10 +158,17 @@ class Comparison:
     direction: str | None = None
     n_base: int | None = None
     short: str = ""
+    refute_at: float | None = None
 
     def __post_init__(self) -> None:
         if self.expected not in ("increase", "decrease"):
             raise ValueError(f"expected={self.expected!r}; use 'increase' or 'decrease'.")
+        if self.refute_at is not None and not (
+                self.refute_at < self.null if self.expected == "increase"
+                else self.refute_at > self.null):
+            raise ValueError(f"refute_at={self.refute_at} is on the claim's side of null="
+                             f"{self.null}: a threshold claim that predicts an {self.expected} "
+                             "is refuted on the other side of its threshold.")
         if self.delta < 0:
             raise ValueError(f"delta={self.delta}: the smallest effect of interest is a size "
                              "(>= 0); the side is `expected`.")
@@ -192,6 +205,9 @@ class Comparison:
             return Verdict.REPRODUCED
         if not e.has_interval:
             return Verdict.CANNOT_DECIDE
+        if self.refute_at is not None:  # a threshold claim: no opposite sign
+            past = e.high < self.refute_at if self.sign > 0 else e.low > self.refute_at
+            return Verdict.NOT_REPRODUCED if past else Verdict.CANNOT_DECIDE
         if self.separated and (e.high < self.null if self.sign > 0 else e.low > self.null):
             return Verdict.OPPOSITE_SIGN
         if (e.high < self.null + self.delta) if self.sign > 0 else (e.low > self.null - self.delta):
@@ -216,6 +232,8 @@ class Comparison:
             out["direction"] = self.direction
         if self.n_base is not None:
             out["n_base"] = self.n_base
+        if self.refute_at is not None:
+            out["refute_at"] = self.refute_at
         return out
 
     @classmethod
@@ -234,7 +252,8 @@ class Comparison:
                                                   num(c["high"]), int(c.get("n") or 0)),
             control_kind="" if c is None else c.get("kind", ""), expected=d["expected"],
             delta=float(d["delta"]), null=float(d.get("null", 0.0)), direction=direction,
-            n_base=d.get("n_base"), short=name)
+            n_base=d.get("n_base"), short=name,
+            refute_at=None if d.get("refute_at") is None else float(d["refute_at"]))
 
     # -- constructors ------------------------------------------------------------------------
 
@@ -326,7 +345,7 @@ LENS_SCHEMA: dict[str, Any] = {
         "verdict": {"enum": [v.value for v in Verdict]},
         "delta": {"type": "number", "minimum": 0}, "null": {"type": "number"},
         "short": {"type": "string"}, "direction": {"type": "string"},
-        "n_base": {"type": "integer", "minimum": 0},
+        "n_base": {"type": "integer", "minimum": 0}, "refute_at": {"type": "number"},
     },
 }
 FINDING_SCHEMA: dict[str, Any] = {

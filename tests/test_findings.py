@@ -59,6 +59,26 @@ def test_a_null_other_than_zero_shifts_every_branch():
     assert not _c(0.3, 0.7, **auc).supports_claim
 
 
+def test_a_threshold_claim_has_no_opposite_sign():
+    # "one interval carries more than half of the change", refuted below a quarter
+    def share(low, high, expected="increase", null=0.5, refute_at=0.25):
+        return Comparison("share", Effect((low + high) / 2, low, high, n=48), expected=expected,
+                          null=null, refute_at=refute_at)
+
+    assert share(0.55, 0.8).verdict is Verdict.REPRODUCED
+    assert share(0.3, 0.45).verdict is Verdict.CANNOT_DECIDE  # below 0.5, not below 0.25
+    assert _c(0.3, 0.45, null=0.5, delta=0.0).verdict is Verdict.OPPOSITE_SIGN  # the plain rule
+    assert share(0.05, 0.2).verdict is Verdict.NOT_REPRODUCED
+    assert share(0.2, 0.6).verdict is Verdict.CANNOT_DECIDE
+    assert share(0.1, 0.3, "decrease", 0.5, 0.75).verdict is Verdict.REPRODUCED
+    assert share(0.8, 0.9, "decrease", 0.5, 0.75).verdict is Verdict.NOT_REPRODUCED
+    with pytest.raises(ValueError, match="other side"):
+        share(0.1, 0.3, refute_at=0.6)
+    back = Comparison.from_dict(json.loads(json.dumps(share(0.3, 0.45).as_dict())))
+    assert back.as_dict() == share(0.3, 0.45).as_dict() and back.refute_at == 0.25
+    validate_findings([Finding("dynamics", "claim", (share(0.3, 0.45),)).as_dict()])
+
+
 def test_bad_input_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="outside its interval"):
         Effect(0.5, 0.0, 0.3, n=4)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "results" / "coder" / "findings.json"
 CLAIMS = {"steering", "ablation", "transfer", "convergence", "adapters", "narrow_general_kl",
           "narrow_general_kl_steering", "screening", "efficiency", "stability", "drift",
-          "dynamics"}
+          "dynamics", "dynamics_read"}
 
 
 def _ctx(card):
@@ -59,7 +59,8 @@ def test_each_read_claim_s_verdict_follows_its_typed_lenses():
     # every one-lens claim: the report's typed verdict (what the demo's table shows) is the
     # entry's, so a plan rule with its own bounds must be typed with a matching null
     single = [cid for cid, e in entries.items() if len(e["typed"]["lenses"]) == 1]
-    assert {"steering", "ablation", "transfer", "convergence", "dynamics", "screening"} <= set(
+    assert {"steering", "ablation", "transfer", "convergence", "dynamics", "dynamics_read",
+            "screening"} <= set(
         single)
     for cid in single:
         (lens,) = validate_findings([entries[cid]["typed"]])[0].comparisons

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import sys
 import time
@@ -240,11 +241,18 @@ def analyse_main() -> None:
     pairs = {r_["id"]: first[r_["source"].split("/", 1)[1]] for r_ in rows
              if r_["source"].startswith("narrow/")}
     cross = pass_agreement({i: now[i] for i in pairs}, pairs)
+    # the typed lens (what the coder demo's table shows): the window's share of the total, a
+    # threshold claim with amendment 2's bounds; the plan's rule reads T and U, the same bounds
+    # as differences (T > 0: share > 0.5, U < 0: share < 0.25), and must agree with it
+    share = math.nan if point["share"] is None else point["share"]
     t_comp = Comparison(
-        f"T = (r{b_} - r{a_}) - 0.5 (r72 - r0): the window's EM change minus half the total, "
-        "read blind (bootstrap over each state's answers)",
-        Effect(point["T"], iv["T"][0], iv["T"][1], N_PER_STATE), expected="increase",
-        delta=0.0, null=0.0, short="read window")
+        f"share of the total EM change (r72 - r0) carried by steps {a_}-{b_}, read blind "
+        "(bootstrap over each state's answers)",
+        Effect(share, iv["share"][0], iv["share"][1], N_PER_STATE), expected="increase",
+        null=ABRUPT, refute_at=GRADUAL, short="read window share")
+    if t_comp.verdict.value != verdict:
+        raise RuntimeError(f"the share lens says {t_comp.verdict.value}, the plan's T/U rule "
+                           f"{verdict}: report both rather than ship one")
     finding = Finding(
         "dynamics_read", "The rank-1 organism acquires EM abruptly during training (a phase "
         "transition): read at saved states, the EM rate on general questions rises within "
@@ -255,9 +263,10 @@ def analyse_main() -> None:
                   f"rule of PLAN_narrow.md amendment 6: {verdict}"))
     entry = flat(finding, t_comp, "the rule's bounds: the window carries > 0.5 of the change "
                  "(abrupt) or < 0.25 (gradual)", N_PER_STATE,
-                 {"verdict": verdict, "read_confirmation": None, "delta": 0.0,
-                  "effect_is": f"T = (r{b_} - r{a_}) - 0.5 (r72 - r0) (EM rates read blind; > 0: "
-                               "the window carries more than half the change)",
+                 {"verdict": verdict, "read_confirmation": None, "delta": ABRUPT,
+                  "effect_is": f"(r{b_} - r{a_}) / (r72 - r0), EM rates read blind: the share of "
+                               "the total change the window carries (the rule reads T and U "
+                               "under statistics)",
                   "rule": "reproduced: D's and T's intervals above 0; not reproduced: D's above 0 "
                           "and U = (r16 - r8) - 0.25 D below 0; else cannot decide "
                           "(PLAN_narrow.md amendment 6)",
