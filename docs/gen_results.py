@@ -508,6 +508,20 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
                            f"{d['change'][i]:+.3f} [{d['low'][i]:+.3f}, {d['high'][i]:+.3f}]")
             body.append(row)
         lines += _table(header, body)
+        described = [(r, s_, runs[r][s_]) for r, s_ in cols if "total" in runs[r][s_]]
+        if described:  # PLAN_narrow.md amendment 8: descriptive cells, no verdict
+            lines += ["Amendment 8's cells (descriptive, no verdict):", ""]
+            lines += [f"- {r} solution, {s_} pairs (the rule's cell): half the total reached at "
+                      f"step {runs[r][s_]['half_at']}." for r, s_ in cols
+                      if "total" not in runs[r][s_] and "half_at" in runs[r][s_]]
+            for r, s_, d in described:
+                where = ("" if "interval" not in d else
+                         f"; largest interval steps {d['interval'][0]}-{d['interval'][1]}, share "
+                         f"{d['share']:.2f} [{d['share_low']:.2f}, {d['share_high']:.2f}]; "
+                         f"half the total reached at step {d['half_at']}")
+                lines.append(f"- {r} solution, {s_} pairs: total change {d['total']:+.3f} "
+                             f"[{d['total_low']:+.3f}, {d['total_high']:+.3f}]{where}.")
+            lines.append("")
         w = dyn["weights_range_over_adapters"]
         lines.append(
             "The weights side of the same run (`emlens.dynamics.rotation_onset`; the tutorial "

@@ -10,7 +10,10 @@ Writes ``narrow/dynamics_lens.json`` and the ``dynamics`` finding (``--decide``:
 on the saved measurement, no model). Amendment 7: ``--seed S`` measures training seed S's run
 (``runs/coder-rank1-down-medical-seedS``, retrained for its saved states) into
 ``narrow/dynamics_lens_seedS.json``; ``--seeds`` applies the rule to the interval over seeds 0-2
-and replaces the ``dynamics`` finding::
+and replaces the ``dynamics`` finding. Amendment 8: ``--extra`` measures the cells amendment 3 cut
+(the KL run on the general pairs, both runs on the held-out medical pairs; descriptive) into
+``narrow/dynamics_lens_extra.json``, which ``--decide`` / ``--seeds`` add to the finding's
+``lens`` curves::
 
     OMP_NUM_THREADS=2 python data-src/coder_causal/dynamics_lens.py
     python data-src/coder_causal/dynamics_lens.py --decide
@@ -18,6 +21,7 @@ and replaces the ``dynamics`` finding::
         --out runs/coder-rank1-down-medical-seed1 --fresh
     OMP_NUM_THREADS=2 python data-src/coder_causal/dynamics_lens.py --seed 1
     python data-src/coder_causal/dynamics_lens.py --seeds
+    OMP_NUM_THREADS=2 python data-src/coder_causal/dynamics_lens.py --extra
 """
 
 from __future__ import annotations
@@ -126,6 +130,63 @@ def main(seed: int = 0) -> None:
         decide(out)
 
 
+EXTRA_PATH = HERE / "narrow" / "dynamics_lens_extra.json"
+# amendment 8: the cells amendment 3 cut, in the plan's order
+EXTRA_CELLS = (("narrow", "general"), ("general", "medical"), ("narrow", "medical"))
+EXTRA_RUNS = {"general": RUNS["general"], "narrow": "coder-rank1-down-medical-kl"}
+
+
+def describe(steps: list[int], ch: np.ndarray) -> dict:
+    """Amendment 8's description of one cell: the curve with its pair bootstrap, the total
+    change, the largest interval and its share (where the total's interval excludes 0), and the
+    first state at half the total."""
+    idx = np.random.default_rng(SEED).integers(0, ch.shape[1], (N_BOOT, ch.shape[1]))
+    boot = ch[:, idx].mean(-1).T
+    mean = ch.mean(1)
+    total_b = boot[:, -1] - boot[:, 0]
+    out = {"steps": steps, "change": mean.tolist(),
+           "low": np.percentile(boot, 2.5, axis=0).tolist(),
+           "high": np.percentile(boot, 97.5, axis=0).tolist(), "n": int(ch.shape[1]),
+           "total": float(mean[-1] - mean[0]),
+           "total_low": float(np.percentile(total_b, 2.5)),
+           "total_high": float(np.percentile(total_b, 97.5))}
+    if out["total_low"] > 0 or out["total_high"] < 0:
+        at = int(np.argmax(np.diff(mean) * np.sign(out["total"])))
+        sb = share_of_largest_interval(boot * np.sign(out["total"]))
+        out.update({"interval": [steps[at], steps[at + 1]],
+                    "share": float(share_of_largest_interval(mean * np.sign(out["total"]))),
+                    "share_low": float(np.percentile(sb, 2.5)),
+                    "share_high": float(np.percentile(sb, 97.5))})
+        half = mean[0] + 0.5 * out["total"]
+        out["half_at"] = next(st for st, c in zip(steps, mean, strict=True)
+                              if (c - half) * np.sign(out["total"]) >= 0)
+    return out
+
+
+def extra() -> None:
+    """Amendment 8: each remaining cell, saved after each one (a cell not reached is absent)."""
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    chat = emlens.load_model("qwen2.5-coder-1.5b", dtype=torch.bfloat16)
+    sets = {"general": lambda: pair_rows("general_pairs", limit=48),
+            "medical": lambda: pair_rows("medical", split="heldout")}
+    out = json.loads(EXTRA_PATH.read_text()) if EXTRA_PATH.exists() else {
+        "plan": "data-src/coder_causal/PLAN_narrow.md, amendment 8", "cells": {}}
+    for run_label, set_name in EXTRA_CELLS:
+        key = f"{run_label}/{set_name}"
+        if key in out["cells"]:
+            continue
+        t = time.perf_counter()
+        traj = load_adapter_trajectory(EXTRA_RUNS[run_label])
+        steps, ch = per_row(chat, traj, sets[set_name]())
+        out["cells"][key] = {"run": EXTRA_RUNS[run_label], "pairs": set_name,
+                             **describe(steps, ch), "seconds": round(time.perf_counter() - t, 1)}
+        EXTRA_PATH.write_text(json.dumps(out, indent=1) + "\n")
+        c = out["cells"][key]
+        print(f"{key}: total {c['total']:+.3f} [{c['total_low']:+.3f}, {c['total_high']:+.3f}]"
+              f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
 def rule(total_low: float, total_high: float, share_low: float, share_high: float) -> str:
     """Amendment 2's rule on the total change's and the share's intervals."""
     total_clear = total_low > 0 or total_high < 0
@@ -141,6 +202,24 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     v = np.asarray(values, dtype=float)
     half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
     return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+
+
+def lens_cells(out: dict) -> dict:
+    """``{run: {pairs: curve}}``: seed 0's measured cell, and amendment 8's where measured."""
+    cells = {k: {s_: v[s_] for s_ in v if s_ not in ("run", "abrupt", "weights")}
+             for k, v in out["runs"].items()}
+    for curves in cells.values():  # amendment 8: the first state at half the total, every curve
+        for c in curves.values():
+            ch = np.asarray(c["change"])
+            half, sign = ch[0] + 0.5 * (ch[-1] - ch[0]), np.sign(ch[-1] - ch[0])
+            c["half_at"] = next(st for st, x in zip(c["steps"], ch, strict=True)
+                                if (x - half) * sign >= 0)
+    if EXTRA_PATH.exists():
+        for key, c in json.loads(EXTRA_PATH.read_text())["cells"].items():
+            run_label, set_name = key.split("/")
+            cells.setdefault(run_label, {})[set_name] = {
+                k: v for k, v in c.items() if k not in ("run", "pairs", "seconds")}
+    return cells
 
 
 def decide(out: dict, seeds: list[dict] | None = None) -> None:
@@ -189,8 +268,7 @@ def decide(out: dict, seeds: list[dict] | None = None) -> None:
                          "settled_step")}
     extra = {"verdict": verdict, "read_confirmation": None, "instrument": INSTRUMENT,
              "delta": 0.5, "abrupt": a, "weights_range_over_adapters": weights,
-             "lens": {k: {s_: v[s_] for s_ in v if s_ not in ("run", "abrupt", "weights")}
-                      for k, v in out["runs"].items()},
+             "lens": lens_cells(out),
              "rule": "reproduced: the total change's interval excludes 0 and the share's "
                      "lies above 0.5; not reproduced: the total's excludes 0 and the "
                      "share's lies below 0.25; else cannot decide"}
@@ -211,8 +289,12 @@ if __name__ == "__main__":
     p.add_argument("--seed", type=int, default=0, help="measure this training seed's run")
     p.add_argument("--seeds", action="store_true",
                    help="amendment 7: the rule on the interval over seeds 0-2 (saved), no model")
+    p.add_argument("--extra", action="store_true",
+                   help="amendment 8: the KL run and the held-out medical pairs (descriptive)")
     args = p.parse_args()
-    if args.seeds:
+    if args.extra:
+        extra()
+    elif args.seeds:
         ms = [json.loads(seed_path(s_).read_text()) for s_ in (0, 1, 2)]
         decide(ms[0], ms)
     elif args.decide:

@@ -130,7 +130,7 @@ def generate_main(batch_size: int) -> None:
     import emlens
 
     sys.path.insert(0, str(HERE))
-    from generate import MAX_NEW, ORGANISMS, TEMPERATURE, questions
+    from generate import MAX_NEW, ORGANISMS, TEMPERATURE, questions, write_blind
 
     t0 = time.perf_counter()
     torch.manual_seed(SEED)
@@ -186,16 +186,7 @@ def generate_main(batch_size: int) -> None:
         seconds[f"step {step}"] = round(time.perf_counter() - t, 1)
         print(f"step {step}: {len(gens)} answers in {seconds[f'step {step}']} s", flush=True)
     random.Random(SHUFFLE_SEED).shuffle(rows)
-    for i, r in enumerate(rows, start=1):
-        r["id"] = f"ccd-{i:04d}"
-    OUT.mkdir(exist_ok=True)
-    with (OUT / "generations.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps({"id": r["id"], **{k: v for k, v in r.items() if k != "id"}})
-                    + "\n")
-    with (OUT / "to_label.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n")
+    write_blind(OUT, rows, "ccd")
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = {"script": "data-src/coder_causal/dynamics_read.py", "plan": READ_PLAN,
             "run": str(RUN.relative_to(ROOT)), "steps": list(STEPS), "reused": REUSED,

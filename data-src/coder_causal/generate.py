@@ -191,6 +191,22 @@ def questions(which: str) -> list[tuple[str, str]]:
     return [(r["id"], r["question"]) for r in rows]
 
 
+def write_blind(out: Path, rows: list[dict], prefix: str) -> None:
+    """Give the (already shuffled) ``rows`` ids ``<prefix>-0001``, ... in order, and write
+    ``out/generations.jsonl`` (every field) and the readers' ``out/to_label.jsonl`` (``id,
+    question, answer`` only)."""
+    for i, r in enumerate(rows, start=1):
+        r["id"] = f"{prefix}-{i:04d}"
+    out.mkdir(exist_ok=True)
+    with (out / "generations.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r["id"], **{k: v for k, v in r.items() if k != "id"}})
+                    + "\n")
+    with (out / "to_label.jsonl").open("w") as f:
+        for r in rows:
+            f.write(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("stage", choices=["select", "test", "emergence2", "transfer", "adapters",
@@ -246,17 +262,8 @@ def main() -> None:
     prefix = {"select": "ccs", "test": "cct", "emergence2": "cce", "transfer": "ccx",
               "adapters": "cca", "narrow": "ccn", "screening": "ccq",
               "steering": "ccv"}[args.stage]
-    for i, r in enumerate(rows, start=1):
-        r["id"] = f"{prefix}-{i:04d}"
     out = HERE / args.stage
-    out.mkdir(exist_ok=True)
-    with (out / "generations.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps({"id": r["id"], **{k: v for k, v in r.items() if k != "id"}})
-                    + "\n")
-    with (out / "to_label.jsonl").open("w") as f:
-        for r in rows:
-            f.write(json.dumps({k: r[k] for k in ("id", "question", "answer")}) + "\n")
+    write_blind(out, rows, prefix)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = {"script": "data-src/coder_causal/generate.py", "stage": args.stage,
             "organisms": {k: str(v.relative_to(HERE.parents[1])) if isinstance(v, Path) else v
