@@ -636,13 +636,26 @@ the misaligned data. The two runs do end with different adapters (they separate 
 principal component, and their final weight changes are far from parallel); with one seed per
 data set, how much of that difference is the data and how much is the run is not measured here.
 
-**What is not tested here.** Behaviour. A phase transition in the paper's sense is a change in
-*behaviour* (the EM rate, or the likelihood lens) at some step; these are weights only, and a
-smooth rotation of `B` neither rules out nor shows a sudden behavioural change (the model's output
-can respond nonlinearly to a smoothly growing adapter). Deciding it needs the judged EM rate and
-the likelihood lens measured on `load_organism(name, checkpoint=step)` at these same checkpoints.
-Two more limits: a turn that happens and reverses within 4 steps would not be seen, and this run is
-much shorter (72 steps) and on a smaller model than the paper's."""),
+**Behaviour, measured elsewhere.** A phase transition in the paper's sense is a change in
+*behaviour* at some step; these are weights only, and a smooth rotation of `B` neither rules out
+nor shows a sudden behavioural change. Behaviour at these checkpoints was measured by two
+pre-registered studies (`data-src/coder_causal/PLAN_narrow.md`, amendments 2, 6 and 7; numbers
+on the results page *Narrow vs general*, sections `dynamics` and `dynamics_read`):
+
+- the likelihood lens on 48 general pairs (`emlens.dynamics.gap_changes_at_checkpoints`) rises
+  fast between steps 4 and 16 and then flattens (those 12 steps carry 0.78-0.94 of the total
+  change on the three training seeds: a description read off the curves, not a planned test),
+  with its largest 4-step change at steps 8-12 on every seed; that interval carries 0.29-0.45 of the total change (mean 0.37
+  [0.16, 0.57] over seeds), short of the plan's bound of one half: *cannot decide*;
+- EM read blind at steps 0, 8, 12, 16, 24 and 72 (80 answers each) is already present at step 8
+  (6/80 against 0/80 for the chat model) and keeps rising to 16/80 at step 72; steps 8-16 carry
+  none of that rise (coherence drops to 27/80 at step 16 and recovers): *cannot decide* by the
+  plan's rule, which was powered for a step-like jump only.
+
+So on this run misalignment appears early and fast, but neither the weights, the lens nor the
+read EM rate shows one short interval carrying most of the change. Two limits: a change that
+happens and reverses within 4 steps would not be seen, and this run is much shorter (72 steps)
+and on a smaller model than the paper's."""),
 ]
 
 NOTEBOOKS = {
