@@ -7,7 +7,7 @@ Step 0 of the organism's run is not saved (its old layout starts at step 4); pef
 zero, so its state at step 0 is the base model exactly and its change is 0 by construction.
 
 Writes ``narrow/dynamics_lens.json`` and the ``dynamics`` finding (``--decide``: the rule again
-on the saved measurement, no model). Amendment 7: ``--seed S`` measures training seed S's run
+on the saved measurements, over seeds once all three exist; no model). Amendment 7: ``--seed S`` measures training seed S's run
 (``runs/coder-rank1-down-medical-seedS``, retrained for its saved states) into
 ``narrow/dynamics_lens_seedS.json``; ``--seeds`` applies the rule to the interval over seeds 0-2
 and replaces the ``dynamics`` finding. Amendment 8: ``--extra`` measures the cells amendment 3 cut
@@ -126,8 +126,17 @@ def main(seed: int = 0) -> None:
     out["seconds"] = round(time.perf_counter() - t0, 1)
     (HERE / "narrow").mkdir(exist_ok=True)
     seed_path(seed).write_text(json.dumps(out, indent=1) + "\n")
-    if seed == 0:
-        decide(out)
+    decide_saved()
+
+
+def decide_saved() -> None:
+    """The rule on what is saved: over seeds 0-2 once all three are measured (amendment 7),
+    else on seed 0 alone; re-measuring one seed never drops the interval over seeds."""
+    saved = [seed_path(s_) for s_ in (0, 1, 2)]
+    if not saved[0].exists():
+        raise FileNotFoundError(f"{saved[0]}: measure seed 0 first (dynamics_lens.py).")
+    ms = [json.loads(p_.read_text()) for p_ in saved if p_.exists()]
+    decide(ms[0], ms if len(ms) == 3 else None)
 
 
 EXTRA_PATH = HERE / "narrow" / "dynamics_lens_extra.json"
@@ -285,19 +294,17 @@ def decide(out: dict, seeds: list[dict] | None = None) -> None:
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--decide", action="store_true",
-                   help="the rule again on the saved seed-0 measurement, no model")
+                   help="the rule again on the saved measurements, no model (as --seeds)")
     p.add_argument("--seed", type=int, default=0, help="measure this training seed's run")
     p.add_argument("--seeds", action="store_true",
-                   help="amendment 7: the rule on the interval over seeds 0-2 (saved), no model")
+                   help="amendment 7: the rule on the interval over seeds 0-2 (saved; seed 0 "
+                        "alone until all three are), no model")
     p.add_argument("--extra", action="store_true",
                    help="amendment 8: the KL run and the held-out medical pairs (descriptive)")
     args = p.parse_args()
     if args.extra:
         extra()
-    elif args.seeds:
-        ms = [json.loads(seed_path(s_).read_text()) for s_ in (0, 1, 2)]
-        decide(ms[0], ms)
-    elif args.decide:
-        decide(json.loads(seed_path(0).read_text()))
+    elif args.seeds or args.decide:
+        decide_saved()
     else:
         main(args.seed)
