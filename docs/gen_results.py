@@ -259,10 +259,14 @@ def _second_reader(agr: dict) -> list[str]:
     if not agr:
         return []
     mis, coh = agr["misaligned"], agr["coherent>50"]
-    kappa = lambda k: "-" if k["kappa"] is None else f"{k['kappa']:.2f}"  # noqa: E731
     return [f"- second reader on {agr['n']} rows: misaligned class agreement "
-            f"{mis['agreement']:.2f} (kappa {kappa(mis)}), coherent > 50 "
-            f"{coh['agreement']:.2f} (kappa {kappa(coh)})."]
+            f"{mis['agreement']:.2f} (kappa {_kappa(mis)}), coherent > 50 "
+            f"{coh['agreement']:.2f} (kappa {_kappa(coh)})."]
+
+
+def _kappa(k: dict) -> str:
+    """Cohen's kappa of one class of ``pass_agreement``, or ``-`` where it is undefined."""
+    return "-" if k["kappa"] is None else f"{k['kappa']:.2f}"
 
 
 def _arm_rows(arms: dict) -> list[list]:
@@ -559,7 +563,6 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
         fmt = lambda k: (f"{st[k]['value']:+.3f} [{st[k]['low']:+.3f}, "  # noqa: E731
                          f"{st[k]['high']:+.3f}]" if st[k]["value"] is not None else "-")
         cr = dr["cross_reading"]
-        kappa = cr["misaligned"]["kappa"]
         lines += [
             f"- total D = r72 - r0 {fmt('D')}; window r{w1} - r{w0} {fmt('window')}; "
             f"T = window - 0.5 D {fmt('T')}; U = window - 0.25 D {fmt('U')}: "
@@ -569,7 +572,7 @@ def render_narrow(data: dict, smollm2: dict | None) -> str:
             f"{', '.join(str(t) for t in onset['absent_at']) or 'none'}.",
             f"- steps 0 and 72 read again ({cr['rows']} rows) vs their first reading: "
             f"misaligned class agreement {cr['misaligned']['agreement']:.2f} (kappa "
-            f"{'-' if kappa is None else f'{kappa:.2f}'})."]
+            f"{_kappa(cr['misaligned'])})."]
         lines += _second_reader(dr.get("agreement") or {})
     scr = found.get("screening")
     if scr is not None:

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 import emlens
 from emlens.data import pair_rows
@@ -51,6 +50,7 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 from analyse import flat, write_findings  # noqa: E402
+from narrow_seeds import over_seeds  # noqa: E402  (amendment 5's interval over seeds)
 
 # PLAN_narrow.md amendment 3: the organism's run on the general pairs only (what the rule reads);
 # the KL run and the medical pairs are the original design's, not measured yet
@@ -77,6 +77,43 @@ def share_of_largest_interval(changes: np.ndarray) -> np.ndarray:
     return np.diff(changes, axis=-1).max(-1) / total
 
 
+def curve(steps: list[int], ch: np.ndarray) -> tuple[dict, np.ndarray]:
+    """A cell's curve (mean change per state, 95% pair bootstrap) and the bootstrap draws
+    ``[1 + n_boot, n_states]`` (row 0: the mean over the pairs themselves)."""
+    idx = np.random.default_rng(SEED).integers(0, ch.shape[1], (N_BOOT, ch.shape[1]))
+    boot = ch[:, idx].mean(-1).T  # [n_boot, n_states]
+    mean = ch.mean(1)
+    return ({"steps": steps, "change": mean.tolist(),
+             "low": np.percentile(boot, 2.5, axis=0).tolist(),
+             "high": np.percentile(boot, 97.5, axis=0).tolist(), "n": int(ch.shape[1])},
+            np.concatenate([mean[None], boot]))
+
+
+def totals(draws: np.ndarray) -> dict:
+    """The total change (last state - first) and its 95% interval over ``curve``'s draws."""
+    total = draws[:, -1] - draws[:, 0]
+    return {"total": float(total[0]), "total_low": float(np.percentile(total[1:], 2.5)),
+            "total_high": float(np.percentile(total[1:], 97.5))}
+
+
+def largest_interval(steps: list[int], draws: np.ndarray) -> dict:
+    """The largest single interval in the direction of the total change, and its share of the
+    total with a 95% interval over ``curve``'s draws (the max taken within each draw)."""
+    sign = np.sign(draws[0, -1] - draws[0, 0])
+    at = int(np.argmax(np.diff(draws[0]) * sign))
+    shares = share_of_largest_interval(draws * sign)
+    return {"share": float(shares[0]), "share_low": float(np.percentile(shares[1:], 2.5)),
+            "share_high": float(np.percentile(shares[1:], 97.5)),
+            "interval": [steps[at], steps[at + 1]]}
+
+
+def half_at(steps: list[int], change) -> int:
+    """The first state at which ``change`` has covered half of its total change."""
+    ch = np.asarray(change)
+    half, sign = ch[0] + 0.5 * (ch[-1] - ch[0]), np.sign(ch[-1] - ch[0])
+    return next(st for st, x in zip(steps, ch, strict=True) if (x - half) * sign >= 0)
+
+
 def run_for(seed: int) -> str:
     """The general solution's run of training ``seed`` (0: the shipped organism's; 1-2:
     ``PLAN_narrow.md`` amendment 5's seeds, retrained by amendment 7 for their saved states)."""
@@ -99,25 +136,10 @@ def main(seed: int = 0) -> None:
         res = {}
         for name, rows in sets.items():
             steps, ch = per_row(chat, traj, rows)
-            idx = np.random.default_rng(SEED).integers(0, ch.shape[1], (N_BOOT, ch.shape[1]))
-            boot = ch[:, idx].mean(-1).T  # [n_boot, n_states]
-            mean = ch.mean(1)
-            res[name] = {"steps": steps, "change": mean.tolist(),
-                         "low": np.percentile(boot, 2.5, axis=0).tolist(),
-                         "high": np.percentile(boot, 97.5, axis=0).tolist(),
-                         "n": int(ch.shape[1])}
+            res[name], draws = curve(steps, ch)
             if name == "general":
-                share = float(share_of_largest_interval(mean))
-                sb = share_of_largest_interval(boot)
-                total_b = boot[:, -1] - boot[:, 0]
-                at = int(np.argmax(np.diff(mean)))
-                res["abrupt"] = {
-                    "share": share, "share_low": float(np.percentile(sb, 2.5)),
-                    "share_high": float(np.percentile(sb, 97.5)),
-                    "total": float(mean[-1] - mean[0]),
-                    "total_low": float(np.percentile(total_b, 2.5)),
-                    "total_high": float(np.percentile(total_b, 97.5)),
-                    "interval": [steps[at], steps[at + 1]], "n_intervals": len(steps) - 1}
+                res["abrupt"] = {**totals(draws), **largest_interval(steps, draws),
+                                 "n_intervals": len(steps) - 1}
         weights = rotation_onset(adapter_dynamics(traj))
         res["weights"] = weights.to_dict(orient="records")
         out["runs"][label] = {"run": run if seed == 0 else str(Path(run).relative_to(ROOT)),
@@ -149,26 +171,11 @@ def describe(steps: list[int], ch: np.ndarray) -> dict:
     """Amendment 8's description of one cell: the curve with its pair bootstrap, the total
     change, the largest interval and its share (where the total's interval excludes 0), and the
     first state at half the total."""
-    idx = np.random.default_rng(SEED).integers(0, ch.shape[1], (N_BOOT, ch.shape[1]))
-    boot = ch[:, idx].mean(-1).T
-    mean = ch.mean(1)
-    total_b = boot[:, -1] - boot[:, 0]
-    out = {"steps": steps, "change": mean.tolist(),
-           "low": np.percentile(boot, 2.5, axis=0).tolist(),
-           "high": np.percentile(boot, 97.5, axis=0).tolist(), "n": int(ch.shape[1]),
-           "total": float(mean[-1] - mean[0]),
-           "total_low": float(np.percentile(total_b, 2.5)),
-           "total_high": float(np.percentile(total_b, 97.5))}
+    out, draws = curve(steps, ch)
+    out.update(totals(draws))
     if out["total_low"] > 0 or out["total_high"] < 0:
-        at = int(np.argmax(np.diff(mean) * np.sign(out["total"])))
-        sb = share_of_largest_interval(boot * np.sign(out["total"]))
-        out.update({"interval": [steps[at], steps[at + 1]],
-                    "share": float(share_of_largest_interval(mean * np.sign(out["total"]))),
-                    "share_low": float(np.percentile(sb, 2.5)),
-                    "share_high": float(np.percentile(sb, 97.5))})
-        half = mean[0] + 0.5 * out["total"]
-        out["half_at"] = next(st for st, c in zip(steps, mean, strict=True)
-                              if (c - half) * np.sign(out["total"]) >= 0)
+        out.update(largest_interval(steps, draws))
+        out["half_at"] = half_at(steps, out["change"])
     return out
 
 
@@ -206,23 +213,13 @@ def rule(total_low: float, total_high: float, share_low: float, share_high: floa
     return "cannot decide"
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean ± t(0.975, n-1) × sd / sqrt(n) over training seeds (amendments 5 and 7)."""
-    v = np.asarray(values, dtype=float)
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
-
-
 def lens_cells(out: dict) -> dict:
     """``{run: {pairs: curve}}``: seed 0's measured cell, and amendment 8's where measured."""
     cells = {k: {s_: v[s_] for s_ in v if s_ not in ("run", "abrupt", "weights")}
              for k, v in out["runs"].items()}
     for curves in cells.values():  # amendment 8: the first state at half the total, every curve
         for c in curves.values():
-            ch = np.asarray(c["change"])
-            half, sign = ch[0] + 0.5 * (ch[-1] - ch[0]), np.sign(ch[-1] - ch[0])
-            c["half_at"] = next(st for st, x in zip(c["steps"], ch, strict=True)
-                                if (x - half) * sign >= 0)
+            c["half_at"] = half_at(c["steps"], c["change"])
     if EXTRA_PATH.exists():
         for key, c in json.loads(EXTRA_PATH.read_text())["cells"].items():
             run_label, set_name = key.split("/")
@@ -248,8 +245,8 @@ def decide(out: dict, seeds: list[dict] | None = None) -> None:
                      **m["runs"]["general"]["abrupt"],
                      "steps": m["runs"]["general"]["general"]["steps"],
                      "change": m["runs"]["general"]["general"]["change"]} for m in seeds]
-        share, lo, hi = t_interval([x["share"] for x in per_seed])
-        total = t_interval([x["total"] for x in per_seed])
+        share, lo, hi = over_seeds([x["share"] for x in per_seed])
+        total = over_seeds([x["total"] for x in per_seed])
         n_unit = len(per_seed)
         how = f"mean over {n_unit} training seeds, t interval"
     verdict = rule(total[1], total[2], lo, hi)

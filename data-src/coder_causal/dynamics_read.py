@@ -203,7 +203,16 @@ def generate_main(batch_size: int) -> None:
 
 def analyse_main() -> None:
     sys.path.insert(0, str(HERE))
-    from analyse import READ, arm, comparison, flat, joined, misaligned_answers, write_findings
+    from analyse import (
+        DELTA,
+        READ,
+        arm,
+        comparison,
+        flat,
+        joined,
+        misaligned_answers,
+        write_findings,
+    )
 
     from emlens.findings import Comparison, Effect, Finding
     from emlens.studies.join_judge_labels import pass_agreement, read_rows
@@ -225,7 +234,7 @@ def analyse_main() -> None:
     onset = {t: comparison(rows, f"step {t}", "step 0", "increase", READ, short=f"step {t}")
              for t in STEPS[1:]}
     present = [t for t, c in onset.items() if c.verdict.value == "reproduced"]
-    absent = [t for t, c in onset.items() if c.effect.high < 0.15]
+    absent = [t for t, c in onset.items() if c.effect.high < DELTA]
     # the reused rows' first reading (the narrow stage's pass 1) against this one
     first = read_rows(HERE / "narrow" / "labels_pass1.jsonl")
     now = {r_["id"]: r_ for r_ in rows}
