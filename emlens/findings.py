@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
+import numpy as np
+
 # The smallest effects of interest, fixed before any data (the demo's plan):
 RATE_DELTA = 0.15  # 15 points of misaligned rate (the seeds' and emlens.power's default)
 # A tenth of the rank-1 organism's likelihood-gap effect on held-out medical pairs (+0.92 nats
@@ -121,6 +123,26 @@ class Effect:
         value, low, high = rate_difference(int(after["k"]), int(after["n"]), int(before["k"]),
                                            int(before["n"]))
         return cls(value, low, high, int(after["n"]))
+
+    @classmethod
+    def t_interval(cls, values: Sequence[float], level: float = 0.95) -> Effect:
+        """The mean of ``values`` (``[n]``, one effect per unit: training seeds, noise seeds)
+        with Student's t interval (``n - 1`` degrees of freedom); a single value has no interval
+        (``low`` and ``high`` are NaN).
+
+        Raises:
+            ValueError: ``values`` is empty or holds a NaN.
+        """
+        from scipy.stats import t
+
+        v = np.asarray(values, dtype=float).reshape(-1)
+        if v.size == 0 or np.isnan(v).any():
+            raise ValueError(f"Effect.t_interval needs at least one value and no NaN; got {v}.")
+        mean = float(v.mean())
+        if v.size == 1:
+            return cls(mean, math.nan, math.nan, 1)
+        half = float(t.ppf(0.5 + level / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+        return cls(mean, mean - half, mean + half, int(v.size))
 
 
 @dataclass(frozen=True)

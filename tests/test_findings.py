@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
@@ -215,3 +216,19 @@ def test_an_effect_tolerates_only_float_rounding_outside_its_interval():
     Effect(np.nextafter(-0.3, -1.0), -0.3, 0.2, n=7)
     with pytest.raises(ValueError, match="outside"):
         Effect(0.1 + 1e-9, 0.1, 0.1, n=7)
+
+
+def test_t_interval_is_students_t_over_units():
+    from scipy.stats import t
+
+    e = Effect.t_interval([1.0, 2.0, 4.0])
+    sd = np.std([1.0, 2.0, 4.0], ddof=1)
+    half = t.ppf(0.975, 2) * sd / np.sqrt(3)
+    assert e.n == 3 and e.value == pytest.approx(7 / 3)
+    assert (e.low, e.high) == pytest.approx((7 / 3 - half, 7 / 3 + half))
+    assert Effect.t_interval([1.0, 2.0, 4.0], level=0.5).high < e.high
+    one = Effect.t_interval([0.3])
+    assert one.value == 0.3 and one.n == 1 and not one.has_interval
+    for bad in ([], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="t_interval"):
+            Effect.t_interval(bad)

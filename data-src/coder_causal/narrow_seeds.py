@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 
 import emlens
 from emlens.findings import Comparison, Effect, Finding
@@ -130,9 +129,8 @@ def seed_zero() -> dict:
 
 def over_seeds(values: list[float]) -> tuple[float, float, float]:
     """Mean and the t interval (95%) of per-seed effects."""
-    v = np.asarray(values, dtype=float)
-    half = stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-    return float(v.mean()), float(v.mean() - half), float(v.mean() + half)
+    e = Effect.t_interval(values)
+    return e.value, e.low, e.high
 
 
 def analyse() -> list[dict]:

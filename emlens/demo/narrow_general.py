@@ -99,15 +99,10 @@ def stability_lens(stab: dict) -> Comparison:
     """Per noise seed (the same seeds for both solutions): the relative loss increase of the
     narrow solution minus the general one's, averaged over noise sizes (> 0: the general one is
     more stable); a t 95% interval over seeds."""
-    from scipy.stats import t
-
     d = (np.asarray(stab["narrow"].relative) - np.asarray(stab["general"].relative)).mean(1)
-    n = len(d)
-    half = (t.ppf(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
     return Comparison("relative loss increase under orthogonal noise, narrow - general "
                       "(mean over noise sizes; t interval over seeds)",
-                      Effect(float(d.mean()), float(d.mean() - half), float(d.mean() + half), n=n),
-                      delta=STABILITY_DELTA, short="stability")
+                      Effect.t_interval(d), delta=STABILITY_DELTA, short="stability")
 
 
 @dataclass(frozen=True)
