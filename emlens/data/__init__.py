@@ -134,6 +134,8 @@ _SETS: dict[str, type] = {
     "judge_fresh_coder": GeneratedAnswer,
     "judge_fresh2_smollm2": GeneratedAnswer,
     "judge_fresh2_coder": GeneratedAnswer,
+    "judge_fresh3_smollm2": GeneratedAnswer,
+    "judge_fresh3_coder": GeneratedAnswer,
     "coder_causal": GeneratedAnswer,
     "judge_more_smollm2": GeneratedAnswer,
 }
