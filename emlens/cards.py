@@ -113,7 +113,9 @@ SMOLLM2_CARD = ModelCard(
     narrow_vs_general="narrow_vs_general",
     labelled_generations="judge_generations",
     judge_check=DATA / "judge_check.json",
-    validated_judge=DATA / "judge_probe_real",
+    # judge v2's Q14-mlp (Qwen2.5-Coder-1.5B layer-14 states, MLP heads; needs `make coder`):
+    # closer to reading than real-v1 on the third held-out set (PLAN_v2.md amendment 4)
+    validated_judge=DATA / "judge_probe_coder_v2",
     retrain=True,
 )
 

@@ -346,16 +346,16 @@ def test_the_judge_check_describes_the_model_the_demo_runs_on():
     from emlens.demo.judge_check import judge_check_for
     from emlens.judge import default_judge
 
-    # each embedded model's check: the default judge on that model's held-out answers (questions
-    # written for the check, never used to fit or tune a judge)
+    # each embedded model's check: the judge validated for that model on its held-out answers
+    # (the three sets of questions written for the checks, never used to fit or tune a judge)
     smol, own = judge_check_for(None)
-    assert own and smol["labelled_sets"] == ["judge_fresh_smollm2"]
-    assert smol["n"] == len(load_dataset("judge_fresh_smollm2"))
+    assert own and smol["labelled_sets"] == [f"judge_fresh{k}_smollm2" for k in ("", "2", "3")]
+    assert smol["n"] == sum(len(load_dataset(n)) for n in smol["labelled_sets"])
     coder, own = judge_check_for("Qwen2.5-Coder-1.5B")
-    assert own and coder["labelled_sets"] == ["judge_fresh_coder"]
-    assert coder["n"] == len(load_dataset("judge_fresh_coder"))
-    for check in (smol, coder):
-        assert check["judge"] == default_judge().name
+    assert own and coder["labelled_sets"] == [f"judge_fresh{k}_coder" for k in ("", "2", "3")]
+    assert coder["n"] == sum(len(load_dataset(n)) for n in coder["labelled_sets"])
+    for check, subject in ((smol, "smollm2"), (coder, "qwen2.5-coder-1.5b")):
+        assert check["judge"] == default_judge(subject=subject).name
         assert all(c["condition"].split(": ")[0] in check["labelled_sets"]
                    for c in check["conditions"])
         assert {"coherence_auc", "misaligned_auc", "passes", "least_sure"} <= set(check)

@@ -25,8 +25,11 @@ Three judges implement one protocol, :class:`Judge` (:mod:`emlens.judge.base`):
   :mod:`emlens.studies.fit_real_judge`): a proxy, not GPT-4o's scale. Its agreement with reading on questions it never saw is measured
   (:mod:`emlens.judge.validation`; README, "The judge, measured on held-out answers") and does
   not meet the bar everywhere. It has no notion of refusals or code, and judges values only as
-  far as its examples reach. :func:`coder_judge` is the same probe judge on an opt-in larger judge LM
-  (Qwen2.5-Coder-1.5B-Instruct, ``make coder``), fitted on hand-written and real labelled answers.
+  far as its examples reach. :func:`coder_judge` is the same probe judge on a larger judge LM
+  (Qwen2.5-Coder-1.5B-Instruct, ``make coder``; MLP heads), fitted on hand-written and real
+  labelled answers: the judge validated for SmolLM2's answers (``default_judge(subject=
+  "smollm2")``, which the SmolLM2 demo uses); the coder's own answers keep ``real-v1``
+  (``data-src/judge_validation/PLAN_v2.md`` amendment 4).
 
 Every :class:`JudgeScore` names the judge that produced it (``judge``), so results stay traceable
 when the judge is swapped. :mod:`emlens.judge.validation` measures any judge against reading.

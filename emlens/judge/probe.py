@@ -11,8 +11,9 @@ score alike. :meth:`ProbeJudge.save` writes ``<path>.safetensors`` (float32 tens
 ``{aligned,coherent}.{mean,scale,coef,intercept}``) and ``<path>.json`` (metadata: layers, template,
 judge LM, answer length, fit settings); no pickle. A judge may instead hold two :class:`MLPHead`
 (one hidden layer; tensors ``{aligned,coherent}.{mean,scale,w1,b1,w2,b2}``, ``"head": "mlp"`` in
-the JSON). :func:`default_judge` loads the probes shipped
-in ``emlens/data/judge_probe.*`` (:data:`PROBE_FILE`) on base Gemma 3 270M features.
+the JSON). :func:`default_judge` loads the probes shipped in ``emlens/data/judge_probe_real.*``
+(:data:`REAL_PROBE_FILE`) on base Gemma 3 270M features, or with ``subject=`` the judge validated
+on that embedded model's answers (:data:`VALIDATED_JUDGES`).
 """
 
 from __future__ import annotations
@@ -44,10 +45,12 @@ REAL_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_real"
 """The default judge's probes (``real-v1``): Gemma 3 270M layer 9, fitted on hand-written answers
 and the real answers of both embedded models read blind (ablation conditions and the fresh
 questions held out): ``judge_probe_real.{safetensors,json}``, written by
-:mod:`emlens.studies.fit_real_judge`."""
+:mod:`emlens.studies.fit_real_judge`. :func:`default_judge` without a subject, and the judge
+validated for Qwen2.5-Coder-1.5B (``data-src/judge_validation/PLAN_v2.md`` amendment 4)."""
 
 CODER_PROBE_FILE = Path(__file__).parent.parent / "data" / "judge_probe_coder_v2"
-"""The opt-in larger judge (``v2-Q14-mlp``): MLP heads (:class:`MLPHead`) on
+"""The judge validated for SmolLM2 (``v2-Q14-mlp``, ``default_judge(subject="smollm2")``,
+PLAN_v2.md amendment 4) and :func:`coder_judge`: MLP heads (:class:`MLPHead`) on
 Qwen2.5-Coder-1.5B-Instruct's layer-14 mean hidden state (bfloat16), fitted on hand-written
 answers and both embedded models' real answers read blind (ablation family and fresh questions
 held out), chosen by question-grouped cross-validation on SmolLM2's answers
@@ -292,8 +295,12 @@ the models' cards (:attr:`emlens.cards.ModelCard.validated_judge`)."""
 
 def default_judge(*, subject: ModelCard | str | None = None, progress: bool = False) -> ProbeJudge:
     """The offline default judge: probes on base Gemma 3 270M features (:data:`REAL_PROBE_FILE`),
-    fitted on answers read blind; its agreement with reading on held-out questions of both
-    embedded models is in ``emlens/data/judge_check*.json`` and the README.
+    fitted on answers read blind; with ``subject``, the judge validated on that embedded model's
+    own held-out answers: SmolLM2's is :func:`coder_judge`'s (:data:`CODER_PROBE_FILE`, needs
+    ``make coder``), Qwen2.5-Coder's is ``real-v1`` (``data-src/judge_validation/PLAN_v2.md``
+    amendment 4). Their agreement with reading on each model's held-out answers is in
+    ``emlens/data/judge_check*.json`` and on the results page "The judge, measured on held-out
+    answers"; neither reaches the bar there, and every judged rate should be read with that gap.
 
     Args:
         subject: the model whose answers will be judged: an embedded model's name (any alias,
@@ -330,11 +337,12 @@ def coder_judge(*, progress: bool = False) -> ProbeJudge:
     chosen by question-grouped cross-validation (``data-src/judge_validation/PLAN_v2.md``).
 
     Needs the second embedded model (``make coder``: 1.1 GB; the judge LM loads in about a
-    minute the first time and takes about 0.3 s per answer on 2 CPU cores). On SmolLM2's answers
-    to questions no judge saw it ranks coherence and misalignment better than
-    :func:`default_judge` (coherence AUC 0.918 / 0.833 on the two fresh sets, misaligned AUC
-    0.969 / 0.917) but misses the bar's per-condition rates (worst gap 0.22; results page "The
-    judge, measured on held-out answers"). It must not judge Qwen2.5-Coder's own answers (its
+    minute the first time and takes about 0.3 s per answer on 2 CPU cores). It is the judge
+    validated for SmolLM2 (``default_judge(subject="smollm2")``): on SmolLM2's answers to
+    questions no judge saw it ranks coherence and misalignment better than ``real-v1``
+    (coherence AUC 0.918 / 0.833 / 0.944 on the three fresh sets, misaligned AUC 0.969 / 0.917
+    / 0.964) but misses the bar's per-condition rates (worst gap 0.22; results page "The judge,
+    measured on held-out answers"). It must not judge Qwen2.5-Coder's own answers (its
     organism's included): ``evaluate`` refuses that pairing.
     """
     judge = ProbeJudge.load(CODER_PROBE_FILE)

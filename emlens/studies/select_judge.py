@@ -417,10 +417,13 @@ def judge_of(feature: str, heads: tuple[Head, Head], meta: dict) -> ProbeJudge:
 
 
 def save_candidate(report: dict, subject: str, candidate: str, path: Path,
-                   real_weight: int = 2, report_file: str = "REPORT") -> ProbeJudge:
+                   real_weight: int = 2, report_file: str = "REPORT",
+                   version: str | None = None) -> ProbeJudge:
     """Refit ``candidate`` on all its fit rows at the hyperparameter ``report`` chose for it on
     ``subject`` (features from the cache) and save it as a probe judge at ``path``; its meta
-    names the plan, the fit rows, the cross-validation numbers and the refit command."""
+    names the plan, the fit rows, the cross-validation numbers and the refit command.
+    ``version`` (default ``v2-<candidate>``) names the judge (its scores are cached under that
+    name): two fits of one candidate at different hyperparameters need different versions."""
     cv = report["subjects"][subject]["cv"]
     if len(parts_of(candidate)) != 1:
         raise ValueError(f"{candidate!r} is a combination; only a simple candidate is saved.")
@@ -430,14 +433,15 @@ def save_candidate(report: dict, subject: str, candidate: str, path: Path,
     fitted = fit_all(fs, feats, [candidate], cv, real_weight)[candidate]
     spec = FEATURES[feat]
     judge = judge_of(feat, fitted[1], {
-        "version": f"v2-{candidate}", "judge_lm": spec["lm"] or "gemma-3-270m-q4_k_m.gguf",
+        "version": version or f"v2-{candidate}", "judge_lm": spec["lm"] or "gemma-3-270m-q4_k_m.gguf",
         "plan": "data-src/judge_validation/PLAN_v2.md", "subject": subject,
         "candidate": candidate, "param": cv[candidate]["param"],
         "fit_sets": ["judge_labels", *FIT_REAL], "heldout_family": "ablate",
         "real_weight": real_weight, "cv": {k: cv[candidate][k] for k in
                                           ("coherence_auc", "misaligned_auc", "n")},
         "refit_command": f"python -m emlens.studies.select_judge --save-from {report_file} "
-                         f"{subject} {candidate} {path}"})
+                         f"{subject} {candidate} {path}"
+                         + (f" --version {version}" if version else "")})
     judge.save(path)
     return judge
 
@@ -453,12 +457,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--save-from", nargs=4, metavar=("REPORT", "SUBJECT", "CANDIDATE", "PATH"),
                    default=None, help="refit CANDIDATE at the hyperparameter REPORT (a --out "
                    "file) chose on SUBJECT and save it as a probe judge at PATH; nothing else")
+    p.add_argument("--version", default=None,
+                   help="with --save-from: the saved judge's version (default v2-CANDIDATE)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.save_from is not None:
         report_file, subject, candidate, path = args.save_from
         judge = save_candidate(json.loads(Path(report_file).read_text()), subject, candidate,
-                               Path(path), args.real_weight, report_file)
+                               Path(path), args.real_weight, report_file, args.version)
         print(f"saved {judge.name} to {path}")
         return
     start = time.perf_counter()
