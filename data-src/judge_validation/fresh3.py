@@ -24,14 +24,12 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from emlens.evaluation import judge_answers
-from emlens.findings import EM_RULE
 from emlens.judge import ProbeJudge, default_judge
 from emlens.judge.probe import CODER_PROBE_FILE
-from emlens.judge.validation import agreement, least_sure
+from emlens.judge.validation import _judged_flags, agreement, least_sure
 from emlens.studies.select_judge import self_preference
 from emlens.studies.validate_judge import SCORE_CACHE, labelled_rows
 
@@ -40,11 +38,6 @@ CODER_SELF = HERE / "judge_probe_coder_self"
 SUBJECTS = {"coder": ("judge_fresh3_coder", CODER_SELF),
             "smollm2": ("judge_fresh3_smollm2", CODER_PROBE_FILE)}
 SELF_BAR = 0.10
-
-
-def judged_coherent(scores) -> np.ndarray:
-    return np.array([s.coherent is not None and bool(EM_RULE.coherent(s.coherent))
-                     for s in scores])
 
 
 def no_worse(new: dict, old: dict) -> dict:
@@ -71,7 +64,7 @@ def main() -> None:
             print(agr.describe(f"{name} [{label}]"), flush=True)
             res[label] = {**agr.as_dict(), "least_sure": least_sure(rows, scores, 5)}
             if subject == "coder" and label == "Q14-mlp":
-                res[label]["self_preference"] = self_preference(rows, judged_coherent(scores))
+                res[label]["self_preference"] = self_preference(rows, _judged_flags(scores)[0])
         checks = no_worse(res["Q14-mlp"], res["real-v1"])
         if subject == "coder":
             sp = res["Q14-mlp"]["self_preference"]
